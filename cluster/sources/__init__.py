@@ -1,0 +1,1 @@
+"""Sources of change: a manifest folder and the Kubernetes API (list + watch)."""

@@ -1,0 +1,273 @@
+"""ClusterState: the sans-IO reducer from watch events to the services kubeshim serves.
+
+Everything that decides what a Service looks like to the proxy and the DNS server lives here;
+nothing here touches a socket, a file or a clock. Sources feed it events (`apply`) or whole
+lists (`replace`, for a list or a 410 relist); it merges each Service with its EndpointSlices
+into a `ServiceInfo` and reports what changed as `ServiceChange`s to its subscribers.
+
+Cost rule: an event touches one Service, so applying it recomputes that Service only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Literal
+
+from .model import (
+    LABEL_HEADLESS,
+    LABEL_SERVICE_PROXY_NAME,
+    EndpointSlice,
+    KubeObject,
+    NamespacedName,
+    Service,
+    ServicePort,
+    ServicePortName,
+)
+
+Kind = Literal["Service", "EndpointSlice"]
+
+
+class EventType(StrEnum):
+    ADDED = "ADDED"
+    MODIFIED = "MODIFIED"
+    DELETED = "DELETED"
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    type: EventType
+    object: KubeObject
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointInfo:
+    """One endpoint of one service port, after merging slices (kube-proxy's BaseEndpointInfo)."""
+
+    ip: str
+    port: int
+    ready: bool
+    serving: bool
+    terminating: bool
+    node_name: str | None = None
+    zone: str | None = None
+    zone_hints: frozenset[str] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePortInfo:
+    """A Service port with the endpoints that serve it."""
+
+    name: ServicePortName
+    spec: ServicePort
+    endpoints: tuple[EndpointInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceInfo:
+    """A Service merged with its EndpointSlices: what consumers read."""
+
+    service: Service
+    ports: tuple[ServicePortInfo, ...]
+    # The slices themselves (sorted by name), for DNS: headless records need hostnames and
+    # every address, which the per-port proxy view flattens away.
+    slices: tuple[EndpointSlice, ...]
+    # False when kube-proxy would skip the Service (pkg/proxy ShouldSkipService + the label
+    # selector kube-proxy's informers use): headless, ExternalName, no ClusterIP, or owned by
+    # another proxy through service.kubernetes.io/service-proxy-name.
+    proxied: bool
+
+    @property
+    def key(self) -> NamespacedName:
+        return self.service.key
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceChange:
+    """The Service `key` went from `previous` to `current`; None means absent."""
+
+    key: NamespacedName
+    previous: ServiceInfo | None
+    current: ServiceInfo | None
+
+
+Subscriber = Callable[[Sequence[ServiceChange]], None]
+
+
+@dataclass
+class ClusterState:
+    """The store both the proxy and the DNS server read. Not thread-safe; one event loop owns it."""
+
+    proxy_name: str = "kubeshim"
+    services: dict[NamespacedName, ServiceInfo] = field(default_factory=dict)
+    # Bumped once per batch that changed anything; caches key their validity on it.
+    generation: int = 0
+    _service_objects: dict[NamespacedName, Service] = field(default_factory=dict)
+    _slices: dict[NamespacedName, EndpointSlice] = field(default_factory=dict)
+    _slices_by_service: dict[NamespacedName, dict[str, EndpointSlice]] = field(
+        default_factory=dict
+    )
+    _synced: set[Kind] = field(default_factory=set)
+    _subscribers: list[Subscriber] = field(default_factory=list)
+
+    # --- reading ------------------------------------------------------------------------
+
+    @property
+    def synced(self) -> bool:
+        """True once both Services and EndpointSlices have been listed in full."""
+        return len(self._synced) == 2
+
+    def is_synced(self, kind: Kind) -> bool:
+        return kind in self._synced
+
+    def objects(self, kind: Kind) -> dict[NamespacedName, KubeObject]:
+        """The raw objects of one kind currently held (for relists and `kubeshim state`)."""
+        src = self._service_objects if kind == "Service" else self._slices
+        return dict(src)
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        self._subscribers.append(subscriber)
+
+    # --- writing ------------------------------------------------------------------------
+
+    def apply(self, events: Iterable[WatchEvent]) -> list[ServiceChange]:
+        """Apply watch events in order; notify subscribers once with the net changes."""
+        touched: dict[NamespacedName, ServiceInfo | None] = {}
+        for event in events:
+            for key in self._reduce(event.type, event.object):
+                touched.setdefault(key, self.services.get(key))
+                self._rebuild(key)
+        return self._publish(touched)
+
+    def replace(self, kind: Kind, objects: Iterable[KubeObject]) -> list[ServiceChange]:
+        """Make the objects of `kind` exactly `objects` (a list or a relist after 410 Gone).
+
+        Objects that vanished are deleted, changed ones updated, equal ones left alone, so a
+        relist that finds nothing new reports nothing.
+        """
+        current = self._service_objects if kind == "Service" else self._slices
+        incoming = {obj.key: obj for obj in objects}
+        events = [
+            WatchEvent(EventType.DELETED, obj) for key, obj in current.items() if key not in incoming
+        ]
+        events += [
+            WatchEvent(EventType.MODIFIED, obj)
+            for key, obj in incoming.items()
+            if current.get(key) != obj
+        ]
+        self._synced.add(kind)
+        return self.apply(events)
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _reduce(self, type: EventType, obj: KubeObject) -> list[NamespacedName]:
+        """Update the raw stores; return the Services whose view may have changed."""
+        if isinstance(obj, Service):
+            if type is EventType.DELETED:
+                self._service_objects.pop(obj.key, None)
+            else:
+                self._service_objects[obj.key] = obj
+            return [obj.key]
+        old = self._slices.pop(obj.key, None)
+        affected = []
+        if old is not None and (owner := old.service) is not None:
+            self._slices_by_service.get(owner, {}).pop(old.metadata.name, None)
+            if not self._slices_by_service.get(owner, True):
+                del self._slices_by_service[owner]
+            affected.append(owner)
+        if type is not EventType.DELETED:
+            self._slices[obj.key] = obj
+            if (owner := obj.service) is not None:
+                self._slices_by_service.setdefault(owner, {})[obj.metadata.name] = obj
+                if owner not in affected:
+                    affected.append(owner)
+        return affected
+
+    def _rebuild(self, key: NamespacedName) -> None:
+        svc = self._service_objects.get(key)
+        if svc is None:
+            self.services.pop(key, None)
+            return
+        by_name = self._slices_by_service.get(key, {})
+        slices = tuple(by_name[name] for name in sorted(by_name))
+        self.services[key] = build_service_info(svc, slices, self.proxy_name)
+
+    def _publish(self, touched: dict[NamespacedName, ServiceInfo | None]) -> list[ServiceChange]:
+        changes = [
+            ServiceChange(key, before, after)
+            for key, before in touched.items()
+            if before != (after := self.services.get(key))
+        ]
+        if changes:
+            self.generation += 1
+            for subscriber in self._subscribers:
+                subscriber(changes)
+        return changes
+
+
+def build_service_info(
+    svc: Service, slices: Sequence[EndpointSlice], proxy_name: str
+) -> ServiceInfo:
+    """Merge a Service with its slices into per-port endpoint lists.
+
+    Follows kube-proxy's endpointslicecache.go: endpoints are matched to a service port by
+    the slice port's name and protocol (the EndpointSlice controller resolves a named
+    targetPort into the slice port's number); only the first address of an endpoint is used;
+    a slice port without a number is skipped; FQDN slices are not proxied. Duplicates across
+    slices (same ip:port, e.g. while the controller moves an endpoint) collapse into the
+    first copy in slice-name order.
+    """
+    ports = tuple(
+        ServicePortInfo(
+            ServicePortName(svc.key, sp.name, sp.protocol), sp, _merge_endpoints(sp, slices)
+        )
+        for sp in svc.ports
+    )
+    return ServiceInfo(svc, ports, tuple(slices), _is_proxied(svc, slices, proxy_name))
+
+
+def _merge_endpoints(sp: ServicePort, slices: Sequence[EndpointSlice]) -> tuple[EndpointInfo, ...]:
+    merged: dict[tuple[str, int], EndpointInfo] = {}
+    for eps in slices:
+        if eps.address_type == "FQDN" or not eps.endpoints:
+            continue
+        number = next(
+            (
+                p.port
+                for p in eps.ports or ()
+                if (p.name or "") == sp.name and p.protocol == sp.protocol and p.port
+            ),
+            None,
+        )
+        if number is None:
+            continue
+        for ep in eps.endpoints:
+            ip = ep.addresses[0]
+            if (ip, number) in merged:
+                continue
+            zones = ep.hints.for_zones if ep.hints else None
+            merged[(ip, number)] = EndpointInfo(
+                ip=ip,
+                port=number,
+                ready=ep.ready,
+                serving=ep.serving,
+                terminating=ep.terminating,
+                node_name=ep.node_name,
+                zone=ep.zone,
+                zone_hints=frozenset(z.name for z in zones) if zones else None,
+            )
+    return tuple(merged.values())
+
+
+def _is_proxied(svc: Service, slices: Sequence[EndpointSlice], proxy_name: str) -> bool:
+    owner = svc.metadata.labels.get(LABEL_SERVICE_PROXY_NAME)
+    if owner is not None and owner != proxy_name:
+        return False
+    if any(LABEL_HEADLESS in s.metadata.labels for s in slices):
+        return False
+    return bool(svc.cluster_ips) and svc.spec.type != "ExternalName"

@@ -1,0 +1,1 @@
+"""The cluster DNS server: Kubernetes records, negative caching, upstream forwarding."""

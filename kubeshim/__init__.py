@@ -1,0 +1,1 @@
+"""The kubeshim daemon: CLI, configuration, wiring, health and metrics."""

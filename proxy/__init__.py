@@ -1,0 +1,1 @@
+"""The data plane: VIP plumbing, listeners, endpoint selection, TCP and UDP forwarding."""
