@@ -1,0 +1,436 @@
+"""The API-server source: list + watch of Services and EndpointSlices into a ClusterState.
+
+This module owns the client side of the Kubernetes list/watch protocol (the shape of client-go's
+Reflector), one loop per kind, all namespaces, no label selector (DNS needs headless slices too;
+ClusterState decides what the proxy skips):
+
+- list, paginated with `limit`/`continue`; a 410 on a continue token (the snapshot was compacted)
+  restarts the list; the full result goes to `ClusterState.replace`, which emits the deletes of
+  whatever vanished;
+- watch from the list's resourceVersion with bookmarks; every event advances the
+  resourceVersion only after it was applied, so a reconnect resumes exactly after the last
+  applied event (nothing lost, nothing applied twice);
+- 410 Gone (an HTTP 410 or an ERROR event carrying a Status with code 410) means the
+  resourceVersion was compacted: relist;
+- any other failure: reconnect after exponential backoff with full jitter; a stream that sends no
+  byte for `stall_timeout` (bookmarks included) is treated as dead and restarted;
+- an object that fails to decode or validate is logged by name and skipped; the rest apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from ..log import get_logger
+from ..model import EndpointSlice, InvalidObject, KubeObject, ObjectMeta, Service, decode, validate
+from ..state import ClusterState, EventType, Kind, WatchEvent
+from .kubeconfig import ClientConfig
+
+log = get_logger("sources")
+
+
+@dataclass(frozen=True)
+class Resource:
+    kind: Kind
+    path: str
+    group: str
+    plural: str
+
+
+RESOURCES: dict[Kind, Resource] = {
+    "Service": Resource("Service", "/api/v1/services", "", "services"),
+    "EndpointSlice": Resource(
+        "EndpointSlice",
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "discovery.k8s.io",
+        "endpointslices",
+    ),
+}
+
+
+# --- wire envelopes -------------------------------------------------------------------------
+
+
+class _Status(msgspec.Struct):
+    """meta/v1 Status, as sent in error bodies and ERROR watch events."""
+
+    kind: str = ""
+    code: int = 0
+    reason: str = ""
+    message: str = ""
+
+
+class _ListMeta(msgspec.Struct, rename="camel"):
+    resource_version: str = ""
+    continue_: str = msgspec.field(default="", name="continue")
+
+
+class _RawList(msgspec.Struct):
+    metadata: _ListMeta = _ListMeta()
+    items: list[msgspec.Raw] | None = None
+
+
+class _ServiceList(msgspec.Struct):
+    metadata: _ListMeta = _ListMeta()
+    items: list[Service] | None = None
+
+
+class _EndpointSliceList(msgspec.Struct):
+    metadata: _ListMeta = _ListMeta()
+    items: list[EndpointSlice] | None = None
+
+
+class _Head(msgspec.Struct):
+    """Just enough of any object to name it and know its resourceVersion."""
+
+    metadata: ObjectMeta = ObjectMeta()
+
+
+class _Event(msgspec.Struct):
+    type: str
+    object: msgspec.Raw
+
+
+_raw_list = msgspec.json.Decoder(_RawList)
+_typed_list: dict[Kind, msgspec.json.Decoder[Any]] = {
+    "Service": msgspec.json.Decoder(_ServiceList),
+    "EndpointSlice": msgspec.json.Decoder(_EndpointSliceList),
+}
+_event = msgspec.json.Decoder(_Event)
+_EVENT_TYPES = frozenset(EventType.__members__)
+_head = msgspec.json.Decoder(_Head)
+_status = msgspec.json.Decoder(_Status)
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+class Gone(Exception):
+    """410: the resourceVersion we asked for has been compacted away; relist."""
+
+
+class StreamStalled(Exception):
+    pass
+
+
+class APIError(Exception):
+    def __init__(self, code: int, message: str, reason: str = "") -> None:
+        super().__init__(f"{code} {reason}: {message}".strip())
+        self.code = code
+        self.message = message
+        self.reason = reason
+
+
+def _parse_status(body: bytes, code: int) -> _Status:
+    try:
+        return _status.decode(body)
+    except msgspec.MsgspecError:
+        return _Status(code=code, message=body[:200].decode(errors="replace").strip())
+
+
+# --- the source -----------------------------------------------------------------------------
+
+
+class APISource:
+    """Keeps `state` equal to the API server's Services and EndpointSlices."""
+
+    def __init__(
+        self,
+        client: ClientConfig,
+        state: ClusterState,
+        *,
+        watch_timeout: int = 300,
+        stall_timeout: float = 120.0,
+        page_size: int = 500,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+        connect_timeout: float = 10.0,
+        kinds: tuple[Kind, ...] = ("Service", "EndpointSlice"),
+    ) -> None:
+        """`watch_timeout`: timeoutSeconds asked of each watch (randomised up to 2x, like
+        client-go, so watches of many clients do not end together). `stall_timeout`: a watch
+        that sends no byte for this long is restarted; kube-apiserver sends a bookmark about
+        once a minute, so 120 s means two missed bookmarks.
+        """
+        self.client = client
+        self.state = state
+        self.watch_timeout = watch_timeout
+        self.stall_timeout = stall_timeout
+        self.page_size = page_size
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.connect_timeout = connect_timeout
+        self.kinds = kinds
+        # The last resourceVersion applied per kind: where a reconnecting watch resumes.
+        self.resource_versions: dict[Kind, str] = {}
+
+    async def run(self) -> None:
+        """List and watch every kind until cancelled."""
+        connector = aiohttp.TCPConnector(limit=0, ssl=self.client.ssl or True)
+        async with aiohttp.ClientSession(connector=connector) as session, asyncio.TaskGroup() as tg:
+            for kind in self.kinds:
+                tg.create_task(self._reflect(session, RESOURCES[kind]))
+
+    # --- the loop of one kind ---------------------------------------------------------------
+
+    async def _reflect(self, session: aiohttp.ClientSession, res: Resource) -> None:
+        attempt = 0
+        while True:
+            verb = "watch" if res.kind in self.resource_versions else "list"
+            try:
+                if verb == "list":
+                    await self._list(session, res)
+                    attempt = 0
+                    verb = "watch"
+                if await self._watch(session, res):
+                    attempt = 0
+                continue  # the server ended the watch (timeoutSeconds): watch again
+            except Gone:
+                log.info(
+                    "resource version expired, relisting",
+                    resource=res.plural,
+                    resource_version=self.resource_versions.pop(res.kind, ""),
+                )
+                continue
+            except APIError as e:
+                self._log_api_error(e, verb, res)
+            except StreamStalled:
+                log.warning(
+                    "watch stalled, restarting",
+                    resource=res.plural,
+                    idle_seconds=self.stall_timeout,
+                    resource_version=self.resource_versions.get(res.kind, ""),
+                )
+            except (aiohttp.ClientError, OSError, TimeoutError) as e:
+                log.warning(
+                    "API connection failed",
+                    verb=verb,
+                    resource=res.plural,
+                    server=self.client.server,
+                    error=_describe(e),
+                )
+            # Full jitter (AWS architecture blog, "Exponential Backoff And Jitter").
+            delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**attempt))
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    def _log_api_error(self, e: APIError, verb: str, res: Resource) -> None:
+        if e.code == 401:
+            log.error(
+                "authentication failed: the API server rejected the credentials",
+                server=self.client.server,
+                credentials=self.client.source,
+                message=e.message,
+            )
+        elif e.code == 403:
+            scope = (
+                f'cannot {verb} resource "{res.plural}" in API group "{res.group}"'
+                " at the cluster scope"
+            )
+            log.error(
+                f"forbidden: {scope}",
+                verb=verb,
+                resource=res.plural,
+                group=res.group,
+                server=self.client.server,
+                credentials=self.client.source,
+                message=e.message,
+            )
+        else:
+            log.warning(
+                "API request failed",
+                verb=verb,
+                resource=res.plural,
+                code=e.code,
+                reason=e.reason,
+                message=e.message,
+            )
+
+    # --- HTTP -----------------------------------------------------------------------------
+
+    async def _get(
+        self,
+        session: aiohttp.ClientSession,
+        res: Resource,
+        params: dict[str, str],
+        timeout: aiohttp.ClientTimeout,
+    ) -> aiohttp.ClientResponse:
+        headers = {"Accept": "application/json"}
+        if auth := await self.client.authorization():
+            headers["Authorization"] = auth
+        resp = await session.get(
+            self.client.server + res.path,
+            params=params,
+            headers=headers,
+            timeout=timeout,
+            server_hostname=self.client.tls_server_name,
+        )
+        if resp.status != 200:
+            async with resp:
+                body = await resp.read()
+            status = _parse_status(body, resp.status)
+            if resp.status == 410:
+                raise Gone(status.message)
+            raise APIError(resp.status, status.message or resp.reason or "", status.reason)
+        return resp
+
+    async def _list(self, session: aiohttp.ClientSession, res: Resource) -> None:
+        objects: list[KubeObject] = []
+        params = {"limit": str(self.page_size)}
+        timeout = aiohttp.ClientTimeout(sock_connect=self.connect_timeout, sock_read=60)
+        while True:
+            try:
+                async with await self._get(session, res, params, timeout) as resp:
+                    body = await resp.read()
+            except Gone:
+                if "continue" not in params:
+                    raise
+                # The continue token outlived its snapshot (compaction): list from scratch.
+                log.info("list continue token expired, restarting list", resource=res.plural)
+                objects.clear()
+                params = {"limit": str(self.page_size)}
+                continue
+            meta = decode_list(res.kind, body, objects)
+            if not meta.continue_:
+                break
+            params["continue"] = meta.continue_
+        self.state.replace(res.kind, objects)
+        self.resource_versions[res.kind] = meta.resource_version
+        log.info(
+            "listed",
+            resource=res.plural,
+            count=len(objects),
+            resource_version=meta.resource_version,
+        )
+
+    async def _watch(self, session: aiohttp.ClientSession, res: Resource) -> bool:
+        """Watch from the last resourceVersion; True if the server ended it cleanly."""
+        rv = self.resource_versions[res.kind]
+        seconds = random.randint(self.watch_timeout, 2 * self.watch_timeout)
+        params = {
+            "watch": "1",
+            "resourceVersion": rv,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(seconds),
+        }
+        timeout = aiohttp.ClientTimeout(sock_connect=self.connect_timeout)
+        async with await self._get(session, res, params, timeout) as resp:
+            content = resp.content
+            tail = b""
+            while True:
+                try:
+                    async with asyncio.timeout(self.stall_timeout):
+                        chunk = await content.readany()
+                except TimeoutError:
+                    raise StreamStalled() from None
+                if not chunk:
+                    return True
+                lines = (tail + chunk).split(b"\n")
+                tail = lines.pop()
+                self._handle_lines(res, lines)
+
+    def _handle_lines(self, res: Resource, lines: list[bytes]) -> None:
+        """Decode and apply the complete watch lines of one read, as one batch."""
+        kind = res.kind
+        rv = self.resource_versions[kind]
+        events: list[WatchEvent] = []
+        try:
+            for line in lines:
+                if not line.strip():
+                    continue
+                try:
+                    ev = _event.decode(line)
+                except msgspec.MsgspecError as e:
+                    log.warning(
+                        "skipping undecodable watch line",
+                        resource=res.plural,
+                        error=str(e),
+                        line=line[:200],
+                    )
+                    continue
+                if ev.type == "BOOKMARK":
+                    rv = _head.decode(ev.object).metadata.resource_version or rv
+                    continue
+                if ev.type == "ERROR":
+                    status = _parse_status(ev.object, 500)
+                    if status.code == 410:
+                        raise Gone(status.message)
+                    raise APIError(status.code, status.message, status.reason)
+                if ev.type not in _EVENT_TYPES:
+                    log.warning("skipping unknown watch event", resource=res.plural, type=ev.type)
+                    continue
+                type_ = EventType(ev.type)
+                try:
+                    obj = decode(kind, ev.object)
+                except InvalidObject as e:
+                    head = _head.decode(ev.object) if _is_object(ev.object) else _Head()
+                    rv = head.metadata.resource_version or rv
+                    log.warning(
+                        "skipping invalid object",
+                        kind=kind,
+                        object=e.name,
+                        event=ev.type,
+                        reason=e.reason,
+                    )
+                    if type_ is EventType.DELETED and head.metadata.name:
+                        events.append(WatchEvent(type_, _stub(kind, head.metadata)))
+                    continue
+                events.append(WatchEvent(type_, obj))
+                rv = obj.metadata.resource_version or rv
+        finally:
+            # Apply what decoded before any error, then remember where to resume.
+            if events:
+                self.state.apply(events)
+            self.resource_versions[kind] = rv
+
+
+def decode_list(kind: Kind, body: bytes, into: list[KubeObject]) -> _ListMeta:
+    """Decode one list page into `into`; invalid items are logged and skipped."""
+    try:
+        page = _typed_list[kind].decode(body)
+    except msgspec.ValidationError:
+        page = None
+    if page is not None:
+        for obj in page.items or ():
+            try:
+                validate(obj)
+            except InvalidObject as e:
+                log.warning("skipping invalid object", kind=kind, object=e.name, reason=e.reason)
+                continue
+            into.append(obj)
+        return page.metadata  # type: ignore[no-any-return]
+    # Some item does not even decode: go item by item to name it and keep the others.
+    raw = _raw_list.decode(body)
+    for item in raw.items or ():
+        try:
+            into.append(decode(kind, item))
+        except InvalidObject as e:
+            log.warning("skipping invalid object", kind=kind, object=e.name, reason=e.reason)
+    return raw.metadata
+
+
+def _is_object(raw: bytes) -> bool:
+    try:
+        _head.decode(raw)
+        return True
+    except msgspec.MsgspecError:
+        return False
+
+
+def _stub(kind: Kind, meta: ObjectMeta) -> KubeObject:
+    """An object carrying only its key: enough to delete one whose last state was invalid."""
+    meta = ObjectMeta(name=meta.name, namespace=meta.namespace)
+    if kind == "Service":
+        return Service(metadata=meta)
+    return EndpointSlice(metadata=meta, address_type="IPv4")
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
