@@ -1,0 +1,203 @@
+"""The `kubeshim` command: run the daemon, print what it sees, ask a running daemon its status.
+
+    kubeshim run --manifests examples/manifests --vip-mode loopback
+    kubeshim run --kubeconfig ~/.kube/config --hostname-override node-1
+    kubeshim state --manifests examples/manifests -o json
+    kubeshim status --address 127.0.0.1:10249
+
+Flags carry kube-proxy's names where they mean the same thing; they override --config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from cluster import log as logs
+
+from .config import ConfigError, Options, load_config_file, parse_host_port
+
+
+def _add_source_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("source (choose one)")
+    g.add_argument("--manifests", type=Path, metavar="DIR",
+                   help="serve the Services/EndpointSlices in DIR (YAML/JSON), following edits")
+    g.add_argument("--kubeconfig", type=Path, metavar="FILE", help="watch the API server of FILE")
+    g.add_argument("--context", help="kubeconfig context (default: current-context)")
+    g.add_argument("--in-cluster", action="store_true", default=None,
+                   help="use the pod's service account and KUBERNETES_SERVICE_HOST")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubeshim", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the proxy and DNS daemon")
+    _add_source_flags(run)
+    run.add_argument("--config", type=Path, metavar="FILE",
+                     help="a KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) file")
+    run.add_argument("--hostname-override", metavar="NAME", help="this node's name (traffic policy Local)")
+    run.add_argument("--cluster-cidr", metavar="CIDRS", help="pod CIDRs, comma separated")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("-v", "--verbose", action="store_true", help="same as --log-level debug")
+    run.add_argument("--healthz-bind-address", metavar="HOST:PORT", help="default 0.0.0.0:10256; empty disables")
+    run.add_argument("--metrics-bind-address", metavar="HOST:PORT", help="default 127.0.0.1:10249; empty disables")
+    run.add_argument("--drain-timeout", type=float, metavar="SECONDS",
+                     help="on SIGTERM, wait this long for connections to finish (default 15)")
+    run.add_argument("--proxy-name", help="claim Services labelled service.kubernetes.io/service-proxy-name=NAME")
+
+    px = run.add_argument_group("proxy")
+    px.add_argument("--no-proxy", dest="proxy", action="store_false", default=None, help="DNS only")
+    px.add_argument("--vip-mode", choices=["interface", "loopback"],
+                    help="interface: assign ClusterIPs to --vip-interface (root); loopback: map them to 127.x")
+    px.add_argument("--vip-interface", metavar="NAME", help="default kubeshim0")
+    px.add_argument("--nodeport-addresses", metavar="CIDRS",
+                    help="comma-separated CIDRs (or 'primary') NodePorts listen on; default all")
+    px.add_argument("--balance", choices=["round-robin", "random", "least-connections"])
+    px.add_argument("--udp-timeout", type=float, metavar="SECONDS", help="UDP flow idle timeout (default 30)")
+    px.add_argument("--tcp-idle-timeout", type=float, metavar="SECONDS", help="default 3600")
+
+    dn = run.add_argument_group("dns")
+    dn.add_argument("--no-dns", dest="dns", action="store_false", default=None, help="proxy only")
+    dn.add_argument("--dns-bind", action="append", metavar="HOST:PORT",
+                    help="repeatable; default 0.0.0.0:53 as root, 127.0.0.1:5353 otherwise")
+    dn.add_argument("--cluster-domain", metavar="ZONE", help="default cluster.local")
+    dn.add_argument("--upstream", action="append", metavar="HOST[:PORT]",
+                    help="repeatable; default: the nameservers of /etc/resolv.conf")
+    dn.add_argument("--dns-ttl", type=int, metavar="SECONDS")
+    dn.add_argument("--dns-negative-ttl", type=int, metavar="SECONDS")
+    dn.add_argument("--pod-records", choices=["disabled", "insecure", "verified"])
+
+    state = sub.add_parser("state", help="print the Services and endpoints kubeshim sees")
+    _add_source_flags(state)
+    state.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    state.add_argument("--vip-mode", choices=["interface", "loopback"],
+                       help="show where each ClusterIP is served in this mode")
+
+    status = sub.add_parser("status", help="ask a running daemon what it serves")
+    status.add_argument("--address", default="127.0.0.1:10249", metavar="HOST:PORT",
+                        help="the daemon's --metrics-bind-address")
+    status.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> Options:
+    """Defaults, then --config, then flags."""
+    opts = Options()
+    if getattr(args, "config", None):
+        load_config_file(args.config, opts)
+    simple = {
+        "manifests": "manifests", "kubeconfig": "kubeconfig", "context": "context",
+        "in_cluster": "in_cluster", "hostname_override": "hostname_override",
+        "healthz_bind_address": "healthz_bind_address",
+        "metrics_bind_address": "metrics_bind_address", "drain_timeout": "drain_timeout",
+        "proxy": "proxy", "vip_mode": "vip_mode", "vip_interface": "vip_interface",
+        "balance": "balance", "udp_timeout": "udp_timeout", "tcp_idle_timeout": "tcp_idle_timeout",
+        "dns": "dns", "cluster_domain": "cluster_domain", "dns_ttl": "dns_ttl",
+        "dns_negative_ttl": "dns_negative_ttl", "pod_records": "pod_records",
+        "log_level": "log_level", "proxy_name": "proxy_name",
+    }
+    for flag, attr in simple.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(opts, attr, value)
+    if getattr(args, "verbose", False):
+        opts.log_level = "debug"
+    if getattr(args, "cluster_cidr", None):
+        opts.cluster_cidrs = [c for c in args.cluster_cidr.split(",") if c]
+    if getattr(args, "nodeport_addresses", None):
+        opts.nodeport_addresses = [c for c in args.nodeport_addresses.split(",") if c]
+    if getattr(args, "dns_bind", None):
+        opts.dns_binds = [parse_host_port(b, 53) for b in args.dns_bind]
+    if getattr(args, "upstream", None):
+        opts.upstreams = [parse_host_port(u, 53) for u in args.upstream]
+    opts.cluster_domain = opts.cluster_domain.strip(".")
+    if not opts.hostname_override:
+        import socket
+
+        opts.hostname_override = socket.gethostname().lower()
+    return opts
+
+
+def _run(opts: Options) -> int:
+    import uvloop
+
+    from .daemon import Daemon
+
+    return uvloop.run(Daemon(opts).run())
+
+
+def _state(opts: Options, output: str, vip_mode: str | None) -> int:
+    from cluster.state import ClusterState
+
+    from .sources import make_source
+    from .statusview import print_state, state_as_json
+
+    state = ClusterState(proxy_name=opts.proxy_name)
+    if opts.manifests is not None:
+        from cluster.sources.manifests import ManifestSource
+
+        ManifestSource(opts.manifests, state).load_once()
+    else:
+        source = make_source(opts, state)
+
+        async def until_synced() -> None:
+            task = asyncio.create_task(source.run())
+            while not state.synced and not task.done():
+                await asyncio.sleep(0.05)
+            task.cancel()
+            if task.done() and not task.cancelled() and task.exception():
+                raise task.exception()  # type: ignore[misc]
+
+        asyncio.run(asyncio.wait_for(until_synced(), timeout=60))
+    if output == "json":
+        print(json.dumps(state_as_json(state, vip_mode), indent=2))
+    else:
+        print_state(state, vip_mode)
+    return 0
+
+
+def _status(address: str, output: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    from .statusview import print_status
+
+    host, port = parse_host_port(address)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            data: dict[str, Any] = json.load(resp)
+    except (urllib.error.URLError, OSError) as e:
+        print(f"kubeshim status: cannot reach the daemon at {url}: {e}", file=sys.stderr)
+        return 1
+    if output == "json":
+        print(json.dumps(data, indent=2))
+    else:
+        print_status(data)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "status":
+            return _status(args.address, args.output)
+        opts = options_from_args(args)
+        logs.setup(opts.log_level)
+        if args.command == "state":
+            return _state(opts, args.output, args.vip_mode)
+        return _run(opts)
+    except ConfigError as e:
+        print(f"kubeshim: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The daemon: one event loop wiring a source -> ClusterState -> proxy and DNS, plus ops HTTP.
+
+Start order: ops endpoints, then the data plane and DNS (they hold back until the state is
+synced), then the source. Stop order (SIGTERM/SIGINT): the source, then the proxy drains
+connections up to the deadline and removes its VIPs, then DNS and the ops endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from typing import Any
+
+from cluster.log import get_logger
+from cluster.state import ClusterState
+
+from .config import Options, default_vip_mode, resolv_conf_nameservers
+from .ops import Health, build_apps, serve
+from .sources import make_source
+
+log = get_logger("daemon")
+
+
+class Daemon:
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.state = ClusterState(proxy_name=opts.proxy_name)
+        # kube-proxy uses twice its sync period (default 30 s) as the health timeout.
+        self.health = Health(timeout=60.0, probe=self._health_probe)
+        self._started_mono = time.monotonic()
+        self.proxier: Any = None
+        self.dns: Any = None
+        self.started = time.time()
+        self._stop = asyncio.Event()
+
+    # --- wiring -------------------------------------------------------------------------
+
+    def _build_proxier(self) -> Any:
+        from proxy.config import ProxyConfig
+        from proxy.proxier import Proxier
+
+        o = self.opts
+        config = ProxyConfig(
+            vip_mode=o.vip_mode or default_vip_mode(),  # type: ignore[arg-type]
+            vip_interface=o.vip_interface,
+            node_name=o.hostname_override,
+            nodeport_addresses=list(o.nodeport_addresses),
+            balance=o.balance,  # type: ignore[arg-type]
+            tcp_idle_timeout=o.tcp_idle_timeout,
+            udp_timeout=o.udp_timeout,
+        )
+        return Proxier(self.state, config)
+
+    def _build_dns(self) -> Any:
+        from dns.config import DNSConfig
+        from dns.server import DNSServer
+
+        o = self.opts
+        binds = o.dns_binds or [("0.0.0.0", 53) if default_vip_mode() == "interface"
+                                else ("127.0.0.1", 5353)]
+        upstreams = o.upstreams or resolv_conf_nameservers()
+        config = DNSConfig(
+            zone=o.cluster_domain,
+            binds=binds,
+            upstreams=upstreams,
+            ttl=o.dns_ttl,
+            negative_ttl=o.dns_negative_ttl,
+            pod_records=o.pod_records,  # type: ignore[arg-type]
+        )
+        address_map = None
+        if self.proxier is not None and (o.vip_mode or default_vip_mode()) == "loopback":
+            address_map = self.proxier.vip_address
+        return DNSServer(self.state, config, address_map=address_map)
+
+    def status(self) -> dict[str, Any]:
+        """What the daemon serves, for `kubeshim status` (GET /status on the metrics address)."""
+        out: dict[str, Any] = {
+            "node": self.opts.hostname_override,
+            "synced": self.state.synced,
+            "generation": self.state.generation,
+            "uptimeSeconds": round(time.time() - self.started, 1),
+            "healthy": self.health.healthy(),
+        }
+        if self.proxier is not None:
+            out["proxy"] = self.proxier.status()
+        if self.dns is not None and hasattr(self.dns, "status"):
+            out["dns"] = self.dns.status()
+        return out
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def run(self) -> int:
+        o = self.opts
+        for line in o.ignored:
+            log.warning("configuration field ignored", field=line)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+
+        runners = []
+        healthz_app, metrics_app = build_apps(self.health, self.status)
+        for app, address, what in ((healthz_app, o.healthz_bind_address, "healthz"),
+                                   (metrics_app, o.metrics_bind_address, "metrics")):
+            if address:
+                from .config import parse_host_port
+
+                host, port = parse_host_port(address)
+                if port and (runner := await serve(app, host, port, what)) is not None:
+                    runners.append(runner)
+
+        if o.proxy:
+            self.proxier = self._build_proxier()
+            await self.proxier.start()
+        if o.dns:
+            self.dns = self._build_dns()
+            await self.dns.start()
+
+        source = make_source(o, self.state)
+        source_task = asyncio.create_task(source.run(), name="source")
+        stop_task = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait({source_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        if source_task in done and not stop_task.done():
+            exc = source_task.exception()
+            log.error("source stopped", reason=repr(exc) if exc else "ended")
+            code = 1
+        log.info("shutting down", drain_timeout=o.drain_timeout)
+        source_task.cancel()
+        stop_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await source_task
+        if self.proxier is not None:
+            await self.proxier.stop(o.drain_timeout)
+        if self.dns is not None:
+            await self.dns.stop()
+        for runner in runners:
+            await runner.cleanup()
+        log.info("stopped")
+        return code
+
+    def _health_probe(self) -> tuple[float, float | None]:
+        if self.proxier is not None:
+            return self.proxier.last_updated, self.proxier.last_queued
+        # Without a proxy, "applied" means the state has been synced.
+        synced = self.state.synced
+        return (self._started_mono if synced else 0.0), (None if synced else self._started_mono)

@@ -1,0 +1,46 @@
+"""Choosing the source of change from the options: a manifest folder or the Kubernetes API."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from cluster.state import ClusterState
+
+from .config import ConfigError, Options
+
+
+class Source(Protocol):
+    async def run(self) -> None: ...
+
+
+class _APISourceLauncher:
+    """Loads credentials inside the event loop (kubeconfig loading is async), then watches."""
+
+    def __init__(self, opts: Options, state: ClusterState) -> None:
+        self.opts = opts
+        self.state = state
+
+    async def run(self) -> None:
+        from cluster.sources.api import APISource
+        from cluster.sources.kubeconfig import in_cluster_config, kubeconfig_config
+
+        if self.opts.in_cluster:
+            client = in_cluster_config()
+        else:
+            client = await kubeconfig_config(self.opts.kubeconfig, self.opts.context)
+        await APISource(client, self.state).run()
+
+
+def make_source(opts: Options, state: ClusterState) -> Source:
+    chosen = [x for x in (opts.manifests, opts.kubeconfig, opts.in_cluster or None) if x]
+    if len(chosen) > 1:
+        raise ConfigError("choose one source: --manifests DIR, --kubeconfig FILE or --in-cluster")
+    if opts.manifests is not None:
+        from cluster.sources.manifests import ManifestSource
+
+        if not opts.manifests.is_dir():
+            raise ConfigError(f"--manifests {opts.manifests}: not a directory")
+        return ManifestSource(opts.manifests, state)
+    if opts.kubeconfig is not None or opts.in_cluster:
+        return _APISourceLauncher(opts, state)
+    raise ConfigError("no source: give --manifests DIR, --kubeconfig FILE or --in-cluster")
