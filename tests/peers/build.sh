@@ -37,14 +37,16 @@ go_version=$("$GO" env GOVERSION)
 
 # The wrapper module's go.mod must name the pinned version of the module it wraps.
 pinned() { # <wrapper dir> <module> <version>
-  grep -qE "^[[:space:]]*(require[[:space:]]+)?$2 $3\$" "$1/go.mod" 2>/dev/null
+  grep -qE "^[[:space:]]*(require[[:space:]]+)?$2 $3([[:space:]]|\$)" "$1/go.mod" 2>/dev/null
 }
 
 # A fresh wrapper module: require <module>@<version> and record its main packages as tools.
 init_module() { # <wrapper dir> <wrapper module path> <module>@<version> <tool package>...
   local dir=$1 path=$2 modver=$3; shift 3
   rm -f "$dir/go.mod" "$dir/go.sum"
-  (cd "$dir" && "$GO" mod init "$path" >/dev/null 2>&1 && "$GO" mod edit -require="$modver")
+  # go 1.26.0, not the local patch release, so any Go 1.26 builds it.
+  (cd "$dir" && "$GO" mod init "$path" >/dev/null 2>&1 &&
+    "$GO" mod edit -go=1.26.0 -require="$modver")
 }
 
 finish_module() { # <wrapper dir> <tool package>...
