@@ -8,9 +8,10 @@ do not apply. Flags use kube-proxy's names where they mean the same thing and wi
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ class Options:
     in_cluster: bool = False
     # node
     hostname_override: str = ""
+    # bindAddress: the node's primary IP, when set (kube-proxy does not bind to it either).
+    node_ip: str = ""
     cluster_cidrs: list[str] = field(default_factory=list)
     # proxy
     proxy: bool = True
@@ -80,7 +83,7 @@ def parse_host_port(value: str, default_port: int | None = None) -> tuple[str, i
 
 
 def resolv_conf_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
-    """The node's nameservers, the default upstreams (like CoreDNS's `forward . /etc/resolv.conf`)."""
+    """The node's nameservers: the default upstreams (CoreDNS's `forward . /etc/resolv.conf`)."""
     servers: list[tuple[str, int]] = []
     try:
         for line in Path(path).read_text().splitlines():
@@ -92,130 +95,330 @@ def resolv_conf_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, i
     return servers
 
 
-# KubeProxyConfiguration fields kubeshim cannot honour, and why (reported once at start).
+# --- the KubeProxyConfiguration file ------------------------------------------------------
+
+_DUR = "duration"  # a Go duration string: metav1.Duration decodes only from a string
+_NUM = "number"
+_MAP = "map"
+_LIST = "list"
+
+# Every field of kubeproxy.config.k8s.io/v1alpha1 KubeProxyConfiguration (k8s.io/kube-proxy
+# config/v1alpha1/types.go, with componentbase ClientConnectionConfiguration and logsapi
+# LoggingConfiguration). kube-proxy decodes its file strictly, so a field outside this tree is
+# an error here too, not something silently dropped.
+_SCHEMA: dict[str, Any] = {
+    "featureGates": _MAP,
+    "clientConnection": {"kubeconfig": str, "acceptContentTypes": str, "contentType": str,
+                         "qps": _NUM, "burst": int},
+    "logging": {"format": str, "flushFrequency": object, "verbosity": int, "vmodule": _LIST,
+                "options": _MAP},
+    "hostnameOverride": str,
+    "bindAddress": str,
+    "healthzBindAddress": str,
+    "metricsBindAddress": str,
+    "bindAddressHardFail": bool,
+    "enableProfiling": bool,
+    "showHiddenMetricsForVersion": str,
+    "mode": str,
+    "iptables": {"masqueradeBit": int, "masqueradeAll": bool, "localhostNodePorts": bool,
+                 "snatNodeInternalIP": bool, "syncPeriod": _DUR, "minSyncPeriod": _DUR},
+    "ipvs": {"syncPeriod": _DUR, "minSyncPeriod": _DUR, "scheduler": str, "excludeCIDRs": _LIST,
+             "strictARP": bool, "tcpTimeout": _DUR, "tcpFinTimeout": _DUR, "udpTimeout": _DUR},
+    "nftables": {"masqueradeBit": int, "masqueradeAll": bool, "syncPeriod": _DUR,
+                 "minSyncPeriod": _DUR},
+    "winkernel": {"networkName": str, "sourceVip": str, "enableDSR": bool,
+                  "rootHnsEndpointName": str, "forwardHealthCheckVip": bool},
+    "detectLocalMode": str,
+    "detectLocal": {"bridgeInterface": str, "interfaceNamePrefix": str},
+    "clusterCIDR": str,
+    "nodePortAddresses": _LIST,
+    "oomScoreAdj": int,
+    "conntrack": {"maxPerCore": int, "min": int, "tcpEstablishedTimeout": _DUR,
+                  "tcpCloseWaitTimeout": _DUR, "tcpBeLiberal": bool, "udpTimeout": _DUR,
+                  "udpStreamTimeout": _DUR},
+    "configSyncPeriod": _DUR,
+    "portRange": str,
+    "windowsRunAsService": bool,
+    # The user-space mode's idle timeout for UDP flows, dropped from the file with that mode
+    # (Kubernetes 1.26). kubeshim is a user-space proxy, so it still reads it.
+    "udpIdleTimeout": _DUR,
+    # kubeshim's own section (cluster DNS), see _DNS_SCHEMA.
+    "dns": _MAP,
+}
+
+# Fields kubeshim reads from the file; everything else that is set is reported as ignored.
+_HONOURED = {
+    "hostnameOverride", "bindAddress", "healthzBindAddress", "metricsBindAddress",
+    "clusterCIDR", "nodePortAddresses", "clientConnection.kubeconfig",
+    "conntrack.tcpEstablishedTimeout", "conntrack.udpTimeout", "udpIdleTimeout",
+    "logging.verbosity", "dns",
+}
+
+# Why the other fields do not apply (matched by the longest prefix), reported once at start.
 _IGNORED_REASONS = {
+    "featureGates": "kubeshim has no feature gates",
+    "clientConnection": "kubeshim opens two list+watch streams and always asks for JSON",
+    "logging": "only logging.verbosity is read (4 or more: debug); use --log-level",
+    "bindAddressHardFail": "a port that cannot be bound is logged and the rest keeps serving",
+    "enableProfiling": "no profiling endpoint",
+    "showHiddenMetricsForVersion": "kubeshim has no hidden metrics",
     "mode": "kubeshim is its own user-space mode",
     "iptables": "no iptables rules: traffic is proxied in user space",
     "ipvs": "no IPVS: traffic is proxied in user space",
     "nftables": "no nftables rules: traffic is proxied in user space",
     "winkernel": "Linux only",
-    "conntrack.maxPerCore": "no kernel conntrack entries are created",
-    "conntrack.min": "no kernel conntrack entries are created",
-    "conntrack.tcpCloseWaitTimeout": "half-closed connections end with the other side",
-    "oomScoreAdj": "set it with the service manager (systemd OOMScoreAdjust=, pod spec)",
-    "featureGates": "kubeshim has no feature gates",
-    "detectLocalMode": "the client's source address is seen directly",
-    "detectLocal": "the client's source address is seen directly",
+    "windowsRunAsService": "Linux only",
+    "detectLocalMode": "the proxy sees each client's address on its socket",
+    "detectLocal": "the proxy sees each client's address on its socket",
+    "oomScoreAdj": "set it with the service manager (systemd OOMScoreAdjust=, the pod spec)",
+    "conntrack": "no kernel conntrack entries are made for proxied traffic",
+    "conntrack.udpStreamTimeout": "one idle timeout per UDP flow: conntrack.udpTimeout",
+    "configSyncPeriod": "changes are applied as they arrive; there is no periodic resync",
     "portRange": "no user-space port range is allocated",
-    "showHiddenMetricsForVersion": "no hidden metrics",
-    "logging": "use --log-level",
-    "bindAddressHardFail": "bind failures are reported per address and never fatal",
-    "enableProfiling": "no profiling endpoint",
-    "clientConnection.acceptContentTypes": "kubeshim always requests JSON",
-    "clientConnection.contentType": "kubeshim always requests JSON",
-    "clientConnection.qps": "kubeshim makes two list+watch streams only",
-    "clientConnection.burst": "kubeshim makes two list+watch streams only",
-    "syncPeriod": "changes are applied as they arrive",
-    "minSyncPeriod": "changes are applied as they arrive",
 }
+
+# kubeshim's `dns:` section: field -> (Options attribute, expected type).
+_DNS_SCHEMA: dict[str, tuple[str, Any]] = {
+    "enabled": ("dns", bool),
+    "clusterDomain": ("cluster_domain", str),
+    "binds": ("dns_binds", _LIST),
+    "upstreams": ("upstreams", _LIST),
+    "ttl": ("dns_ttl", int),
+    "negativeTTL": ("dns_negative_ttl", int),
+    "podRecords": ("pod_records", str),
+    "cacheSize": ("dns_cache_size", int),
+}
+POD_RECORDS = ("disabled", "insecure", "verified")
+
+# nodePortAddresses keywords (types.go): 'primary' is the node's primary address(es).
+_NODEPORT_KEYWORDS = {"localhost": ["127.0.0.0/8", "::1/128"], "all": ["0.0.0.0/0", "::/0"]}
+
+
+def _type_name(expected: Any) -> str:
+    return {str: "a string", int: "an integer", bool: "true or false", _DUR: "a duration string "
+            "like 30s or 15m0s", _NUM: "a number", _MAP: "a mapping", _LIST: "a list"}.get(
+        expected, str(expected))
+
+
+def _type_ok(value: Any, expected: Any) -> bool:
+    if value is None or expected is object:
+        return True  # null is "not set", as in Go's JSON decoding
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected == _NUM:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected == _DUR or expected is str:
+        return isinstance(value, str)
+    if expected == _MAP:
+        return isinstance(value, dict)
+    if expected == _LIST:
+        return isinstance(value, list)
+    return False
+
+
+def _check_fields(node: dict[str, Any], schema: dict[str, Any], prefix: str,
+                  errors: list[str]) -> None:
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            errors.append(f"{name}: unknown field")
+        elif isinstance(schema[key], dict):
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                errors.append(f"{name}: expected a mapping, got {value!r}")
+            else:
+                _check_fields(value, schema[key], name + ".", errors)
+        elif not _type_ok(value, schema[key]):
+            errors.append(f"{name}: expected {_type_name(schema[key])}, got {value!r}")
+
+
+def _is_set(value: Any) -> bool:
+    """Go's zero values count as not set (a file written by kube-proxy lists every field)."""
+    return value not in (None, "", 0, False, {}, [], "0s")
 
 
 def load_config_file(path: Path, opts: Options) -> None:
-    """Apply a KubeProxyConfiguration (plus a kubeshim `dns:` section) onto `opts`."""
+    """Apply a KubeProxyConfiguration (plus kubeshim's `dns:` section) onto `opts`.
+
+    Raises ConfigError naming every wrong field; on error `opts` is left unchanged.
+    """
     try:
         doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read configuration: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read configuration: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: expected a KubeProxyConfiguration mapping")
+        raise ConfigError(f"{path}: expected a KubeProxyConfiguration mapping, got "
+                          f"{type(doc).__name__}")
     kind, api = doc.get("kind"), doc.get("apiVersion")
     if kind != "KubeProxyConfiguration" or api != KUBE_PROXY_API:
         raise ConfigError(
             f"{path}: expected kind KubeProxyConfiguration, apiVersion {KUBE_PROXY_API}; "
             f"got kind {kind!r}, apiVersion {api!r}"
         )
+    body = {k: v for k, v in doc.items() if k not in ("kind", "apiVersion")}
+    errors: list[str] = []
+    _check_fields(body, _SCHEMA, "", errors)
+    new = replace(opts, ignored=list(opts.ignored))
+    if not errors:
+        _apply(body, new, errors)
+    if errors:
+        raise ConfigError(f"{path}: " + "; ".join(errors))
+    for name, value in vars(new).items():
+        setattr(opts, name, value)
 
-    def dur(value: Any, name: str) -> float:
-        try:
-            return parse_duration(value)
-        except ValueError as e:
-            raise ConfigError(f"{path}: {name}: {e}") from None
 
-    seen: set[str] = set()
-
-    def take(*keys: str) -> Any:
+def _apply(doc: dict[str, Any], opts: Options, errors: list[str]) -> None:
+    def get(*keys: str) -> Any:
         node: Any = doc
         for key in keys:
-            if not isinstance(node, dict) or key not in node:
-                return None
-            node = node[key]
-        seen.add(".".join(keys))
+            node = node.get(key) if isinstance(node, dict) else None
         return node
 
-    if (v := take("hostnameOverride")):
-        opts.hostname_override = str(v)
-    if (v := take("healthzBindAddress")) is not None:
-        opts.healthz_bind_address = str(v)
-    if (v := take("metricsBindAddress")) is not None:
-        opts.metrics_bind_address = str(v)
-    if (v := take("bindAddress")) is not None and str(v) not in ("0.0.0.0", "::", ""):
-        # kube-proxy's userspace mode served on bindAddress; kubeshim's NodePorts do the same
-        # when nodePortAddresses does not say otherwise.
-        opts.nodeport_addresses = opts.nodeport_addresses or [str(v) + ("/32" if ":" not in str(v) else "/128")]
-    if (v := take("clusterCIDR")):
-        opts.cluster_cidrs = [c.strip() for c in str(v).split(",") if c.strip()]
-    if (v := take("nodePortAddresses")) is not None:
-        opts.nodeport_addresses = [str(a) for a in v]
-    if (v := take("clientConnection", "kubeconfig")):
-        opts.kubeconfig = Path(str(v))
-    if (v := take("conntrack", "tcpEstablishedTimeout")) is not None:
-        opts.tcp_idle_timeout = dur(v, "conntrack.tcpEstablishedTimeout")
-    if (v := take("conntrack", "udpTimeout")) is not None:
-        opts.udp_timeout = dur(v, "conntrack.udpTimeout")
-    if (v := take("udpIdleTimeout")) is not None:
-        opts.udp_timeout = dur(v, "udpIdleTimeout")
-    if (v := take("configSyncPeriod")) is not None:
-        opts.config_sync_period = dur(v, "configSyncPeriod")
-    if (v := take("dns")) is not None:
-        _load_dns_section(path, v, opts)
-    seen.update({"kind", "apiVersion"})
+    def dur(name: str, value: str) -> float | None:
+        try:
+            seconds = parse_duration(value)
+        except ValueError as e:
+            errors.append(f"{name}: {e}")
+            return None
+        if seconds < 0:
+            errors.append(f"{name}: must not be negative")
+            return None
+        return seconds
 
+    if _is_set(v := get("hostnameOverride")):
+        # kube-proxy trims and lower-cases the node name (pkg/proxy/util nodeName).
+        opts.hostname_override = str(v).strip().lower()
+    if _is_set(v := get("bindAddress")):
+        # Not a socket address: kube-proxy's idea of the node's primary IP (types.go).
+        try:
+            ip = ipaddress.ip_address(v)
+        except ValueError:
+            errors.append(f"bindAddress: {v!r} is not an IP address")
+        else:
+            if not ip.is_unspecified:
+                opts.node_ip = str(ip)
+            if ip.version == 6:
+                # kube-proxy's defaults follow the family of bindAddress.
+                opts.healthz_bind_address = "[::]:10256"
+                opts.metrics_bind_address = "[::1]:10249"
+    for field_name, attr in (("healthzBindAddress", "healthz_bind_address"),
+                             ("metricsBindAddress", "metrics_bind_address")):
+        if _is_set(v := get(field_name)):
+            try:
+                host, port = parse_host_port(v)
+                ipaddress.ip_address(host)
+            except (ConfigError, ValueError) as e:
+                errors.append(f"{field_name}: {e if isinstance(e, ConfigError) else 'not IP:PORT'}")
+            else:
+                setattr(opts, attr, v)
+    if _is_set(v := get("clusterCIDR")):
+        opts.cluster_cidrs = [c.strip() for c in v.split(",") if c.strip()]
+        errors += [f"clusterCIDR: {e}" for e in _bad_cidrs(opts.cluster_cidrs)]
+    if (v := get("nodePortAddresses")) is not None:
+        try:
+            opts.nodeport_addresses = expand_nodeport_addresses([str(a) for a in v], opts.node_ip)
+        except ConfigError as e:
+            errors.append(f"nodePortAddresses: {e}")
+    if _is_set(v := get("clientConnection", "kubeconfig")):
+        opts.kubeconfig = Path(v)
+    for name in ("conntrack.tcpEstablishedTimeout",):
+        if _is_set(v := get(*name.split("."))) and (t := dur(name, v)) is not None:
+            opts.tcp_idle_timeout = t
+    for name in ("udpIdleTimeout", "conntrack.udpTimeout"):
+        if _is_set(v := get(*name.split("."))) and (t := dur(name, v)) is not None:
+            opts.udp_timeout = t
+    if (v := get("logging", "verbosity")) is not None:
+        if v < 0:
+            errors.append(f"logging.verbosity: {v} is negative")
+        # klog's -v: 4 and up is debug output; below that kube-proxy logs steady-state info.
+        opts.log_level = "debug" if v >= 4 else "info"
+    for name in ("configSyncPeriod", "iptables.syncPeriod", "nftables.syncPeriod"):
+        if _is_set(v := get(*name.split("."))):
+            dur(name, v)  # still checked: a malformed file is an error even where unused
+    if (v := get("dns")) is not None:
+        _apply_dns(v, opts, errors)
+
+    reported: set[str] = set()
     for key, value in _leaves(doc):
-        if key in seen or any(key.startswith(s + ".") for s in seen) or value in (None, "", {}, []):
+        if not _is_set(value) or any(key == h or key.startswith(h + ".") for h in _HONOURED):
             continue
-        top = next((k for k in _IGNORED_REASONS if key == k or key.startswith(k + ".")), None)
-        reason = _IGNORED_REASONS.get(top or "", "") or "not used by kubeshim"
-        opts.ignored.append(f"{key}: {reason}")
+        if key in ("logging.options", "logging.flushFrequency", "logging.format") and (
+                key != "logging.format" or value == "text"):
+            continue  # klog's output tuning; kube-proxy's own defaults set them
+        top = max((k for k in _IGNORED_REASONS if key == k or key.startswith(k + ".")),
+                  key=len, default="")
+        label = top or key
+        if label not in reported:
+            reported.add(label)
+            opts.ignored.append(f"{label}: {_IGNORED_REASONS.get(top, 'not used by kubeshim')}")
 
 
-def _load_dns_section(path: Path, section: Any, opts: Options) -> None:
-    if not isinstance(section, dict):
-        raise ConfigError(f"{path}: dns: expected a mapping")
-    known = {"clusterDomain", "binds", "upstreams", "ttl", "negativeTTL", "podRecords", "cacheSize",
-             "enabled"}
-    unknown = set(section) - known
-    if unknown:
-        raise ConfigError(f"{path}: dns: unknown field(s) {', '.join(sorted(unknown))}")
-    if "enabled" in section:
-        opts.dns = bool(section["enabled"])
-    if "clusterDomain" in section:
-        opts.cluster_domain = str(section["clusterDomain"]).strip(".")
-    if "binds" in section:
-        opts.dns_binds = [parse_host_port(str(b), 53) for b in section["binds"]]
-    if "upstreams" in section:
-        opts.upstreams = [parse_host_port(str(u), 53) for u in section["upstreams"]]
-    if "ttl" in section:
-        opts.dns_ttl = int(section["ttl"])
-    if "negativeTTL" in section:
-        opts.dns_negative_ttl = int(section["negativeTTL"])
-    if "podRecords" in section:
-        opts.pod_records = str(section["podRecords"])
-    if "cacheSize" in section:
-        opts.dns_cache_size = int(section["cacheSize"])
+def expand_nodeport_addresses(values: list[str], node_ip: str = "") -> list[str]:
+    """kube-proxy's nodePortAddresses: CIDRs plus 'primary', 'localhost' and 'all'.
+
+    'primary' stays as a keyword for the proxy to resolve, unless bindAddress named the node's
+    primary IP, which it then means (types.go: bindAddress overrides the primary IP).
+    """
+    out: list[str] = []
+    for value in values:
+        if value in _NODEPORT_KEYWORDS:
+            out += _NODEPORT_KEYWORDS[value]
+        elif value == "primary":
+            out.append(f"{node_ip}/{128 if ':' in node_ip else 32}" if node_ip else "primary")
+        else:
+            if errs := _bad_cidrs([value]):
+                raise ConfigError(errs[0] + " (expected a CIDR, 'primary', 'localhost' or 'all')")
+            out.append(value)
+    return list(dict.fromkeys(out))
+
+
+def _bad_cidrs(values: list[str]) -> list[str]:
+    bad = []
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+            if "/" not in value:
+                raise ValueError
+        except ValueError:
+            bad.append(f"{value!r} is not a CIDR")
+    return bad
+
+
+def _apply_dns(section: dict[str, Any], opts: Options, errors: list[str]) -> None:
+    for key, value in section.items():
+        if key not in _DNS_SCHEMA:
+            errors.append(f"dns.{key}: unknown field (known: {', '.join(_DNS_SCHEMA)})")
+            continue
+        attr, expected = _DNS_SCHEMA[key]
+        if value is None:
+            continue
+        if not _type_ok(value, expected):
+            errors.append(f"dns.{key}: expected {_type_name(expected)}, got {value!r}")
+            continue
+        try:
+            if key in ("binds", "upstreams"):
+                value = [parse_host_port(str(item), 53) for item in value]
+            elif key == "clusterDomain":
+                value = value.strip(".").lower()
+                if not value:
+                    raise ConfigError("must not be empty")
+            elif key == "podRecords" and value not in POD_RECORDS:
+                raise ConfigError(f"{value!r} is not one of {', '.join(POD_RECORDS)}")
+            elif expected is int and value < 0:
+                raise ConfigError(f"{value} is negative")
+        except ConfigError as e:
+            errors.append(f"dns.{key}: {e}")
+            continue
+        setattr(opts, attr, value)
 
 
 def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(node, dict) and node:
+    if isinstance(node, dict) and node and prefix not in ("featureGates", "logging.options"):
         out: list[tuple[str, Any]] = []
         for k, v in node.items():
             out += _leaves(v, f"{prefix}.{k}" if prefix else str(k))
