@@ -19,7 +19,13 @@ from typing import Any
 
 from cluster import log as logs
 
-from .config import ConfigError, Options, load_config_file, parse_host_port
+from .config import (
+    ConfigError,
+    Options,
+    expand_nodeport_addresses,
+    load_config_file,
+    parse_host_port,
+)
 
 
 def _add_source_flags(p: argparse.ArgumentParser) -> None:
@@ -110,7 +116,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
     if getattr(args, "cluster_cidr", None):
         opts.cluster_cidrs = [c for c in args.cluster_cidr.split(",") if c]
     if getattr(args, "nodeport_addresses", None):
-        opts.nodeport_addresses = [c for c in args.nodeport_addresses.split(",") if c]
+        opts.nodeport_addresses = expand_nodeport_addresses(
+            [c for c in args.nodeport_addresses.split(",") if c], opts.node_ip)
     if getattr(args, "dns_bind", None):
         opts.dns_binds = [parse_host_port(b, 53) for b in args.dns_bind]
     if getattr(args, "upstream", None):
