@@ -1,0 +1,31 @@
+"""The proxy's configuration: what the daemon decides from flags and the KubeProxyConfiguration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+VipMode = Literal["interface", "loopback"]
+BalancePolicy = Literal["round-robin", "random", "least-connections"]
+
+
+@dataclass
+class ProxyConfig:
+    # "interface": ClusterIPs (and externalIPs / LoadBalancer IPs) are assigned to
+    # `vip_interface`, like IPVS mode's kube-ipvs0; "loopback": each one maps to a 127/8 address.
+    vip_mode: VipMode
+    vip_interface: str = "kubeshim0"
+    # --hostname-override: which endpoints are node-local for traffic policy Local.
+    node_name: str = ""
+    # kube-proxy's nodePortAddresses: CIDRs and/or "primary"; empty means every node address.
+    nodeport_addresses: list[str] = field(default_factory=list)
+    balance: BalancePolicy = "round-robin"
+    # A TCP connection with no traffic either way for this long is closed (0 = never).
+    tcp_idle_timeout: float = 3600.0
+    tcp_connect_timeout: float = 3.0
+    # How many further endpoints a connection tries after a failed connect.
+    connect_retries: int = 2
+    # --udp-timeout: how long an idle UDP flow keeps its endpoint.
+    udp_timeout: float = 30.0
+    udp_max_flows: int = 65536
+    listen_backlog: int = 4096

@@ -1,0 +1,96 @@
+"""Where a Service's traffic arrives, as data: the desired listeners and the diff to apply.
+
+Sans-IO: from a ServiceInfo, the node's NodePort addresses and the VIP mapping, compute one
+`ListenerSpec` per (protocol, bind address, port); the proxier opens what is missing and closes
+what is no longer wanted, for the changed Service only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from cluster.model import ServicePortName
+from cluster.state import ServiceInfo
+
+ListenerKind = Literal["ClusterIP", "NodePort", "ExternalIP", "LoadBalancer"]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerKey:
+    protocol: str
+    ip: str  # the address bound (the mapped loopback address in loopback mode)
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip
+        return f"{host}:{self.port}/{self.protocol}"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSpec:
+    key: ListenerKey
+    port_name: ServicePortName
+    kind: ListenerKind
+    service_ip: str  # the address clients use (ClusterIP, node IP, externalIP, LB IP)
+
+    @property
+    def external(self) -> bool:
+        """Traffic from outside the cluster: externalTrafficPolicy applies."""
+        return self.kind != "ClusterIP"
+
+
+def _family(ip: str) -> int:
+    return ipaddress.ip_address(ip).version
+
+
+def desired_listeners(
+    info: ServiceInfo,
+    node_ips: Sequence[str],
+    bind_address: Callable[[str], str],
+) -> tuple[dict[ListenerKey, ListenerSpec], list[tuple[ServicePortName, str]]]:
+    """The listeners a proxied Service needs, and the ports it cannot serve (with the reason)."""
+    out: dict[ListenerKey, ListenerSpec] = {}
+    problems: list[tuple[ServicePortName, str]] = []
+    if not info.proxied:
+        return out, problems
+    svc = info.service
+    families = {_family(ip) for ip in svc.cluster_ips}
+    external_ips = [("ExternalIP", ip) for ip in svc.spec.external_ips]
+    external_ips += [("LoadBalancer", ip) for ip in svc.load_balancer_ips]
+    for spi in info.ports:
+        sp = spi.spec
+        if sp.protocol == "SCTP":
+            problems.append((spi.name, "SCTP is not supported by a user-space proxy; port skipped"))
+            continue
+
+        def add(kind: ListenerKind, ip: str, port: int, spi_name: ServicePortName = spi.name,
+                protocol: str = sp.protocol) -> None:
+            key = ListenerKey(protocol, bind_address(ip), port)
+            out.setdefault(key, ListenerSpec(key, spi_name, kind, ip))
+
+        for ip in svc.cluster_ips:
+            add("ClusterIP", ip, sp.port)
+        for kind, ip in external_ips:
+            add(kind, ip, sp.port)  # type: ignore[arg-type]
+        if sp.node_port and svc.spec.type in ("NodePort", "LoadBalancer"):
+            for ip in node_ips:
+                if _family(ip) in families:
+                    add("NodePort", ip, sp.node_port)
+    return out, problems
+
+
+def diff_listeners(
+    current: Mapping[ListenerKey, ListenerSpec], desired: Mapping[ListenerKey, ListenerSpec]
+) -> tuple[list[ListenerKey], list[ListenerSpec]]:
+    """(keys to close, specs to open); a key whose spec changed is closed and reopened."""
+    close = [k for k, spec in current.items() if desired.get(k) != spec]
+    open_ = [spec for k, spec in desired.items() if current.get(k) != spec]
+    return close, open_
+
+
+def vips_of(specs: Mapping[ListenerKey, ListenerSpec]) -> set[str]:
+    """Service addresses (not node addresses) the listeners need on the VIP interface."""
+    return {s.service_ip for s in specs.values() if s.kind != "NodePort"}

@@ -1,0 +1,444 @@
+"""The Proxier: turns ClusterState changes into listeners, VIPs and forwarding tables.
+
+Shaped like kube-proxy's syncProxyRules: state changes only mark Services dirty; a sync soon
+after (coalesced) returns early until the state is synced, then for the dirty Services only:
+updates their port tables (endpoints, balancing), computes their desired listeners, applies the
+difference (VIPs, sockets), schedules a retry for what failed, and does housekeeping (UDP flows
+of endpoints that went away). An endpoint change touches one port table and no socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from cluster.log import get_logger
+from cluster.model import NamespacedName, ServicePortName
+from cluster.state import ClusterState, ServiceChange, ServiceInfo
+
+from .balancer import Clock
+from .config import ProxyConfig
+from .listeners import ListenerKey, ListenerSpec, desired_listeners, diff_listeners, vips_of
+from .metrics import PortCounters, ProxyMetrics
+from .table import PortTable
+from .tcp import ClientSide, TcpFrontend, listen_socket
+from .udp import UdpFrontend, bind_socket
+from .vip import (
+    InterfaceVips,
+    LoopbackMapper,
+    NetlinkWorker,
+    VipError,
+    local_addresses,
+    nodeport_addresses,
+)
+
+log = get_logger("proxy")
+
+RETRY_MIN = 1.0
+RETRY_MAX = 30.0
+HOUSEKEEPING_PERIOD = 60.0
+
+
+class Listener:
+    """One open socket serving one ListenerSpec."""
+
+    def __init__(self, spec: ListenerSpec, table: PortTable) -> None:
+        self.spec = spec
+        self.table = table
+        self.server: asyncio.AbstractServer | None = None
+        self.udp: UdpFrontend | None = None
+
+    def close(self) -> None:
+        # Closing a TCP server stops accepting; established connections carry on.
+        if self.server is not None:
+            self.server.close()
+        if self.udp is not None:
+            self.udp.close()
+
+
+@dataclass
+class ServiceRuntime:
+    key: NamespacedName
+    info: ServiceInfo | None = None
+    listeners: dict[ListenerKey, Listener] = field(default_factory=dict)
+    desired: dict[ListenerKey, ListenerSpec] = field(default_factory=dict)
+    vips: set[str] = field(default_factory=set)
+    errors: dict[str, str] = field(default_factory=dict)  # what -> why
+    retries: int = 0
+
+
+def _bind_error(e: OSError, spec: ListenerSpec) -> str:
+    k = spec.key
+    if e.errno == errno.EADDRINUSE:
+        return f"{k} is already in use by another socket"
+    if e.errno == errno.EACCES:
+        return (f"{k}: permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE "
+                "(or sysctl net.ipv4.ip_unprivileged_port_start=0)")
+    if e.errno == errno.EADDRNOTAVAIL:
+        return f"{k}: address {k.ip} is not assigned on this node"
+    return f"{k}: {e.strerror or e}"
+
+
+class Proxier:
+    def __init__(self, state: ClusterState, config: ProxyConfig,
+                 registry: CollectorRegistry | None = None, clock: Clock = time.monotonic) -> None:
+        self.state = state
+        self.config = config
+        self._clock = clock
+        self.metrics = ProxyMetrics(registry) if registry is not None else ProxyMetrics.default()
+        self.metrics.collector.add(self, self._counter_rows)
+        self.mapper = LoopbackMapper()
+        self.vips: InterfaceVips | None = None
+        self._netlink = NetlinkWorker()
+        self.node_ips: list[str] = []
+        self._local_ips: set[str] = set()
+        self.tables: dict[ServicePortName, PortTable] = {}
+        self.services: dict[NamespacedName, ServiceRuntime] = {}
+        self._owners: dict[ListenerKey, NamespacedName] = {}
+        self._vip_users: dict[str, set[NamespacedName]] = {}
+        self.connections: set[ClientSide] = set()
+        self._dirty: dict[NamespacedName, float] = {}
+        self._sync_task: asyncio.Task[None] | None = None
+        self._retry_handles: dict[NamespacedName, asyncio.TimerHandle] = {}
+        self._housekeeping: asyncio.TimerHandle | None = None
+        self._reported: set[tuple[ServicePortName, str]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self.last_updated = 0.0
+        self.last_queued: float | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        cfg = self.config
+        exclude = cfg.vip_interface if cfg.vip_mode == "interface" else ""
+        if cfg.vip_mode == "interface":
+            self.vips = InterfaceVips(cfg.vip_interface)
+            await self._netlink.call(self.vips.prepare)
+        self._local_ips = {ip for ip, _ in await self._netlink.call(local_addresses, exclude)}
+        self.node_ips = await self._netlink.call(
+            nodeport_addresses, list(cfg.nodeport_addresses), exclude)
+        log.info("proxy starting", vip_mode=cfg.vip_mode, node=cfg.node_name or "-",
+                 nodeport_addresses=",".join(self.node_ips) or "-", balance=cfg.balance)
+        self.state.subscribe(self._on_changes)
+        now = time.monotonic()
+        for key in self.state.services:
+            self._dirty.setdefault(key, now)
+        self.last_queued = now
+        self._schedule()
+        self._housekeeping = self._loop.call_later(HOUSEKEEPING_PERIOD, self._housekeep)
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop accepting, let open connections finish until the deadline, then remove VIPs."""
+        self._stopping = True
+        if self._sync_task is not None and not self._sync_task.done():
+            self._sync_task.cancel()
+        for handle in self._retry_handles.values():
+            handle.cancel()
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        for rt in self.services.values():
+            for listener in rt.listeners.values():
+                listener.close()
+        deadline = time.monotonic() + drain_timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.connections:
+            log.warning("drain deadline passed, closing connections", count=len(self.connections))
+            for conn in list(self.connections):
+                conn.abort()
+        for rt in self.services.values():
+            rt.listeners.clear()
+        if self.vips is not None:
+            await self._netlink.call(self.vips.close)
+        self._netlink.close()
+        log.info("proxy stopped")
+
+    # --- change intake -------------------------------------------------------------------------
+
+    def _on_changes(self, changes: Sequence[ServiceChange]) -> None:
+        now = time.monotonic()
+        for change in changes:
+            self._dirty.setdefault(change.key, now)
+        if self.last_queued is None:
+            self.last_queued = now
+        self.metrics.last_queued.set(time.time())
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._stopping or self._loop is None:
+            return
+        if self._sync_task is None or self._sync_task.done():
+            self._sync_task = self._loop.create_task(self._sync_loop())
+
+    async def _sync_loop(self) -> None:
+        while self._dirty and not self._stopping:
+            await self.sync()
+
+    # --- the sync ----------------------------------------------------------------------------
+
+    async def sync(self) -> None:
+        """Apply the dirty Services (kube-proxy's syncProxyRules shape)."""
+        if not self.state.synced:
+            # Serve nothing half-known: wait for the first full list of both kinds.
+            log.debug("not syncing: state not synced yet")
+            return
+        start = time.monotonic()
+        dirty, self._dirty = self._dirty, {}
+        failed = 0
+        for key, queued in dirty.items():
+            try:
+                ok = await self._sync_service(key)
+            except Exception:
+                log.error("service sync failed", service=str(key), exc_info=True)
+                ok = False
+            if not ok:
+                failed += 1
+                self._retry_later(key)
+            else:
+                self.services.get(key, ServiceRuntime(key)).retries = 0
+            self.metrics.network_programming.observe(time.monotonic() - queued)
+        end = time.monotonic()
+        self.metrics.sync_duration.observe(end - start)
+        self.metrics.last_sync.set(time.time())
+        self.metrics.sync_failures.set(sum(1 for rt in self.services.values() if rt.errors))
+        self.last_updated = end
+        self.last_queued = min(self._dirty.values()) if self._dirty else None
+        if len(dirty) > 1 or log.is_debug():
+            log.info("synced services", numServices=len(dirty), failed=failed,
+                     seconds=round(end - start, 4))
+
+    def _retry_later(self, key: NamespacedName) -> None:
+        rt = self.services.get(key)
+        if rt is None or self._loop is None or key in self._retry_handles:
+            return
+        delay = min(RETRY_MAX, RETRY_MIN * 2 ** rt.retries)
+        rt.retries += 1
+
+        def retry() -> None:
+            self._retry_handles.pop(key, None)
+            self._dirty.setdefault(key, time.monotonic())
+            self._schedule()
+
+        self._retry_handles[key] = self._loop.call_later(delay, retry)
+
+    async def _sync_service(self, key: NamespacedName) -> bool:
+        """Bring one Service's tables and listeners up to date; False if not all served."""
+        info = self.state.services.get(key)
+        rt = self.services.get(key)
+        if rt is None:
+            if info is None:
+                return True
+            rt = self.services[key] = ServiceRuntime(key)
+        rt.info = info
+        errors: dict[str, str] = {}
+        desired: dict[ListenerKey, ListenerSpec] = {}
+        port_names: set[ServicePortName] = set()
+        if info is not None and info.proxied:
+            desired, problems = desired_listeners(info, self.node_ips, self.vip_address)
+            for name, reason in problems:
+                errors[f"port {name}"] = reason
+                if (name, reason) not in self._reported:
+                    self._reported.add((name, reason))
+                    log.warning("service port not served", service=str(key), port=name.port,
+                                protocol=name.protocol, reason=reason)
+            # Port tables first, so listeners opened below find them (endpoints change here).
+            for spi in info.ports:
+                if spi.spec.protocol == "SCTP":
+                    continue
+                port_names.add(spi.name)
+                table = self.tables.get(spi.name)
+                if table is None:
+                    table = self.tables[spi.name] = PortTable(spi, self.config.balance, self._clock)
+                    table.node_addresses = self._local_ips
+                stale = table.update(info.service, spi, self.config.node_name)
+                if stale:
+                    self._drop_udp_flows(rt, spi.name, stale)
+
+        close, open_ = diff_listeners({k: li.spec for k, li in rt.listeners.items()}, desired)
+        for k in close:
+            rt.listeners.pop(k).close()
+            if self._owners.get(k) == key:
+                del self._owners[k]
+            log.info("listener closed", service=str(key), address=str(k))
+        # Service addresses: assign new ones before binding, release unused ones after closing.
+        wanted_vips = vips_of(desired)
+        for ip in rt.vips - wanted_vips:
+            await self._release_vip(ip, key)
+        for ip in wanted_vips - rt.vips:
+            problem = await self._claim_vip(ip, key)
+            if problem:
+                errors[f"address {ip}"] = problem
+        rt.vips = wanted_vips
+        for spec in open_:
+            if spec.key in rt.listeners:
+                continue
+            if (ip_problem := errors.get(f"address {spec.service_ip}")) is not None:
+                errors[str(spec.key)] = ip_problem
+                continue
+            owner = self._owners.get(spec.key)
+            if owner is not None and owner != key:
+                errors[str(spec.key)] = f"{spec.key} is already served for service {owner}"
+                continue
+            try:
+                rt.listeners[spec.key] = await self._open(spec)
+                self._owners[spec.key] = key
+                log.info("listener opened", service=str(key), address=str(spec.key),
+                         kind=spec.kind)
+            except OSError as e:
+                errors[str(spec.key)] = _bind_error(e, spec)
+        rt.desired = desired
+        # Tables of ports that went away (their listeners are closed above).
+        for name in [n for n in self.tables if n.service == key and n not in port_names]:
+            del self.tables[name]
+        for what, why in errors.items():
+            if rt.errors.get(what) != why:
+                log.error("cannot serve", service=str(key), what=what, reason=why)
+        for what in rt.errors.keys() - errors.keys():
+            log.info("serving again", service=str(key), what=what)
+        rt.errors = errors
+        if info is None:
+            del self.services[key]
+            if (h := self._retry_handles.pop(key, None)) is not None:
+                h.cancel()
+            return True
+        # A Service that can never be served (e.g. SCTP only) does not retry.
+        return not any(k not in rt.listeners for k in desired)
+
+    async def _open(self, spec: ListenerSpec) -> Listener:
+        table = self.tables[spec.port_name]
+        listener = Listener(spec, table)
+        loop = asyncio.get_running_loop()
+        k = spec.key
+        if k.protocol == "TCP":
+            sock = listen_socket(k.ip, k.port, self.config.listen_backlog)
+            fe = TcpFrontend(table, spec.external, self.config, self.connections)
+            listener.server = await loop.create_server(fe, sock=sock,
+                                                       backlog=self.config.listen_backlog)
+        else:
+            sock = bind_socket(k.ip, k.port)
+            udp = UdpFrontend(table, spec.external, self.config)
+            await loop.create_datagram_endpoint(lambda: udp, sock=sock)
+            listener.udp = udp
+        return listener
+
+    async def _claim_vip(self, ip: str, key: NamespacedName) -> str | None:
+        users = self._vip_users.setdefault(ip, set())
+        users.add(key)
+        try:
+            if self.vips is not None:
+                # An externalIP may be the node's own address; it needs nothing assigned.
+                if ip not in self._local_ips and ip not in self.vips.assigned:
+                    await self._netlink.call(self.vips.add, ip)
+            else:
+                self.mapper.check(ip)
+        except (VipError, ValueError) as e:
+            return str(e)
+        return None
+
+    async def _release_vip(self, ip: str, key: NamespacedName) -> None:
+        users = self._vip_users.get(ip)
+        if users is None:
+            return
+        users.discard(key)
+        if not users:
+            del self._vip_users[ip]
+            if self.vips is not None and ip in self.vips.assigned:
+                await self._netlink.call(self.vips.remove, ip)
+
+    def _drop_udp_flows(self, rt: ServiceRuntime, name: ServicePortName,
+                        stale: Iterable[tuple[str, int]]) -> None:
+        stale = set(stale)
+        for listener in rt.listeners.values():
+            if listener.udp is not None and listener.spec.port_name == name:
+                listener.udp.drop_endpoints(stale)
+
+    def _housekeep(self) -> None:
+        for table in self.tables.values():
+            if table.affinity is not None:
+                table.affinity.expire()
+        if self._loop is not None and not self._stopping:
+            self._housekeeping = self._loop.call_later(HOUSEKEEPING_PERIOD, self._housekeep)
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def vip_address(self, ip: str) -> str:
+        """Where a ClusterIP / externalIP / LoadBalancer IP is really served."""
+        if self.config.vip_mode == "interface":
+            return ip
+        return self.mapper.address(ip)
+
+    def _counter_rows(self) -> Iterable[tuple[str, str, str, PortCounters]]:
+        for name, table in self.tables.items():
+            yield str(name.service), name.port, name.protocol, table.counters
+
+    def status(self) -> dict[str, Any]:
+        services = []
+        for key in sorted(self.services):
+            rt = self.services[key]
+            ports = []
+            info = rt.info
+            for spi in info.ports if info is not None else ():
+                table = self.tables.get(spi.name)
+                listeners = sorted(str(k) for k, li in rt.listeners.items()
+                                   if li.spec.port_name == spi.name)
+                entry: dict[str, Any] = {
+                    "name": spi.name.port, "port": spi.spec.port,
+                    "protocol": spi.spec.protocol, "nodePort": spi.spec.node_port or None,
+                    "listeners": listeners,
+                }
+                if table is not None:
+                    internal = {(e.ip, e.port) for e in table.internal}
+                    external = {(e.ip, e.port) for e in table.external}
+                    entry["endpoints"] = [
+                        {"address": ep.address, "state": _endpoint_state(ep.ready, ep.serving,
+                                                                         ep.terminating),
+                         "node": ep.node_name, "usedFor": [w for w, s in (
+                             ("internal", internal), ("external", external))
+                             if (ep.ip, ep.port) in s],
+                         "active": table.active.get((ep.ip, ep.port), 0)}
+                        for ep in table.endpoints
+                    ]
+                    c = table.counters
+                    entry.update(c.as_dict())
+                    entry["active"] = c.connections_active + c.flows_active
+                    entry["connections"] = c.connections_total
+                    entry["errors"] = dict(c.errors)
+                    if table.affinity is not None:
+                        entry["affinity"] = {"timeoutSeconds": table.affinity.timeout,
+                                             "clients": len(table.affinity)}
+                ports.append(entry)
+            services.append({
+                "name": str(key),
+                "clusterIPs": info.service.cluster_ips if info else [],
+                "servedAt": {ip: self.vip_address(ip) for ip in sorted(rt.vips)},
+                "ports": ports,
+                "errors": [f"{what}: {why}" for what, why in sorted(rt.errors.items())],
+            })
+        return {
+            "vipMode": self.config.vip_mode,
+            "vipInterface": self.config.vip_interface if self.vips is not None else None,
+            "nodePortAddresses": self.node_ips,
+            "synced": self.state.synced,
+            "services": services,
+            "connections": len(self.connections),
+            "udpFlows": sum(len(li.udp.flows) for rt in self.services.values()
+                            for li in rt.listeners.values() if li.udp is not None),
+        }
+
+
+def _endpoint_state(ready: bool, serving: bool, terminating: bool) -> str:
+    if ready:
+        return "ready"
+    if serving and terminating:
+        return "serving-terminating"
+    if terminating:
+        return "terminating"
+    return "not-ready"

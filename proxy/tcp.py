@@ -1,0 +1,292 @@
+"""TCP forwarding: one listener per service address, two Protocols per connection.
+
+The hot path is asyncio Protocol callbacks only (no streams, no awaits, no logging): data from
+one side is written to the other; when a side's write buffer passes its high-water mark, that
+side's `pause_writing` pauses reading on the opposite side, so memory per connection stays
+bounded in both directions. Half-close is preserved: one side's EOF becomes `write_eof()` on the
+other and the other direction keeps flowing. Only the connect to the endpoint is a task, because
+it may retry on the next endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from typing import Any
+
+from cluster.state import EndpointInfo
+
+from .config import ProxyConfig
+from .metrics import CONNECT_FAILED, CONNECT_TIMEOUT, NO_ENDPOINTS, UPSTREAM_RESET
+from .table import PortTable
+
+# Per-direction write buffer marks: reading from the peer pauses above HIGH, resumes below LOW.
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+_LINGER_RESET = struct.pack("ii", 1, 0)
+IDLE_TIMEOUT = "idle_timeout"
+
+
+def reset(transport: asyncio.BaseTransport) -> None:
+    """Close with a RST (SO_LINGER 0): like kube-proxy REJECTing a port without endpoints."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()  # type: ignore[attr-defined]
+
+
+class TcpFrontend:
+    """The protocol factory of one listener: which port table, and whether traffic is external."""
+
+    def __init__(self, table: PortTable, external: bool, config: ProxyConfig,
+                 connections: set[ClientSide]) -> None:
+        self.table = table
+        self.external = external
+        self.config = config
+        self.connections = connections
+        self.loop = asyncio.get_running_loop()
+
+    def __call__(self) -> ClientSide:
+        return ClientSide(self)
+
+
+class ClientSide(asyncio.Protocol):
+    """The accepted connection; owns the connection's lifecycle and accounting."""
+
+    __slots__ = ("fe", "table", "counters", "transport", "upstream", "endpoint", "client_ip",
+                 "_eofs", "_client_eof", "_active", "_idle", "_dial", "_closed", "_early")
+
+    def __init__(self, fe: TcpFrontend) -> None:
+        self.fe = fe
+        self.table = fe.table
+        self.counters = fe.table.counters
+        self.transport: Any = None
+        self.upstream: Any = None
+        self.endpoint: EndpointInfo | None = None
+        self.client_ip = ""
+        self._eofs = 0
+        self._client_eof = False
+        self._active = False
+        self._idle: asyncio.TimerHandle | None = None
+        self._dial: asyncio.Task[None] | None = None
+        self._closed = False
+        self._early: list[bytes] = []
+
+    # --- asyncio.Protocol callbacks (client side) --------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        fe = self.fe
+        counters = self.counters
+        counters.connections_total += 1
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else ""
+        ep = self.table.pick(self.client_ip, fe.external)
+        if ep is None:
+            counters.error(NO_ENDPOINTS)
+            self._closed = True
+            reset(transport)
+            return
+        counters.connections_active += 1
+        fe.connections.add(self)
+        transport.pause_reading()  # until the endpoint answers; the kernel buffers meanwhile
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.endpoint = ep
+        self.table.opened(ep)
+        self._dial = fe.loop.create_task(self._connect(ep))
+
+    def data_received(self, data: bytes) -> None:
+        up = self.upstream
+        if up is None:
+            # uvloop may hand over what it read with the accept, even while paused.
+            self._early.append(data)
+        else:
+            up.write(data)
+        self.counters.bytes_in += len(data)
+        self._active = True
+
+    def eof_received(self) -> bool:
+        if self._client_eof:
+            return True  # resuming a transport after EOF may report it again
+        self._client_eof = True
+        if self.upstream is not None:
+            self.upstream.write_eof()
+            self._half_closed()
+        return True  # keep our sending side open: the endpoint may still answer
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._dial is not None and not self._dial.done():
+            self._dial.cancel()
+        if self._idle is not None:
+            self._idle.cancel()
+        up = self.upstream
+        if up is not None and not up.is_closing():
+            if exc is None:
+                up.close()
+            else:
+                reset(up)
+        self.counters.connections_active -= 1
+        if self.endpoint is not None:
+            self.table.closed(self.endpoint)
+        self.fe.connections.discard(self)
+
+    # --- the endpoint side -------------------------------------------------------------------
+
+    async def _connect(self, ep: EndpointInfo) -> None:
+        fe = self.fe
+        config = fe.config
+        tried: list[EndpointInfo] = []
+        while True:
+            try:
+                async with asyncio.timeout(config.tcp_connect_timeout):
+                    await fe.loop.create_connection(lambda: UpstreamSide(self), ep.ip, ep.port)
+                return
+            except (OSError, TimeoutError) as e:
+                self.counters.error(CONNECT_TIMEOUT if isinstance(e, TimeoutError)
+                                    else CONNECT_FAILED)
+            self.table.closed(ep)
+            self.endpoint = None
+            tried.append(ep)
+            if self._closed:
+                return
+            # A failed connect retries the next endpoint, a bounded number of times.
+            next_ep = (self.table.pick(self.client_ip, fe.external, tried)
+                       if len(tried) <= config.connect_retries else None)
+            if next_ep is None:
+                reset(self.transport)
+                return
+            ep = next_ep
+            self.endpoint = ep
+            self.table.opened(ep)
+
+    def upstream_made(self, transport: Any) -> None:
+        if self._closed:
+            transport.close()
+            return
+        self.upstream = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._early:
+            transport.writelines(self._early)
+            self._early.clear()
+        if self._client_eof:
+            transport.write_eof()
+            self._half_closed()
+        else:
+            self.transport.resume_reading()
+        timeout = self.fe.config.tcp_idle_timeout
+        if timeout > 0:
+            self._idle = self.fe.loop.call_later(timeout, self._idle_check)
+
+    def upstream_eof(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.write_eof()
+        self._half_closed()
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        t = self.transport
+        if t.is_closing():
+            return
+        if exc is None:
+            t.close()  # flushes what the endpoint sent, then FIN
+        else:
+            self.counters.error(UPSTREAM_RESET)
+            reset(t)
+
+    def _half_closed(self) -> None:
+        self._eofs += 1
+        if self._eofs >= 2:  # both directions finished
+            self.transport.close()
+            self.upstream.close()
+
+    def _idle_check(self) -> None:
+        # One timer per connection re-armed only when it fires: the data path just sets a flag,
+        # so an idle connection closes between 1x and 2x the idle timeout.
+        if self._closed:
+            return
+        if self._active:
+            self._active = False
+            self._idle = self.fe.loop.call_later(self.fe.config.tcp_idle_timeout, self._idle_check)
+            return
+        self.counters.error(IDLE_TIMEOUT)
+        self.transport.close()
+        if self.upstream is not None:
+            self.upstream.close()
+
+    def abort(self) -> None:
+        """Drop the connection now (shutdown after the drain deadline)."""
+        if self.upstream is not None:
+            self.upstream.abort()
+        self.transport.abort()
+
+
+class UpstreamSide(asyncio.Protocol):
+    """The connection to the endpoint; forwards to its ClientSide."""
+
+    __slots__ = ("client", "peer", "counters", "eof")
+
+    def __init__(self, client: ClientSide) -> None:
+        self.client = client
+        self.counters = client.counters
+        self.peer: Any = None
+        self.eof = False
+
+    def connection_made(self, transport: Any) -> None:
+        self.peer = self.client.transport
+        self.client.upstream_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.write(data)
+        self.counters.bytes_out += len(data)
+        self.client._active = True
+
+    def eof_received(self) -> bool:
+        if not self.eof:
+            self.eof = True
+            self.client.upstream_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.upstream_lost(exc)
+
+
+def listen_socket(ip: str, port: int, backlog: int) -> socket.socket:
+    """A bound, listening TCP socket; raises OSError (EADDRINUSE, EADDRNOTAVAIL, EACCES)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((ip, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,321 @@
+"""The proxier in loopback mode with real backends and real clients on 127.0.0.0/8."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import uvloop
+from prometheus_client import CollectorRegistry, generate_latest
+
+from cluster.state import ClusterState
+from proxy.config import ProxyConfig
+from proxy.proxier import Proxier
+from tests.proxy_helpers import (
+    endpoint,
+    endpoint_slice,
+    free_port,
+    name_server,
+    service,
+    udp_name_server,
+)
+
+# Addresses unique to this process, so parallel runs on one machine do not collide.
+NET = f"{os.getpid() % 200 + 20}"
+BACKEND = [f"127.1.{NET}.{i}" for i in range(1, 6)]
+CLUSTER_IP = f"10.100.{NET}.10"
+
+
+@pytest.fixture
+def event_loop_policy() -> uvloop.EventLoopPolicy:
+    return uvloop.EventLoopPolicy()
+
+
+class Env:
+    def __init__(self) -> None:
+        self.state = ClusterState()
+        self.registry = CollectorRegistry()
+        self.proxier = Proxier(
+            self.state,
+            ProxyConfig(vip_mode="loopback", node_name="node-a",
+                        nodeport_addresses=["127.0.0.0/8"], tcp_connect_timeout=1.0,
+                        udp_timeout=5.0),
+            registry=self.registry,
+        )
+        self.port = free_port(BACKEND[0])
+        self.servers: list[Any] = []
+
+    def publish(self, services: list[Any], slices: list[Any]) -> None:
+        self.state.replace("Service", services)
+        self.state.replace("EndpointSlice", slices)
+
+    async def settle(self) -> None:
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if not self.proxier._dirty and (self.proxier._sync_task is None
+                                            or self.proxier._sync_task.done()):
+                return
+
+    def vip(self, ip: str = CLUSTER_IP) -> str:
+        return self.proxier.vip_address(ip)
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    e = Env()
+    await e.proxier.start()
+    try:
+        yield e
+    finally:
+        await e.proxier.stop(0.5)
+        for s in e.servers:
+            s.close()
+
+
+def web(port: int, **spec: Any) -> Any:
+    return service("web", CLUSTER_IP, [{"name": "http", "port": port, "protocol": "TCP"}], **spec)
+
+
+def web_slice(port: int, *eps: dict[str, Any]) -> Any:
+    return endpoint_slice("web", eps, [{"name": "http", "port": port, "protocol": "TCP"}])
+
+
+async def ask(ip: str, port: int, send: bytes = b"") -> bytes:
+    """Connect, read the backend's name line, optionally send and half-close, read to EOF."""
+    reader, writer = await asyncio.open_connection(ip, port)
+    try:
+        line = await asyncio.wait_for(reader.readline(), 5)
+        if send:
+            writer.write(send)
+            writer.write_eof()
+            rest = await asyncio.wait_for(reader.read(), 5)
+            return line + rest
+        return line
+    finally:
+        writer.close()
+
+
+async def test_cluster_ip_forwards_and_round_robin_spreads(env: Env) -> None:
+    for i in range(3):
+        env.servers.append(await name_server(BACKEND[i], env.port, f"pod-{i}"))
+    env.publish([web(8080)], [web_slice(env.port, *(endpoint(BACKEND[i]) for i in range(3)))])
+    await env.settle()
+    vip = env.vip()
+    assert vip == f"127.100.{NET}.10"
+    names = collections.Counter([(await ask(vip, 8080)).strip() for _ in range(30)])
+    assert names == {b"pod-0": 10, b"pod-1": 10, b"pod-2": 10}
+    metrics = generate_latest(env.registry).decode()
+    labels = 'port="http",protocol="TCP",service="default/web"'
+    assert f"kubeshim_proxy_connections_total{{{labels}}} 30.0" in metrics
+    assert "kubeproxy_sync_proxy_rules_duration_seconds_count" in metrics
+
+
+async def test_curl_through_cluster_ip(env: Env, tmp_path: Any) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl missing")
+    (tmp_path / "index.html").write_text("hello from pod\n")
+    proc = subprocess.Popen(
+        ["python3", "-m", "http.server", str(env.port), "--bind", BACKEND[0]],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        env.publish([web(8080)], [web_slice(env.port, endpoint(BACKEND[0]))])
+        await env.settle()
+        for _ in range(100):
+            out = await asyncio.to_thread(
+                subprocess.run, ["curl", "-sS", "--max-time", "5", f"http://{env.vip()}:8080/"],
+                capture_output=True, text=True)
+            if out.returncode == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert out.stdout == "hello from pod\n", out.stderr
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+async def test_client_ip_affinity_pins(env: Env) -> None:
+    for i in range(3):
+        env.servers.append(await name_server(BACKEND[i], env.port, f"pod-{i}"))
+    svc = web(8080, sessionAffinity="ClientIP",
+              sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}})
+    env.publish([svc], [web_slice(env.port, *(endpoint(BACKEND[i]) for i in range(3)))])
+    await env.settle()
+    names = {(await ask(env.vip(), 8080)).strip() for _ in range(10)}
+    assert len(names) == 1
+
+
+async def test_no_endpoints_resets_at_once(env: Env) -> None:
+    env.publish([web(8080)], [web_slice(env.port, endpoint(BACKEND[0], ready=False))])
+    await env.settle()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError, ConnectionError)):
+        reader, writer = await asyncio.open_connection(env.vip(), 8080)
+        try:
+            data = await asyncio.wait_for(reader.read(10), 2)
+            if not data:
+                raise ConnectionError("closed without data")
+        finally:
+            writer.close()
+    assert loop.time() - start < 0.5
+    port = env.proxier.status()["services"][0]["ports"][0]
+    assert port["errors"] == {"no_endpoints": 1}
+
+
+async def test_half_close_with_socat(env: Env) -> None:
+    if shutil.which("socat") is None:
+        pytest.skip("socat missing")
+    env.servers.append(await name_server(BACKEND[0], env.port, "pod-0"))
+    env.publish([web(8080)], [web_slice(env.port, endpoint(BACKEND[0]))])
+    await env.settle()
+    # socat sends stdin, shuts down its write side at stdin's EOF, and keeps reading the reply.
+    out = await asyncio.to_thread(
+        subprocess.run, ["socat", "-t", "5", "-", f"TCP:{env.vip()}:8080"],
+        input=b"ping\n", capture_output=True, timeout=10)
+    assert out.stdout == b"pod-0\nping\nbye\n", out.stderr
+
+
+async def test_raw_shutdown_wr_then_reply(env: Env) -> None:
+    env.servers.append(await name_server(BACKEND[0], env.port, "pod-0"))
+    env.publish([web(8080)], [web_slice(env.port, endpoint(BACKEND[0]))])
+    await env.settle()
+
+    def client() -> bytes:
+        with socket.create_connection((env.vip(), 8080), timeout=5) as s:
+            s.sendall(b"x" * 100000)
+            s.shutdown(socket.SHUT_WR)
+            chunks = []
+            while data := s.recv(65536):
+                chunks.append(data)
+            return b"".join(chunks)
+
+    reply = await asyncio.to_thread(client)
+    assert reply == b"pod-0\n" + b"x" * 100000 + b"bye\n"
+
+
+async def test_failed_endpoint_is_retried_on_the_next(env: Env) -> None:
+    # BACKEND[0] has nothing listening: connects there are refused and go to BACKEND[1].
+    env.servers.append(await name_server(BACKEND[1], env.port, "pod-1"))
+    env.publish([web(8080)], [web_slice(env.port, endpoint(BACKEND[0]), endpoint(BACKEND[1]))])
+    await env.settle()
+    names = [(await ask(env.vip(), 8080)).strip() for _ in range(6)]
+    assert names == [b"pod-1"] * 6
+    port = env.proxier.status()["services"][0]["ports"][0]
+    assert port["errors"]["connect_failed"] >= 3
+
+
+async def test_endpoint_removed_keeps_established_connection(env: Env) -> None:
+    for i in range(2):
+        env.servers.append(await name_server(BACKEND[i], env.port, f"pod-{i}"))
+    env.publish([web(8080)], [web_slice(env.port, endpoint(BACKEND[0]), endpoint(BACKEND[1]))])
+    await env.settle()
+    reader, writer = await asyncio.open_connection(env.vip(), 8080)
+    first = (await reader.readline()).strip()
+    remaining = 1 if first == b"pod-0" else 0
+    env.publish([web(8080)], [web_slice(env.port, endpoint(BACKEND[remaining]))])
+    await env.settle()
+    writer.write(b"still here\n")
+    assert await asyncio.wait_for(reader.readline(), 5) == b"still here\n"
+    writer.close()
+    names = {(await ask(env.vip(), 8080)).strip() for _ in range(4)}
+    assert names == {f"pod-{remaining}".encode()}
+
+
+async def test_udp_flows_move_when_endpoint_removed(env: Env) -> None:
+    port = free_port(BACKEND[0], socket.SOCK_DGRAM)
+    for i in range(2):
+        env.servers.append(await udp_name_server(BACKEND[i], port, f"pod-{i}"))
+    svc = service("dns", CLUSTER_IP, [{"name": "dns", "port": 5353, "protocol": "UDP"}])
+    eps = [{"name": "dns", "port": port, "protocol": "UDP"}]
+    env.publish([svc], [endpoint_slice("dns", [endpoint(BACKEND[0]), endpoint(BACKEND[1])], eps)])
+    await env.settle()
+
+    def query(sock: socket.socket) -> bytes:
+        sock.send(b"q")
+        return sock.recv(100)
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(3)
+        s.connect((env.vip(), 5353))
+        first = await asyncio.to_thread(query, s)
+        assert first in (b"pod-0:q", b"pod-1:q")
+        # The same client keeps its flow (and so its endpoint).
+        assert await asyncio.to_thread(query, s) == first
+        remaining = b"pod-1" if first.startswith(b"pod-0") else b"pod-0"
+        keep = BACKEND[1] if remaining == b"pod-1" else BACKEND[0]
+        env.publish([svc], [endpoint_slice("dns", [endpoint(keep)], eps)])
+        await env.settle()
+        assert await asyncio.to_thread(query, s) == remaining + b":q"
+    assert env.proxier.status()["udpFlows"] == 1
+
+
+async def test_port_taken_is_reported_and_others_keep_serving(env: Env) -> None:
+    env.servers.append(await name_server(BACKEND[0], env.port, "pod-0"))
+    other_ip = f"10.100.{NET}.11"
+    # Something else already holds the second service's mapped address and port.
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind((env.proxier.vip_address(other_ip), 8080))
+    squatter.listen()
+    try:
+        taken = service("taken", other_ip, [{"name": "http", "port": 8080, "protocol": "TCP"}])
+        env.publish([web(8080), taken],
+                    [web_slice(env.port, endpoint(BACKEND[0])),
+                     endpoint_slice("taken", [endpoint(BACKEND[0])],
+                                    [{"name": "http", "port": env.port, "protocol": "TCP"}])])
+        await env.settle()
+        assert (await ask(env.vip(), 8080)).strip() == b"pod-0"
+        status = {s["name"]: s for s in env.proxier.status()["services"]}
+        assert status["default/taken"]["errors"] == [
+            f"{env.proxier.vip_address(other_ip)}:8080/TCP: "
+            f"{env.proxier.vip_address(other_ip)}:8080/TCP is already in use by another socket"
+        ]
+        assert status["default/web"]["errors"] == []
+    finally:
+        squatter.close()
+    # The retry picks the port up once it is free.
+    for _ in range(40):
+        await asyncio.sleep(0.1)
+        if not {s["name"]: s for s in env.proxier.status()["services"]}["default/taken"]["errors"]:
+            break
+    assert (await ask(env.proxier.vip_address(other_ip), 8080)).strip() == b"pod-0"
+
+
+async def test_removing_a_service_leaves_others_alone(env: Env) -> None:
+    env.servers.append(await name_server(BACKEND[0], env.port, "pod-0"))
+    other_ip = f"10.100.{NET}.12"
+    other = service("other", other_ip, [{"name": "http", "port": 8080, "protocol": "TCP"}])
+    other_slice = endpoint_slice("other", [endpoint(BACKEND[0])],
+                                 [{"name": "http", "port": env.port, "protocol": "TCP"}])
+    env.publish([web(8080), other], [web_slice(env.port, endpoint(BACKEND[0])), other_slice])
+    await env.settle()
+    reader, writer = await asyncio.open_connection(env.vip(), 8080)
+    await reader.readline()
+    env.publish([other], [other_slice])
+    await env.settle()
+    writer.write(b"x\n")
+    assert await asyncio.wait_for(reader.readline(), 5) == b"x\n"
+    writer.close()
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection(env.vip(), 8080)
+    assert (await ask(env.vip(other_ip), 8080)).strip() == b"pod-0"
+
+
+async def test_nodeport_on_node_loopback(env: Env) -> None:
+    env.servers.append(await name_server(BACKEND[0], env.port, "pod-0"))
+    node_port = free_port("127.0.0.1")
+    svc = service("web", CLUSTER_IP, [{"name": "http", "port": 8080, "protocol": "TCP",
+                                       "nodePort": node_port}], type="NodePort")
+    env.publish([svc], [web_slice(env.port, endpoint(BACKEND[0]))])
+    await env.settle()
+    assert (await ask("127.0.0.1", node_port)).strip() == b"pod-0"
+
+
+Check = Callable[[], Any]
