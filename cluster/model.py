@@ -259,12 +259,16 @@ KINDS: dict[str, type[Service] | type[EndpointSlice]] = {
 # --- decoding and validation --------------------------------------------------------------
 
 
-def decode(kind: str, raw: bytes | Mapping[str, Any]) -> KubeObject:
-    """Decode one object of `kind` from JSON bytes or a parsed YAML/JSON mapping, validated."""
+JSONBytes = bytes | bytearray | memoryview | msgspec.Raw
+
+
+def decode(kind: str, raw: JSONBytes | Mapping[str, Any]) -> KubeObject:
+    """Decode one object of `kind` from JSON bytes (or a msgspec.Raw slice of a watch event)
+    or a parsed YAML/JSON mapping, validated."""
     cls = KINDS[kind]
     try:
         obj: KubeObject
-        if isinstance(raw, bytes | bytearray | memoryview):
+        if isinstance(raw, JSONBytes):
             obj = msgspec.json.decode(raw, type=cls)
         else:
             obj = msgspec.convert(raw, type=cls, strict=False)
@@ -276,10 +280,10 @@ def decode(kind: str, raw: bytes | Mapping[str, Any]) -> KubeObject:
     return obj
 
 
-def _name_of(raw: bytes | Mapping[str, Any]) -> str:
+def _name_of(raw: JSONBytes | Mapping[str, Any]) -> str:
     """Best-effort namespace/name of an object that failed to decode, for the error message."""
     try:
-        mapping = msgspec.json.decode(raw) if isinstance(raw, bytes) else raw
+        mapping = msgspec.json.decode(raw) if isinstance(raw, JSONBytes) else raw
         meta = mapping.get("metadata") or {}
         return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
     except Exception:

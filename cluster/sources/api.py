@@ -66,7 +66,7 @@ class _Status(msgspec.Struct):
     message: str = ""
 
 
-class _ListMeta(msgspec.Struct, rename="camel"):
+class _ListMeta(msgspec.Struct, rename="camel", frozen=True):
     resource_version: str = ""
     continue_: str = msgspec.field(default="", name="continue")
 
@@ -206,6 +206,14 @@ class APISource:
                     resource=res.plural,
                     idle_seconds=self.stall_timeout,
                     resource_version=self.resource_versions.get(res.kind, ""),
+                )
+            except aiohttp.ClientConnectorCertificateError as e:
+                log.error(
+                    "TLS verification of the API server failed: its certificate does not "
+                    "verify against the configured CA",
+                    server=self.client.server,
+                    credentials=self.client.source,
+                    error=str(e.certificate_error),
                 )
             except (aiohttp.ClientError, OSError, TimeoutError) as e:
                 log.warning(
@@ -375,7 +383,7 @@ class APISource:
                         "skipping invalid object",
                         kind=kind,
                         object=e.name,
-                        event=ev.type,
+                        type=ev.type,
                         reason=e.reason,
                     )
                     if type_ is EventType.DELETED and head.metadata.name:

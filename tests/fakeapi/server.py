@@ -64,11 +64,12 @@ class Event:
     line: bytes  # the encoded watch line, newline included
 
 
-@dataclass
+@dataclass(eq=False)
 class _Watcher:
     plural: str
     request: web.Request
     errors: list[dict[str, Any]] = field(default_factory=list)
+    stalled: bool = False
 
 
 class FakeAPIServer:
@@ -89,14 +90,13 @@ class FakeAPIServer:
         }
         self.events: list[Event] = []
         self.forbidden: set[str] = set()
-        self.stalled = False
         # What clients asked for, for assertions: (verb, plural, query params).
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.sent_at: dict[int, float] = {}  # rv -> time.monotonic() the event was written
         self._sent_waiters: dict[int, asyncio.Future[float]] = {}
         self._watchers: set[_Watcher] = set()
         self._changed = asyncio.Condition()
-        self._snapshots: dict[int, list[bytes]] = {}
+        self._snapshots: dict[tuple[str, int], list[bytes]] = {}
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -219,7 +219,10 @@ class FakeAPIServer:
         self._notify_safe()
 
     def stall(self, on: bool = True) -> None:
-        self.stalled = on
+        """Stop (or resume) sending on the open watches, keeping their connections open;
+        watches opened later are served normally."""
+        for w in self._watchers:
+            w.stalled = on
         self._notify_safe()
 
     def _notify_safe(self) -> None:
@@ -267,7 +270,7 @@ class FakeAPIServer:
         limit = int(query.get("limit", "0") or 0)
         if token := query.get("continue"):
             snap_rv, start = json.loads(base64.b64decode(token))
-            items = self._snapshots.get(snap_rv)
+            items = self._snapshots.get((plural, snap_rv))
             if snap_rv < self.compacted or items is None:
                 return web.json_response(
                     status(
@@ -282,7 +285,7 @@ class FakeAPIServer:
             snap_rv, start = self.rv, 0
             items = [body for _, (_, body) in sorted(self.store[plural].items())]
             if limit:
-                self._snapshots[snap_rv] = items
+                self._snapshots[(plural, snap_rv)] = items
         end = start + limit if limit else len(items)
         meta: dict[str, Any] = {"resourceVersion": str(snap_rv)}
         if end < len(items):
@@ -332,7 +335,7 @@ class FakeAPIServer:
                 transport = request.transport
                 if transport is None or transport.is_closing():
                     break
-                if not self.stalled:
+                if not watcher.stalled:
                     if watcher.errors:
                         await resp.write(
                             _dumps({"type": "ERROR", "object": watcher.errors[0]}) + b"\n"

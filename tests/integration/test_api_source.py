@@ -1,0 +1,352 @@
+"""APISource against the fake API server over real HTTPS: convergence, reconnects, 410 relists,
+bookmarks, authentication and authorization failures, invalid objects, stalls, TLS, in-cluster
+token rotation."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cluster.model import NamespacedName
+from cluster.sources.api import APISource
+from cluster.sources.kubeconfig import ClientConfig, in_cluster_config, kubeconfig_config
+from cluster.state import ClusterState, ServiceChange
+from tests.fakeapi import PKI, FakeAPIServer, make_pki
+
+TOKEN = "test-token"
+
+
+def service(name: str, ip: str, port: int = 80, ns: str = "default") -> dict[str, Any]:
+    return {
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": port}]},
+    }
+
+
+def endpoint_slice(name: str, svc: str, ips: list[str], ns: str = "default") -> dict[str, Any]:
+    return {
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": ns, "labels": {"kubernetes.io/service-name": svc}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in ips],
+    }
+
+
+def key(name: str, ns: str = "default") -> NamespacedName:
+    return NamespacedName(ns, name)
+
+
+def endpoints(state: ClusterState, name: str) -> list[str]:
+    info = state.services.get(key(name))
+    return [e.ip for e in info.ports[0].endpoints] if info and info.ports else []
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what or cond}")
+        await asyncio.sleep(0.01)
+
+
+def log_text(caplog: pytest.LogCaptureFixture) -> str:
+    """Log records with their key=value fields, as the daemon prints them."""
+    return "\n".join(
+        r.getMessage() + "".join(f" {k}={v}" for k, v in getattr(r, "kv", {}).items())
+        for r in caplog.records
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+async def server(pki: PKI) -> AsyncIterator[FakeAPIServer]:
+    srv = FakeAPIServer(tokens={TOKEN}, bookmark_interval=60)
+    ctx = srv.server_ssl_context(str(pki.server_cert), str(pki.server_key), str(pki.ca))
+    srv.url = await srv.start(ctx)  # type: ignore[attr-defined]
+    yield srv
+    await srv.stop()
+
+
+def write_kubeconfig(
+    path: Path, server: str, user: dict[str, Any], cluster: dict[str, Any]
+) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "fake", "cluster": {"server": server, **cluster}}],
+                "users": [{"name": "u", "user": user}],
+                "contexts": [{"name": "ctx", "context": {"cluster": "fake", "user": "u"}}],
+                "current-context": "ctx",
+            }
+        )
+    )
+    return path
+
+
+@pytest.fixture
+async def client(server: FakeAPIServer, pki: PKI, tmp_path: Path) -> ClientConfig:
+    kc = write_kubeconfig(
+        tmp_path / "kubeconfig",
+        server.url,
+        {"token": TOKEN},  # type: ignore[attr-defined]
+        {"certificate-authority": str(pki.ca)},
+    )
+    return await kubeconfig_config(kc)
+
+
+class Running:
+    """An APISource running in a task, with every ServiceChange its subscriber saw."""
+
+    def __init__(self, source: APISource) -> None:
+        self.source = source
+        self.state = source.state
+        self.changes: list[ServiceChange] = []
+        self.state.subscribe(self.changes.extend)
+        self.task = asyncio.create_task(source.run())
+
+    def watch_rvs(self, server: FakeAPIServer, plural: str) -> list[str]:
+        return [
+            q["resourceVersion"]
+            for verb, p, q in server.requests
+            if verb == "watch" and p == plural
+        ]
+
+
+@pytest.fixture
+def run_source() -> Iterator[Callable[..., Running]]:
+    running: list[Running] = []
+
+    def start(client: ClientConfig, **kw: Any) -> Running:
+        kw.setdefault("backoff_base", 0.05)
+        kw.setdefault("backoff_cap", 0.2)
+        r = Running(APISource(client, ClusterState(), **kw))
+        running.append(r)
+        return r
+
+    yield start
+    for r in running:
+        r.task.cancel()
+
+
+async def test_initial_list_and_watch_converge(server, client, run_source) -> None:
+    server.load(
+        [service(f"s{i}", f"10.96.0.{i + 10}") for i in range(5)]
+        + [endpoint_slice(f"s{i}-a", f"s{i}", [f"10.0.0.{i + 1}"]) for i in range(5)]
+    )
+    r = run_source(client, page_size=2)  # 5 objects of each kind: three pages
+    await wait_for(lambda: r.state.synced, what="initial sync")
+    assert sorted(r.state.services) == [key(f"s{i}") for i in range(5)]
+    assert endpoints(r.state, "s3") == ["10.0.0.4"]
+    assert sum(1 for v, p, q in server.requests if v == "list" and "continue" in q) == 4
+
+    server.put(service("new", "10.96.1.1"))
+    server.put(endpoint_slice("new-a", "new", ["10.0.1.1", "10.0.1.2"]))
+    await wait_for(lambda: endpoints(r.state, "new") == ["10.0.1.1", "10.0.1.2"])
+    server.put(endpoint_slice("s0-a", "s0", ["10.0.0.99"]))
+    await wait_for(lambda: endpoints(r.state, "s0") == ["10.0.0.99"])
+    server.delete("Service", "default", "s1")
+    await wait_for(lambda: key("s1") not in r.state.services)
+    assert r.source.resource_versions["EndpointSlice"] == str(server.rv - 1)
+
+
+async def test_dropped_connection_resumes_without_loss_or_repeat(
+    server, client, run_source
+) -> None:
+    server.load([service("web", "10.96.0.10")])
+    r = run_source(client)
+    await wait_for(lambda: r.state.synced)
+    for round_ in range(4):
+        server.drop_connections()
+        # Changes made while the client is away must arrive after it reconnects.
+        rvs = [
+            server.put(endpoint_slice(f"web-{round_}-{i}", "web", [f"10.1.{round_}.{i}"]))
+            for i in range(3)
+        ]
+        await wait_for(lambda n=round_: len(endpoints(r.state, "web")) == 3 * (n + 1))
+        await wait_for(lambda rv=rvs[-1]: r.source.resource_versions["EndpointSlice"] == str(rv))
+    # Every reconnect resumed from the last applied event, never from an older or newer one.
+    resumed = r.watch_rvs(server, "endpointslices")
+    assert len(resumed) >= 5
+    applied = {str(server.rv - 12 + 3 * n) for n in range(4)} | {resumed[0]}
+    assert set(resumed) <= applied
+    # Each slice's ADDED reached the subscriber exactly once: 12 growths of the endpoint set.
+    sizes = [
+        len(c.current.ports[0].endpoints) for c in r.changes if c.key == key("web") and c.current
+    ]
+    assert sizes == sorted(set(sizes)) and sizes[-1] == 12
+    assert list(r.state.objects("EndpointSlice")) == sorted(r.state.objects("EndpointSlice"))
+
+
+@pytest.mark.parametrize("gone_as_http", [False, True], ids=["error-event", "http-410"])
+async def test_gone_relists_and_deletes_reach_subscribers(
+    server, client, run_source, gone_as_http
+) -> None:
+    server.gone_as_http = gone_as_http
+    server.load([service("a", "10.96.0.1"), service("b", "10.96.0.2"), service("c", "10.96.0.3")])
+    r = run_source(client)
+    await wait_for(lambda: r.state.synced)
+    server.stall()  # the client will not see the delete as a watch event
+    server.delete("Service", "default", "b")
+    server.put(service("d", "10.96.0.4"))
+    server.compact()
+    server.drop_connections()
+    await wait_for(lambda: key("b") not in r.state.services and key("d") in r.state.services)
+    deleted = [c.key for c in r.changes if c.current is None]
+    assert deleted == [key("b")]
+    assert sum(1 for v, p, _ in server.requests if v == "list" and p == "services") == 2
+
+
+async def test_gone_error_event_mid_stream(server, client, run_source, caplog) -> None:
+    server.load([service("a", "10.96.0.1"), service("b", "10.96.0.2")])
+    r = run_source(client)
+    await wait_for(lambda: r.state.synced)
+    server.stall()
+    server.delete("Service", "default", "a")
+    server.send_gone()  # ERROR {code: 410} is the first thing the stream sends when resumed
+    server.stall(False)
+    await wait_for(lambda: key("a") not in r.state.services)
+    assert [c.key for c in r.changes if c.current is None] == [key("a")]
+    assert "resource version expired, relisting" in log_text(caplog)
+
+
+async def test_bookmark_advances_rv_and_resume_uses_it(pki, client, run_source, server) -> None:
+    server.bookmark_interval = 0.2
+    server.load([service("a", "10.96.0.1")])
+    r = run_source(client)
+    await wait_for(lambda: r.state.synced)
+    listed = r.source.resource_versions["Service"]
+    # Slices change; the Services watch only learns the newer resourceVersion from bookmarks.
+    for i in range(3):
+        server.put(endpoint_slice(f"a-{i}", "a", [f"10.0.0.{i + 1}"]))
+    await wait_for(lambda: r.source.resource_versions["Service"] == str(server.rv), what="bookmark")
+    assert int(r.source.resource_versions["Service"]) > int(listed)
+    server.drop_connections()
+    await wait_for(lambda: r.watch_rvs(server, "services")[-1] == str(server.rv), what="resume")
+    assert sum(1 for v, p, _ in server.requests if v == "list" and p == "services") == 1
+
+
+async def test_bad_token_is_a_clear_authentication_error(
+    server, pki, tmp_path, run_source, caplog
+) -> None:
+    kc = write_kubeconfig(
+        tmp_path / "kc", server.url, {"token": "wrong"}, {"certificate-authority": str(pki.ca)}
+    )
+    r = run_source(await kubeconfig_config(kc))
+    await wait_for(lambda: "authentication failed" in log_text(caplog))
+    text = log_text(caplog)
+    assert f"server={server.url}" in text
+    assert f"credentials=kubeconfig {kc} context ctx" in text
+    assert not r.state.synced and not r.task.done()
+
+
+async def test_forbidden_names_verb_and_resource_and_keeps_retrying(
+    server, client, run_source, caplog
+) -> None:
+    server.forbidden.add("endpointslices")
+    server.load([service("a", "10.96.0.1"), endpoint_slice("a-1", "a", ["10.0.0.1"])])
+    r = run_source(client)
+    want = (
+        'forbidden: cannot list resource "endpointslices" in API group "discovery.k8s.io"'
+        " at the cluster scope"
+    )
+    await wait_for(lambda: want in log_text(caplog))
+    await wait_for(lambda: sum(1 for v, p, _ in server.requests if p == "endpointslices") >= 3)
+    assert r.state.is_synced("Service") and not r.state.synced and not r.task.done()
+    assert 'User "system:serviceaccount:kube-system:kubeshim" cannot list' in log_text(caplog)
+    server.forbidden.clear()
+    await wait_for(lambda: r.state.synced)
+    assert endpoints(r.state, "a") == ["10.0.0.1"]
+
+
+async def test_invalid_object_is_skipped_by_name(server, client, run_source, caplog) -> None:
+    bad_listed = service("listed-bad", "10.96.0.2")
+    bad_listed["spec"]["ports"][0]["port"] = 70000
+    server.load([service("a", "10.96.0.1"), bad_listed])
+    r = run_source(client)
+    await wait_for(lambda: r.state.synced)
+    assert sorted(r.state.services) == [key("a")]
+    bad = service("watched-bad", "not-an-ip")
+    server.put(bad)
+    server.put(service("after", "10.96.0.3"))
+    await wait_for(lambda: key("after") in r.state.services)
+    text = log_text(caplog)
+    assert (
+        "skipping invalid object kind=Service object=default/listed-bad"
+        " reason=field spec.ports[0].port" in text
+    )
+    assert "object=default/watched-bad" in text and "spec.clusterIP" in text
+    assert key("watched-bad") not in r.state.services
+
+
+async def test_stalled_stream_is_detected_and_restarted(server, client, run_source, caplog) -> None:
+    server.load([service("a", "10.96.0.1")])
+    r = run_source(client, stall_timeout=0.5)
+    await wait_for(lambda: r.state.synced)
+    server.stall()  # the open watches go silent: no events, no bookmarks, connection open
+    server.put(service("b", "10.96.0.2"))
+    await wait_for(lambda: key("b") in r.state.services, what="delivery after restart")
+    assert "watch stalled, restarting" in log_text(caplog)
+    assert sum(1 for v, p, _ in server.requests if v == "list" and p == "services") == 1
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["files", "inline-data"])
+async def test_kubeconfig_client_certificate(server, pki, tmp_path, run_source, inline) -> None:
+    server.load([service("a", "10.96.0.1")])
+    if inline:
+        b64 = lambda p: base64.b64encode(p.read_bytes()).decode()  # noqa: E731
+        user = {
+            "client-certificate-data": b64(pki.client_cert),
+            "client-key-data": b64(pki.client_key),
+        }
+        cluster = {"certificate-authority-data": b64(pki.ca)}
+    else:
+        user = {"client-certificate": str(pki.client_cert), "client-key": str(pki.client_key)}
+        cluster = {"certificate-authority": str(pki.ca)}
+    kc = write_kubeconfig(tmp_path / "kc", server.url, user, cluster)
+    r = run_source(await kubeconfig_config(kc))
+    await wait_for(lambda: r.state.synced)
+    assert list(r.state.services) == [key("a")]
+
+
+async def test_wrong_ca_fails_tls_verification_clearly(
+    server, pki, tmp_path, run_source, caplog
+) -> None:
+    kc = write_kubeconfig(
+        tmp_path / "kc", server.url, {"token": TOKEN}, {"certificate-authority": str(pki.other_ca)}
+    )
+    r = run_source(await kubeconfig_config(kc))
+    await wait_for(lambda: "TLS verification of the API server failed" in log_text(caplog))
+    assert "CERTIFICATE_VERIFY_FAILED" in log_text(caplog)
+    assert not r.state.synced and not server.requests
+
+
+async def test_in_cluster_token_rotation_is_picked_up(server, pki, tmp_path, run_source) -> None:
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "ca.crt").write_bytes(pki.ca.read_bytes())
+    (account / "token").write_text("token-1\n")
+    server.tokens = {"token-1"}
+    server.load([service("a", "10.96.0.1")])
+    client = in_cluster_config(host="127.0.0.1", port=str(server.port), account_dir=account)
+    r = run_source(client)
+    await wait_for(lambda: r.state.synced)
+    # The kubelet rotates the projected token; the old one stops working.
+    server.tokens = {"token-2"}
+    (account / "token").write_text("token-2\n")
+    server.drop_connections()
+    server.put(service("b", "10.96.0.2"))
+    await wait_for(lambda: key("b") in r.state.services)
