@@ -17,6 +17,7 @@ from cluster.log import get_logger
 from cluster.state import ClusterState
 
 from .config import Options, default_vip_mode, resolv_conf_nameservers
+from .healthcheck import ServiceHealthServer
 from .ops import Health, build_apps, serve
 from .sources import make_source
 
@@ -32,6 +33,7 @@ class Daemon:
         self._started_mono = time.monotonic()
         self.proxier: Any = None
         self.dns: Any = None
+        self.service_health: ServiceHealthServer | None = None
         self.started = time.time()
         self._stop = asyncio.Event()
 
@@ -87,6 +89,8 @@ class Daemon:
             out["proxy"] = self.proxier.status()
         if self.dns is not None and hasattr(self.dns, "status"):
             out["dns"] = self.dns.status()
+        if self.service_health is not None:
+            out["healthCheckNodePorts"] = self.service_health.status()
         return out
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -113,6 +117,9 @@ class Daemon:
         if o.proxy:
             self.proxier = self._build_proxier()
             await self.proxier.start()
+            self.service_health = ServiceHealthServer(
+                self.state, o.hostname_override, o.nodeport_addresses, self.health.healthy)
+            await self.service_health.start()
         if o.dns:
             self.dns = self._build_dns()
             await self.dns.start()
@@ -131,6 +138,8 @@ class Daemon:
         stop_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await source_task
+        if self.service_health is not None:
+            await self.service_health.stop()
         if self.proxier is not None:
             await self.proxier.stop(o.drain_timeout)
         if self.dns is not None:

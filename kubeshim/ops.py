@@ -1,62 +1,99 @@
 """The operations HTTP endpoints: /healthz and /livez like kube-proxy, /metrics, /status.
 
 Health follows kube-proxy's proxier health server (pkg/proxy/healthcheck/proxier_health.go):
-healthy unless a change has been queued for the data plane and not applied within the health
-timeout (twice the sync period). The answer carries lastUpdated and currentTime.
+healthy unless a change has been queued for the data plane and has waited longer than the health
+timeout (kube-proxy: twice the sync period) without being applied. Both paths answer JSON with
+lastUpdated and currentTime, printed as Go prints a time.Time; /healthz adds nodeEligible. Each
+answer is counted in kubeproxy_proxy_healthz_total / kubeproxy_proxy_livez_total by code.
+
+The metrics address serves prometheus_client's default registry (process metrics included; the
+proxy and DNS server register their collectors there), kubeshim's /status JSON, and a plain
+/healthz like kube-proxy's metrics server.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, generate_latest
 
 from cluster.log import get_logger
 
 log = get_logger("ops")
+
+# kube-proxy's pkg/proxy/metrics ProxyHealthzTotal / ProxyLivezTotal.
+HEALTHZ_TOTAL = Counter("kubeproxy_proxy_healthz", "Cumulative proxy healthz HTTP status",
+                        ["code"], registry=REGISTRY)
+LIVEZ_TOTAL = Counter("kubeproxy_proxy_livez", "Cumulative proxy livez HTTP status",
+                      ["code"], registry=REGISTRY)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass
 class Health:
     """kube-proxy's health rule over the data plane's (last_updated, oldest_queued) times.
 
-    `probe` returns monotonic times: when the data plane last applied state, and since when the
-    oldest change not yet applied has waited (None when nothing waits).
+    `probe` returns monotonic times: when the data plane last applied state (0: never), and
+    since when the oldest change not yet applied has waited (None when nothing waits).
     """
 
     timeout: float
     probe: Callable[[], tuple[float, float | None]]
 
-    def check(self) -> tuple[bool, float]:
-        """(healthy, last_updated as wall-clock time)."""
+    def check(self) -> tuple[bool, float, float]:
+        """(healthy, last_updated, now), the two times as wall-clock seconds (0: never)."""
         updated, queued = self.probe()
-        now = time.monotonic()
-        healthy = queued is None or now < queued + self.timeout
-        return healthy, (time.time() - (now - updated)) if updated else 0.0
+        mono, now = time.monotonic(), time.time()
+        # Healthy while starting up or fully synced, or while the oldest queued change is
+        # not yet late (proxier_health.go isHealthy).
+        healthy = queued is None or mono - queued < self.timeout
+        return healthy, (now - (mono - updated)) if updated else 0.0, now
 
     def healthy(self) -> bool:
         return self.check()[0]
 
 
-def _rfc3339(ts: float) -> str:
+def go_time(ts: float) -> str:
+    """A time as Go's time.Time.String() prints it in UTC, e.g. 2024-05-01 10:00:00.5 +0000 UTC.
+
+    kube-proxy formats lastUpdated/currentTime with %q of a time.Time; its zero value is
+    0001-01-01 00:00:00 +0000 UTC. (Go also appends a monotonic reading, m=+..., which means
+    nothing outside that process and is left out.)
+    """
     if ts <= 0:
-        return "0001-01-01T00:00:00Z"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return "0001-01-01 00:00:00 +0000 UTC"
+    dt = datetime.fromtimestamp(ts, UTC)
+    frac = f"{dt.microsecond:06d}".rstrip("0")
+    return dt.strftime("%Y-%m-%d %H:%M:%S") + (f".{frac}" if frac else "") + " +0000 UTC"
 
 
-def _health_handler(health: Health) -> Callable[[web.Request], Any]:
+def health_handler(health: Health, livez: bool) -> Handler:
+    """kube-proxy's healthzHandler (livez=False) or livezHandler (livez=True)."""
+    counter = LIVEZ_TOTAL if livez else HEALTHZ_TOTAL
+
     async def handle(_: web.Request) -> web.Response:
-        ok, last_updated = health.check()
-        body = {"lastUpdated": _rfc3339(last_updated), "currentTime": _rfc3339(time.time()),
-                "nodeEligible": True}
-        return web.Response(status=200 if ok else 503, text=json.dumps(body),
-                            content_type="application/json")
+        healthy, last_updated, now = health.check()
+        # kubeshim does not watch its Node, so the node is always eligible (kube-proxy: not
+        # tainted ToBeDeletedByClusterAutoscaler and not being deleted).
+        node_eligible = True
+        if not livez:
+            healthy = healthy and node_eligible
+        if healthy:
+            # kube-proxy reports a "recent" lastUpdated whenever it is healthy, as older
+            # releases did when their sync loop ran even with nothing to change.
+            last_updated = now
+        status = 200 if healthy else 503
+        counter.labels(code=str(status)).inc()
+        body = f'{{"lastUpdated": "{go_time(last_updated)}","currentTime": "{go_time(now)}"'
+        body += "}" if livez else f', "nodeEligible": {str(node_eligible).lower()}}}'
+        return web.Response(status=status, body=body.encode(), headers={
+            "Content-Type": "application/json", "X-Content-Type-Options": "nosniff"})
 
     return handle
 
@@ -67,11 +104,17 @@ async def _metrics(_: web.Request) -> web.Response:
     return resp
 
 
-def build_apps(health: Health, status: Callable[[], dict[str, Any]]) -> tuple[web.Application, web.Application]:
+async def _ok(_: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+def build_apps(
+    health: Health, status: Callable[[], dict[str, Any]]
+) -> tuple[web.Application, web.Application]:
     """The healthz app (healthz bind address) and the metrics app (metrics bind address)."""
     healthz = web.Application()
-    healthz.router.add_get("/healthz", _health_handler(health))
-    healthz.router.add_get("/livez", _health_handler(health))
+    healthz.router.add_get("/healthz", health_handler(health, livez=False))
+    healthz.router.add_get("/livez", health_handler(health, livez=True))
 
     async def status_handler(_: web.Request) -> web.Response:
         return web.json_response(status())
@@ -79,7 +122,7 @@ def build_apps(health: Health, status: Callable[[], dict[str, Any]]) -> tuple[we
     metrics = web.Application()
     metrics.router.add_get("/metrics", _metrics)
     metrics.router.add_get("/status", status_handler)
-    metrics.router.add_get("/healthz", _health_handler(health))
+    metrics.router.add_get("/healthz", _ok)
     return healthz, metrics
 
 
@@ -90,7 +133,8 @@ async def serve(app: web.Application, host: str, port: int, what: str) -> web.Ap
     try:
         await web.TCPSite(runner, host, port, reuse_address=True).start()
     except OSError as e:
-        log.error("cannot serve endpoint", what=what, address=f"{host}:{port}", reason=e.strerror or str(e))
+        log.error("cannot serve endpoint", what=what, address=f"{host}:{port}",
+                  reason=e.strerror or str(e))
         await runner.cleanup()
         return None
     log.info("serving", what=what, address=f"{host}:{port}")

@@ -1,0 +1,198 @@
+"""Health-check nodePorts: one small HTTP listener per externalTrafficPolicy: Local Service.
+
+Owns kube-proxy's service health server (pkg/proxy/healthcheck/service_health.go) for kubeshim:
+a ClusterState subscriber that opens a listener on spec.healthCheckNodePort for each proxied
+Service with externalTrafficPolicy: Local, closes it when the Service goes or stops asking, and
+answers load balancers' probes:
+
+    200 when the node has local endpoints and the proxy is healthy, else 503, with
+    {"service": {"namespace", "name"}, "localEndpoints": N, "serviceProxyHealthy": bool},
+    X-Content-Type-Options: nosniff and X-Load-Balancing-Endpoint-Weight: N.
+
+N counts the distinct IPs of ready endpoints whose nodeName is this node (kube-proxy's
+EndpointsMap.LocalReadyEndpoints: terminating endpoints may still carry traffic, but a node with
+only terminating ones fails the check so load balancers drain it). Listeners bind the node
+addresses that nodePortAddresses selects, or every address when it selects all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.web_request import BaseRequest
+
+from cluster.log import get_logger
+from cluster.model import NamespacedName
+from cluster.state import ClusterState, ServiceChange, ServiceInfo
+
+log = get_logger("healthcheck")
+
+# A listener that could not be opened (port taken) is tried again after this long.
+RETRY_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """What one Service asks of this node: a port, and how many local endpoints answer it."""
+
+    port: int
+    local_endpoints: int
+
+
+def wanted_health_check(info: ServiceInfo | None, node_name: str) -> HealthCheck | None:
+    """The health check a Service needs on `node_name`, or None (pure)."""
+    if info is None or not info.proxied:
+        return None
+    svc = info.service
+    port = svc.spec.health_check_node_port
+    if not port or not svc.external_local:
+        return None
+    # Count IPs, not ip:port pairs: a Pod serving two ports is one endpoint.
+    local_ips = {ep.ip for p in info.ports for ep in p.endpoints
+                 if ep.ready and ep.node_name == node_name}
+    return HealthCheck(port, len(local_ips))
+
+
+def listen_hosts(nodeport_addresses: Sequence[str]) -> list[str] | None:
+    """The node addresses nodePortAddresses selects; None means every address (a wildcard bind).
+
+    'primary' cannot be resolved without the Node object, so like kube-proxy when it cannot
+    list the node's IPs, the listeners then bind every address.
+    """
+    if not nodeport_addresses or "primary" in nodeport_addresses:
+        return None
+    nets = [ipaddress.ip_network(c, strict=False) for c in nodeport_addresses]
+    if any(n.prefixlen == 0 for n in nets):
+        return None
+    from pyroute2 import IPRoute
+
+    hosts: list[str] = []
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr():
+            addr = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
+            if not addr.is_link_local and any(addr in n for n in nets):
+                hosts.append(str(addr))
+    return sorted(set(hosts))
+
+
+class ServiceHealthServer:
+    """Keeps one listener per wanted health check; probes read the latest counts."""
+
+    def __init__(self, state: ClusterState, node_name: str, nodeport_addresses: Sequence[str],
+                 proxy_healthy: Callable[[], bool]) -> None:
+        self.state = state
+        self.node_name = node_name
+        self.nodeport_addresses = list(nodeport_addresses)
+        self.proxy_healthy = proxy_healthy
+        self._wanted: dict[NamespacedName, HealthCheck] = {}
+        self._open: dict[NamespacedName, tuple[int, web.Server, list[asyncio.AbstractServer]]] = {}
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._hosts: list[str] | None = None
+
+    # --- ClusterState subscriber ---------------------------------------------------------
+
+    def on_change(self, changes: Sequence[ServiceChange]) -> None:
+        for change in changes:
+            self._set(change.key, change.current)
+
+    def _set(self, key: NamespacedName, info: ServiceInfo | None) -> None:
+        check = wanted_health_check(info, self.node_name)
+        before = self._wanted.get(key)
+        if check is None:
+            self._wanted.pop(key, None)
+        else:
+            self._wanted[key] = check
+        if (before and before.port) != (check and check.port):
+            self._dirty.set()
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        # pyroute2's synchronous socket runs its own event loop: keep it off this one.
+        self._hosts = await asyncio.to_thread(listen_hosts, self.nodeport_addresses)
+        self.state.subscribe(self.on_change)
+        for key, info in self.state.services.items():
+            self._set(key, info)
+        self._task = asyncio.create_task(self._run(), name="service-health")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for key in list(self._open):
+            await self._close(key)
+
+    def status(self) -> list[dict[str, object]]:
+        return [{"service": str(key), "port": port, "localEndpoints": self._count(key)}
+                for key, (port, _, _) in sorted(self._open.items())]
+
+    # --- reconciling listeners -----------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            failed = False
+            for key in list(self._open):
+                check = self._wanted.get(key)
+                if check is None or check.port != self._open[key][0]:
+                    await self._close(key)
+            for key, check in list(self._wanted.items()):
+                if key not in self._open:
+                    failed |= not await self._listen(key, check.port)
+            if failed:
+                loop.call_later(RETRY_SECONDS, self._dirty.set)
+
+    async def _listen(self, key: NamespacedName, port: int) -> bool:
+        loop = asyncio.get_running_loop()
+        server = web.Server(self._handler(key), access_log=None)
+        hosts: Sequence[str | None] = self._hosts if self._hosts is not None else [None]
+        servers: list[asyncio.AbstractServer] = []
+        try:
+            for host in hosts:
+                servers.append(await loop.create_server(server, host, port, reuse_address=True))
+        except OSError as e:
+            for s in servers:
+                s.close()
+            log.error("cannot open health check", service=str(key), port=port,
+                      node=self.node_name, reason=e.strerror or str(e))
+            return False
+        self._open[key] = (port, server, servers)
+        log.info("opened health check", service=str(key), port=port)
+        return True
+
+    async def _close(self, key: NamespacedName) -> None:
+        port, server, servers = self._open.pop(key)
+        for s in servers:
+            s.close()
+        await server.shutdown(timeout=1.0)  # also ends kept-alive probe connections
+        for s in servers:
+            await s.wait_closed()
+        log.info("closed health check", service=str(key), port=port)
+
+    def _count(self, key: NamespacedName) -> int:
+        check = self._wanted.get(key)
+        return check.local_endpoints if check else 0
+
+    def _handler(self, key: NamespacedName) -> Callable[[BaseRequest], Awaitable[web.Response]]:
+        async def handle(_: BaseRequest) -> web.Response:
+            count = self._count(key)
+            healthy = self.proxy_healthy()
+            body = json.dumps({"service": {"namespace": key.namespace, "name": key.name},
+                               "localEndpoints": count, "serviceProxyHealthy": healthy},
+                              indent="\t")
+            return web.Response(
+                status=200 if count and healthy else 503, body=body.encode(),
+                headers={"Content-Type": "application/json", "X-Content-Type-Options": "nosniff",
+                         "X-Load-Balancing-Endpoint-Weight": str(count)})
+
+        return handle
