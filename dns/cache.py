@@ -1,0 +1,154 @@
+"""The two DNS caches: packed cluster answers, and upstream answers with negative caching.
+
+`AnswerCache` keeps the packed reply of a cluster question under `wire.AnswerKey` and the names
+of the state it came from, so a Service change drops exactly the answers it touches (no TTL:
+the state itself is the source of truth). Full means cleared: one dict, no per-hit bookkeeping.
+
+`UpstreamCache` keeps forwarded answers like CoreDNS's cache plugin: positive and negative
+entries in separate bounded stores, keyed by (lower-cased name, type, class, DO bit), the
+original TTLs stored with the time of storing and decremented on a hit; the clock is injected.
+Negative answers live min(SOA TTL, SOA minimum) (RFC 2308 section 5); negative answers
+without an SOA, truncated answers and failures are not kept (RFC 2308 section 5, 7.1).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+
+from dnslib import QTYPE, RCODE, DNSRecord
+
+from .wire import AnswerKey
+
+
+class AnswerCache:
+    """Packed replies for cluster questions, invalidated per dependency, cleared when full."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self.entries: dict[AnswerKey, tuple[bytes, int]] = {}
+        self._by_dep: dict[Hashable, set[AnswerKey]] = {}
+        self._dep_refs = 0
+        self.clears = 0
+
+    def get(self, key: AnswerKey) -> tuple[bytes, int] | None:
+        return self.entries.get(key)
+
+    def put(self, key: AnswerKey, packet: bytes, rcode: int, deps: Iterable[Hashable]) -> None:
+        # Stale dependency references (an entry dropped through one of several deps) are bounded
+        # by clearing everything once they outnumber the entries a few times over.
+        if len(self.entries) >= self.capacity or self._dep_refs >= 4 * self.capacity:
+            self.clear()
+            self.clears += 1
+        self.entries[key] = (packet, rcode)
+        for dep in deps:
+            self._by_dep.setdefault(dep, set()).add(key)
+            self._dep_refs += 1
+
+    def invalidate(self, deps: Iterable[Hashable]) -> int:
+        """Drop every answer that depends on any of `deps`; return how many were dropped."""
+        dropped = 0
+        for dep in deps:
+            keys = self._by_dep.pop(dep, None)
+            if keys:
+                self._dep_refs -= len(keys)
+                for key in keys:
+                    if self.entries.pop(key, None) is not None:
+                        dropped += 1
+        return dropped
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self._by_dep.clear()
+        self._dep_refs = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+UpstreamKey = tuple[str, int, int, bool]
+
+
+@dataclass(slots=True)
+class _Stored:
+    reply: DNSRecord
+    stored_at: float
+    ttl: int
+    original_ttls: list[int]
+
+
+class UpstreamCache:
+    """Forwarded answers: positive for their smallest TTL, negative for the SOA's limit."""
+
+    def __init__(
+        self,
+        positive_capacity: int,
+        negative_capacity: int,
+        max_ttl: int = 3600,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.positive_capacity = positive_capacity
+        self.negative_capacity = negative_capacity
+        self.max_ttl = max_ttl
+        self.clock = clock
+        self.positive: dict[UpstreamKey, _Stored] = {}
+        self.negative: dict[UpstreamKey, _Stored] = {}
+        self.hits = {"success": 0, "denial": 0}
+        self.misses = 0
+
+    @staticmethod
+    def key(qname: str, qtype: int, qclass: int, do: bool) -> UpstreamKey:
+        return (qname.rstrip(".").lower(), qtype, qclass, do)
+
+    def get(self, key: UpstreamKey) -> DNSRecord | None:
+        """The stored reply with its TTLs counted down, or None (expired entries are dropped)."""
+        for kind, store in (("success", self.positive), ("denial", self.negative)):
+            entry = store.get(key)
+            if entry is None:
+                continue
+            age = self.clock() - entry.stored_at
+            if age >= entry.ttl:
+                del store[key]
+                break
+            spent = int(age)
+            for rr, ttl in zip(_records(entry.reply), entry.original_ttls, strict=True):
+                rr.ttl = max(0, ttl - spent)
+            self.hits[kind] += 1
+            return entry.reply
+        self.misses += 1
+        return None
+
+    def put(self, key: UpstreamKey, reply: DNSRecord) -> int:
+        """Keep `reply` if it may be cached; return the seconds it will be kept (0: not kept)."""
+        if reply.header.tc:
+            return 0
+        rcode = reply.header.rcode
+        records = _records(reply)
+        if rcode == RCODE.NOERROR and reply.rr:
+            ttl = min(rr.ttl for rr in records)
+            store, capacity = self.positive, self.positive_capacity
+        elif rcode == RCODE.NXDOMAIN or (rcode == RCODE.NOERROR and not reply.rr):
+            soa = next((rr for rr in reply.auth if rr.rtype == QTYPE.SOA), None)
+            if soa is None:
+                return 0
+            ttl = min(soa.ttl, soa.rdata.times[4])
+            store, capacity = self.negative, self.negative_capacity
+        else:
+            return 0
+        ttl = min(ttl, self.max_ttl)
+        if ttl <= 0 or capacity <= 0:
+            return 0
+        store.pop(key, None)
+        while len(store) >= capacity:
+            del store[next(iter(store))]  # oldest first
+        reply.ar = [rr for rr in reply.ar if rr.rtype != QTYPE.OPT]
+        store[key] = _Stored(reply, self.clock(), ttl, [rr.ttl for rr in _records(reply)])
+        return ttl
+
+    def __len__(self) -> int:
+        return len(self.positive) + len(self.negative)
+
+
+def _records(reply: DNSRecord) -> list:  # type: ignore[type-arg]
+    return [rr for rr in (*reply.rr, *reply.auth, *reply.ar) if rr.rtype != QTYPE.OPT]

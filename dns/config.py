@@ -1,0 +1,65 @@
+"""DNS server options: the zone, where to listen, where to forward, TTLs and cache bounds.
+
+`DNSConfig` is plain data the daemon fills from its flags; `resolv_conf_nameservers` reads the
+node's resolver configuration for the default upstreams (what CoreDNS's `forward . /etc/resolv.conf`
+does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+PodRecords = Literal["disabled", "insecure", "verified"]
+
+
+def resolv_conf_nameservers(path: str | Path = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    """The `nameserver` lines of a resolv.conf as (address, 53); empty when it cannot be read."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return []
+    servers = []
+    for line in text.splitlines():
+        parts = line.split("#", 1)[0].split(";", 1)[0].split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            # A scoped IPv6 address (fe80::1%eth0) keeps its scope; asyncio accepts it.
+            servers.append((parts[1], 53))
+    return servers
+
+
+@dataclass
+class DNSConfig:
+    zone: str = "cluster.local"  # --cluster-domain
+    binds: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 53)])
+    upstreams: list[tuple[str, int]] = field(default_factory=resolv_conf_nameservers)
+    ttl: int = 30  # TTL of cluster records
+    negative_ttl: int = 30  # the zone SOA's minimum and TTL: how long NXDOMAIN/NODATA are kept
+    pod_records: PodRecords = "insecure"
+    # Reverse zones (CIDRs, e.g. the Service CIDR) answered only from the cluster: an unknown
+    # address in them gets NXDOMAIN instead of being forwarded. Empty: unknown PTRs are forwarded
+    # (CoreDNS's `fallthrough in-addr.arpa ip6.arpa`).
+    reverse_cidrs: list[str] = field(default_factory=list)
+    # Wire answers for cluster names; cleared when full.
+    answer_cache_size: int = 10000
+    # Upstream answers: positive and negative stores, each bounded, oldest out first.
+    upstream_cache_size: int = 10000
+    upstream_negative_cache_size: int = 10000
+    upstream_max_ttl: int = 3600  # cap on how long an upstream answer is kept
+    upstream_timeout: float = 2.0  # per upstream, per attempt
+    tcp_idle_timeout: float = 10.0
+    tcp_max_pipelined: int = 64  # queries in flight on one TCP connection before reading pauses
+    max_udp_payload: int = 4096  # the largest EDNS UDP size we honour (and advertise)
+    spec_version: str = "1.1.0"  # answered at dns-version.<zone> (DNS spec section 2.2)
+
+    def __post_init__(self) -> None:
+        self.zone = self.zone.strip(".").lower()
+        if not self.zone:
+            raise ValueError("DNS zone (cluster domain) must not be empty")
+        if self.pod_records not in ("disabled", "insecure", "verified"):
+            raise ValueError(
+                f"pod records mode {self.pod_records!r} is not disabled, insecure or verified"
+            )
+        if self.ttl < 0 or self.negative_ttl < 0:
+            raise ValueError("DNS TTLs must not be negative")
