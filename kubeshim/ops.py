@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, generate_latest
+from prometheus_client import REGISTRY, Counter
+from prometheus_client.exposition import choose_encoder
 
 from cluster.log import get_logger
 
@@ -98,10 +99,10 @@ def health_handler(health: Health, livez: bool) -> Handler:
     return handle
 
 
-async def _metrics(_: web.Request) -> web.Response:
-    resp = web.Response(body=generate_latest(REGISTRY))
-    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
-    return resp
+async def _metrics(request: web.Request) -> web.Response:
+    # The format the scraper asks for (Prometheus text 0.0.4 by default, OpenMetrics on request).
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return web.Response(body=encoder(REGISTRY), headers={"Content-Type": content_type})
 
 
 async def _ok(_: web.Request) -> web.Response:
