@@ -105,6 +105,7 @@ def test_diff_opens_new_closes_gone_and_reopens_changed() -> None:
         "10.96.0.20:80/TCP",
         "10.96.0.20:53/UDP",
         "198.51.100.1:80/TCP",
+        "198.51.100.1:53/UDP",
     }
     assert diff_listeners(b, b) == ([], [])
     assert vips_of(b) == {"10.96.0.20", "198.51.100.1"}
