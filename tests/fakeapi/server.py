@@ -218,6 +218,15 @@ class FakeAPIServer:
         self._bookmark_due = True
         self._notify_safe()
 
+    @property
+    def watches(self) -> int:
+        """How many watch streams are open."""
+        return sum(
+            1
+            for w in self._watchers
+            if w.request.transport is not None and not w.request.transport.is_closing()
+        )
+
     def stall(self, on: bool = True) -> None:
         """Stop (or resume) sending on the open watches, keeping their connections open;
         watches opened later are served normally."""

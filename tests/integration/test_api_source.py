@@ -57,6 +57,12 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = 
         await asyncio.sleep(0.01)
 
 
+async def drop(server: FakeAPIServer) -> None:
+    """Abort the client's open watches (once both are open), as a dying API server would."""
+    await wait_for(lambda: server.watches == 2, what="both watches open")
+    server.drop_connections()
+
+
 def log_text(caplog: pytest.LogCaptureFixture) -> str:
     """Log records with their key=value fields, as the daemon prints them."""
     return "\n".join(
@@ -170,7 +176,7 @@ async def test_dropped_connection_resumes_without_loss_or_repeat(
     r = run_source(client)
     await wait_for(lambda: r.state.synced)
     for round_ in range(4):
-        server.drop_connections()
+        await drop(server)
         # Changes made while the client is away must arrive after it reconnects.
         rvs = [
             server.put(endpoint_slice(f"web-{round_}-{i}", "web", [f"10.1.{round_}.{i}"]))
@@ -198,12 +204,12 @@ async def test_gone_relists_and_deletes_reach_subscribers(
     server.gone_as_http = gone_as_http
     server.load([service("a", "10.96.0.1"), service("b", "10.96.0.2"), service("c", "10.96.0.3")])
     r = run_source(client)
-    await wait_for(lambda: r.state.synced)
+    await wait_for(lambda: r.state.synced and server.watches == 2)
     server.stall()  # the client will not see the delete as a watch event
     server.delete("Service", "default", "b")
     server.put(service("d", "10.96.0.4"))
     server.compact()
-    server.drop_connections()
+    await drop(server)
     await wait_for(lambda: key("b") not in r.state.services and key("d") in r.state.services)
     deleted = [c.key for c in r.changes if c.current is None]
     assert deleted == [key("b")]
@@ -213,7 +219,7 @@ async def test_gone_relists_and_deletes_reach_subscribers(
 async def test_gone_error_event_mid_stream(server, client, run_source, caplog) -> None:
     server.load([service("a", "10.96.0.1"), service("b", "10.96.0.2")])
     r = run_source(client)
-    await wait_for(lambda: r.state.synced)
+    await wait_for(lambda: r.state.synced and server.watches == 2)
     server.stall()
     server.delete("Service", "default", "a")
     server.send_gone()  # ERROR {code: 410} is the first thing the stream sends when resumed
@@ -234,7 +240,7 @@ async def test_bookmark_advances_rv_and_resume_uses_it(pki, client, run_source, 
         server.put(endpoint_slice(f"a-{i}", "a", [f"10.0.0.{i + 1}"]))
     await wait_for(lambda: r.source.resource_versions["Service"] == str(server.rv), what="bookmark")
     assert int(r.source.resource_versions["Service"]) > int(listed)
-    server.drop_connections()
+    await drop(server)
     await wait_for(lambda: r.watch_rvs(server, "services")[-1] == str(server.rv), what="resume")
     assert sum(1 for v, p, _ in server.requests if v == "list" and p == "services") == 1
 
@@ -295,7 +301,7 @@ async def test_invalid_object_is_skipped_by_name(server, client, run_source, cap
 async def test_stalled_stream_is_detected_and_restarted(server, client, run_source, caplog) -> None:
     server.load([service("a", "10.96.0.1")])
     r = run_source(client, stall_timeout=0.5)
-    await wait_for(lambda: r.state.synced)
+    await wait_for(lambda: r.state.synced and server.watches == 2)
     server.stall()  # the open watches go silent: no events, no bookmarks, connection open
     server.put(service("b", "10.96.0.2"))
     await wait_for(lambda: key("b") in r.state.services, what="delivery after restart")
@@ -347,6 +353,6 @@ async def test_in_cluster_token_rotation_is_picked_up(server, pki, tmp_path, run
     # The kubelet rotates the projected token; the old one stops working.
     server.tokens = {"token-2"}
     (account / "token").write_text("token-2\n")
-    server.drop_connections()
+    await drop(server)
     server.put(service("b", "10.96.0.2"))
     await wait_for(lambda: key("b") in r.state.services)
