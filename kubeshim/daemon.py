@@ -118,7 +118,8 @@ class Daemon:
             self.proxier = self._build_proxier()
             await self.proxier.start()
             self.service_health = ServiceHealthServer(
-                self.state, o.hostname_override, o.nodeport_addresses, self.health.healthy)
+                self.state, o.hostname_override, o.nodeport_addresses, self.health.healthy,
+                exclude_ifname=o.vip_interface if self.proxier.vips is not None else "")
             await self.service_health.start()
         if o.dns:
             self.dns = self._build_dns()

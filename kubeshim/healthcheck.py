@@ -12,7 +12,8 @@ answers load balancers' probes:
 N counts the distinct IPs of ready endpoints whose nodeName is this node (kube-proxy's
 EndpointsMap.LocalReadyEndpoints: terminating endpoints may still carry traffic, but a node with
 only terminating ones fails the check so load balancers drain it). Listeners bind the node
-addresses that nodePortAddresses selects, or every address when it selects all.
+addresses that nodePortAddresses selects (as the proxy reads it: CIDRs and 'primary'), or
+every address when it selects all.
 """
 
 from __future__ import annotations
@@ -59,34 +60,27 @@ def wanted_health_check(info: ServiceInfo | None, node_name: str) -> HealthCheck
     return HealthCheck(port, len(local_ips))
 
 
-def listen_hosts(nodeport_addresses: Sequence[str]) -> list[str] | None:
-    """The node addresses nodePortAddresses selects; None means every address (a wildcard bind).
-
-    'primary' cannot be resolved without the Node object, so like kube-proxy when it cannot
-    list the node's IPs, the listeners then bind every address.
-    """
-    if not nodeport_addresses or "primary" in nodeport_addresses:
+def listen_hosts(nodeport_addresses: Sequence[str], exclude_ifname: str = "") -> list[str] | None:
+    """The node addresses nodePortAddresses selects; None means every address (a wildcard bind,
+    as kube-proxy listens on 0.0.0.0 when the list matches all). Uses the proxy's reading of
+    the list, so health checks and NodePorts listen on the same addresses."""
+    if not nodeport_addresses or any(
+        ipaddress.ip_network(c, strict=False).prefixlen == 0
+        for c in nodeport_addresses if c != "primary"
+    ):
         return None
-    nets = [ipaddress.ip_network(c, strict=False) for c in nodeport_addresses]
-    if any(n.prefixlen == 0 for n in nets):
-        return None
-    from pyroute2 import IPRoute
+    from proxy.vip import nodeport_addresses as select
 
-    hosts: list[str] = []
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr():
-            addr = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
-            if not addr.is_link_local and any(addr in n for n in nets):
-                hosts.append(str(addr))
-    return sorted(set(hosts))
+    return select(list(nodeport_addresses), exclude_ifname)
 
 
 class ServiceHealthServer:
     """Keeps one listener per wanted health check; probes read the latest counts."""
 
     def __init__(self, state: ClusterState, node_name: str, nodeport_addresses: Sequence[str],
-                 proxy_healthy: Callable[[], bool]) -> None:
+                 proxy_healthy: Callable[[], bool], exclude_ifname: str = "") -> None:
         self.state = state
+        self.exclude_ifname = exclude_ifname
         self.node_name = node_name
         self.nodeport_addresses = list(nodeport_addresses)
         self.proxy_healthy = proxy_healthy
@@ -116,7 +110,8 @@ class ServiceHealthServer:
 
     async def start(self) -> None:
         # pyroute2's synchronous socket runs its own event loop: keep it off this one.
-        self._hosts = await asyncio.to_thread(listen_hosts, self.nodeport_addresses)
+        self._hosts = await asyncio.to_thread(
+            listen_hosts, self.nodeport_addresses, self.exclude_ifname)
         self.state.subscribe(self.on_change)
         for key, info in self.state.services.items():
             self._set(key, info)
