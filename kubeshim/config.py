@@ -52,7 +52,10 @@ class Options:
     dns_ttl: int = 30
     dns_negative_ttl: int = 30
     pod_records: str = "insecure"
-    dns_cache_size: int = 10000
+    dns_cache_size: int = 10000  # wire answers for cluster names
+    dns_upstream_cache_size: int = 10000  # upstream answers, each of positive and negative
+    dns_upstream_max_ttl: int = 3600
+    dns_reverse_cidrs: list[str] = field(default_factory=list)
     # operations
     healthz_bind_address: str = "0.0.0.0:10256"
     metrics_bind_address: str = "127.0.0.1:10249"
@@ -187,6 +190,9 @@ _DNS_SCHEMA: dict[str, tuple[str, Any]] = {
     "negativeTTL": ("dns_negative_ttl", int),
     "podRecords": ("pod_records", str),
     "cacheSize": ("dns_cache_size", int),
+    "upstreamCacheSize": ("dns_upstream_cache_size", int),
+    "upstreamMaxTTL": ("dns_upstream_max_ttl", int),
+    "reverseCIDRs": ("dns_reverse_cidrs", _LIST),
 }
 POD_RECORDS = ("disabled", "insecure", "verified")
 
@@ -403,6 +409,10 @@ def _apply_dns(section: dict[str, Any], opts: Options, errors: list[str]) -> Non
         try:
             if key in ("binds", "upstreams"):
                 value = [parse_host_port(str(item), 53) for item in value]
+            elif key == "reverseCIDRs":
+                value = [str(item) for item in value]
+                if bad := _bad_cidrs(value):
+                    raise ConfigError(bad[0])
             elif key == "clusterDomain":
                 value = value.strip(".").lower()
                 if not value:

@@ -70,6 +70,11 @@ class Daemon:
             ttl=o.dns_ttl,
             negative_ttl=o.dns_negative_ttl,
             pod_records=o.pod_records,  # type: ignore[arg-type]
+            answer_cache_size=o.dns_cache_size,
+            upstream_cache_size=o.dns_upstream_cache_size,
+            upstream_negative_cache_size=o.dns_upstream_cache_size,
+            upstream_max_ttl=o.dns_upstream_max_ttl,
+            reverse_cidrs=list(o.dns_reverse_cidrs),
         )
         address_map = None
         if self.proxier is not None and (o.vip_mode or default_vip_mode()) == "loopback":

@@ -74,6 +74,10 @@ HONOURED: list[tuple[str, str, dict[str, Any]]] = [
      {"cluster_domain": "cluster.example", "dns_binds": [("127.0.0.1", 5353), ("::1", 53)],
       "upstreams": [("192.0.2.53", 53)], "dns_ttl": 5, "dns_negative_ttl": 10,
       "pod_records": "disabled", "dns_cache_size": 100, "dns": True}),
+    ("dns upstream cache and reverse zones",
+     "dns: {upstreamCacheSize: 50, upstreamMaxTTL: 60, reverseCIDRs: [10.96.0.0/12]}\n",
+     {"dns_upstream_cache_size": 50, "dns_upstream_max_ttl": 60,
+      "dns_reverse_cidrs": ["10.96.0.0/12"]}),
     ("dns can be switched off", "dns: {enabled: false}\n", {"dns": False}),
 ]
 
@@ -157,6 +161,8 @@ BAD: list[tuple[str, str, list[str]]] = [
      ["dns.ttl: expected an integer"]),
     ("a bad podRecords value", HEAD + "dns: {podRecords: maybe}\n",
      ["dns.podRecords: 'maybe' is not one of disabled, insecure, verified"]),
+    ("a bad reverse zone", HEAD + "dns: {reverseCIDRs: [10.96.0.0]}\n",
+     ["dns.reverseCIDRs: '10.96.0.0' is not a CIDR"]),
     ("a negative TTL", HEAD + "dns: {negativeTTL: -1}\n", ["dns.negativeTTL: -1 is negative"]),
     ("a bad upstream", HEAD + "dns: {upstreams: ['192.0.2.1:99999']}\n",
      ["dns.upstreams", "port out of range"]),
