@@ -21,27 +21,33 @@ from dnslib import QTYPE, RCODE, DNSRecord
 
 from .wire import AnswerKey
 
+CacheKey = AnswerKey | bytes
+
 
 class AnswerCache:
-    """Packed replies for cluster questions, invalidated per dependency, cleared when full."""
+    """Packed replies for cluster questions, invalidated per dependency, cleared when full.
+
+    Two kinds of keys share the store: an `AnswerKey` (the question's shape) maps to a whole
+    reply packet; the exact bytes of a UDP query after its id map to the reply after its id.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = max(1, capacity)
-        self.entries: dict[AnswerKey, tuple[bytes, int]] = {}
-        self._by_dep: dict[Hashable, set[AnswerKey]] = {}
+        self.entries: dict[CacheKey, tuple[bytes, int, tuple[Hashable, ...]]] = {}
+        self._by_dep: dict[Hashable, set[CacheKey]] = {}
         self._dep_refs = 0
         self.clears = 0
 
-    def get(self, key: AnswerKey) -> tuple[bytes, int] | None:
+    def get(self, key: CacheKey) -> tuple[bytes, int, tuple[Hashable, ...]] | None:
         return self.entries.get(key)
 
-    def put(self, key: AnswerKey, packet: bytes, rcode: int, deps: Iterable[Hashable]) -> None:
+    def put(self, key: CacheKey, packet: bytes, rcode: int, deps: tuple[Hashable, ...]) -> None:
         # Stale dependency references (an entry dropped through one of several deps) are bounded
         # by clearing everything once they outnumber the entries a few times over.
         if len(self.entries) >= self.capacity or self._dep_refs >= 4 * self.capacity:
             self.clear()
             self.clears += 1
-        self.entries[key] = (packet, rcode)
+        self.entries[key] = (packet, rcode, deps)
         for dep in deps:
             self._by_dep.setdefault(dep, set()).add(key)
             self._dep_refs += 1

@@ -140,15 +140,28 @@ class DNSServer:
 
     def answer(self, data: bytes, tcp: bool) -> bytes | Query | None:
         """Reply bytes, a Query to forward (see `forward`), or None to drop the packet."""
+        entries = self.answers.entries
+        if not tcp:
+            # First level: the exact bytes after the transaction id (flags, question with its
+            # case, OPT) of a UDP query answered before; the reply is that answer with this id.
+            entry = entries.get(data[2:])
+            if entry is not None:
+                self.answer_hits += 1
+                self.metrics.rcodes[entry[1]] += 1
+                return data[:2] + entry[0]
+        # Second level: the question's shape (lower-cased name, type, RD, size limit, DO).
         found = question_key(data, tcp, self.config.max_udp_payload)
         if found is not None:
-            entry = self.answers.entries.get(found[0])
+            entry = entries.get(found[0])
             if entry is not None:
                 self.answer_hits += 1
                 self.metrics.rcodes[entry[1]] += 1
                 packet = entry[0]
                 qend = found[1]
-                return data[:2] + packet[2:12] + data[12:qend] + packet[qend:]
+                reply = data[:2] + packet[2:12] + data[12:qend] + packet[qend:]
+                if not tcp:
+                    self.answers.put(data[2:], reply[2:], entry[1], entry[2])
+                return reply
         self.answer_misses += 1
         try:
             return self._answer_full(data, tcp, found)
@@ -185,6 +198,8 @@ class DNSServer:
             # the hit path splices the client's question bytes over it.
             if packet[12:qend].lower() == key[0] and packet[qend : qend + 4] == key[1]:
                 self.answers.put(key, packet, rcode, resolution.deps)
+        if not tcp and resolution.cacheable:
+            self.answers.put(data[2:], packet[2:], rcode, resolution.deps)
         self.metrics.rcodes[rcode] += 1
         self.metrics.duration.observe(time.perf_counter() - started)
         return packet

@@ -1,0 +1,219 @@
+"""DNS micro-benchmark: kubeshim's DNS server vs dnsmasq on the same records, with dnsperf.
+
+    python bench/bench_dns.py [--services 200] [--seconds 10] [--clients 4]
+
+Builds N ClusterIP Services (plus a headless one), serves them from kubeshim's DNSServer (uvloop,
+its own process) and the same names from dnsmasq (a hosts file, no upstream) on loopback, then
+runs dnsperf with one query file against each, one after the other. Reports queries/s and the
+latency percentiles dnsperf's per-query output (-v) gives, and the ratio kubeshim/dnsmasq.
+Also times the server's in-process hit path (answer()) without sockets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import timeit
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cluster.model import decode  # noqa: E402
+from cluster.state import ClusterState  # noqa: E402
+from dns.config import DNSConfig  # noqa: E402
+from dns.server import DNSServer  # noqa: E402
+
+ZONE = "cluster.local"
+
+
+def cluster_state(services: int) -> ClusterState:
+    state = ClusterState()
+    svcs = [
+        decode(
+            "Service",
+            {
+                "metadata": {"name": f"svc-{i}", "namespace": "bench"},
+                "spec": {
+                    "clusterIP": f"10.96.{i // 250}.{i % 250 + 1}",
+                    "ports": [{"name": "http", "port": 80}],
+                },
+            },
+        )
+        for i in range(services)
+    ]
+    state.replace("Service", svcs)
+    state.replace("EndpointSlice", [])
+    return state
+
+
+def names(services: int) -> list[tuple[str, str]]:
+    return [
+        (f"svc-{i}.bench.svc.{ZONE}", f"10.96.{i // 250}.{i % 250 + 1}") for i in range(services)
+    ]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve(port: int, services: int) -> None:
+    """Child process: kubeshim's DNS server on 127.0.0.1:port until SIGTERM."""
+    import uvloop
+
+    async def main() -> None:
+        server = DNSServer(
+            cluster_state(services), DNSConfig(binds=[("127.0.0.1", port)], upstreams=[])
+        )
+        await server.start()
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        hits, misses = server.answer_hits, server.answer_misses
+        await server.stop()
+        print(f"answer cache hits={hits} misses={misses}", file=sys.stderr)
+
+    uvloop.run(main())
+
+
+def wait_udp(port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(
+            [
+                "dig",
+                "+short",
+                "+tries=1",
+                "+time=1",
+                "-p",
+                str(port),
+                "@127.0.0.1",
+                f"svc-0.bench.svc.{ZONE}",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if re.fullmatch(r"[\d.]+", r.stdout.strip()):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"no DNS answer on port {port}")
+
+
+def dnsperf(port: int, queries: Path, seconds: int, clients: int) -> dict[str, float]:
+    cmd = [
+        "dnsperf",
+        "-s",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-d",
+        str(queries),
+        "-l",
+        str(seconds),
+        "-c",
+        str(clients),
+        "-q",
+        "100",
+        "-v",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    qps = float(re.search(r"Queries per second:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    lost = re.search(r"Queries lost:\s+(\d+)", out).group(1)  # type: ignore[union-attr]
+    # -v prints one line per answered query: "> NOERROR name A 0.000123"
+    lat = sorted(float(m) for m in re.findall(r"^> \S+ \S+ \S+ ([\d.]+)$", out, re.M))
+    pct = statistics.quantiles(lat, n=100) if len(lat) > 100 else [float("nan")] * 99
+    return {
+        "qps": qps,
+        "p50_ms": pct[49] * 1e3,
+        "p99_ms": pct[98] * 1e3,
+        "lost": float(lost),
+        "cmd": " ".join(cmd),
+    }  # type: ignore[dict-item]
+
+
+def hit_path_us(services: int) -> float:
+    from dnslib import DNSRecord
+
+    server = DNSServer(cluster_state(services), DNSConfig(binds=[], upstreams=[]))
+    q = bytes(DNSRecord.question(f"svc-1.bench.svc.{ZONE}").pack())
+    server.answer(q, False)
+    n = 200_000
+    return timeit.timeit(lambda: server.answer(q, False), number=n) / n * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--services", type=int, default=200)
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        serve(args.serve, args.services)
+        return
+    for tool in ("dnsperf", "dnsmasq", "dig"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is required")
+    with tempfile.TemporaryDirectory() as tmp:
+        queries = Path(tmp, "queries.txt")
+        queries.write_text("".join(f"{name} A\n" for name, _ in names(args.services)))
+        hosts = Path(tmp, "hosts")
+        hosts.write_text("".join(f"{ip} {name}\n" for name, ip in names(args.services)))
+        results = {}
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve", str(port), "--services", str(args.services)]
+        )
+        try:
+            wait_udp(port)
+            results["kubeshim"] = dnsperf(port, queries, args.seconds, args.clients)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+        port = free_port()
+        proc = subprocess.Popen(
+            [
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--no-daemon",
+                f"--addn-hosts={hosts}",
+                f"--port={port}",
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--cache-size=10000",
+                f"--pid-file={tmp}/dnsmasq.pid",
+                "--user=" + ("root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")),
+            ],
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_udp(port)
+            results["dnsmasq"] = dnsperf(port, queries, args.seconds, args.clients)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    print(f"hit path in process (answer(), no sockets): {hit_path_us(args.services):.2f} us/query")
+    print(f"{'server':10} {'qps':>10} {'p50 ms':>8} {'p99 ms':>8} {'lost':>6}")
+    for name, r in results.items():
+        print(f"{name:10} {r['qps']:10.0f} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['lost']:6.0f}")
+    ratio = results["kubeshim"]["qps"] / results["dnsmasq"]["qps"]
+    print(f"kubeshim/dnsmasq qps ratio: {ratio:.2f}")
+    print(f"dnsperf command: {results['kubeshim']['cmd']} (port differs per server)")
+
+
+if __name__ == "__main__":
+    main()
