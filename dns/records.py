@@ -107,12 +107,13 @@ class ClusterRecords:
         for change in changes:
             ns, name = change.key
             stale.add(("svc", ns, name))
-            if (change.previous is None) != (change.current is None):
-                stale.add(("ns", ns))
+            had_namespace = ns in self._namespaces
             for info, sign in ((change.previous, -1), (change.current, +1)):
                 if info is not None:
                     stale.update(("ptr", ip) for ip, _ in self._ptr_entries(info))
                     self._index(info, sign)
+            if had_namespace != (ns in self._namespaces):
+                stale.add(("ns", ns))
             if _endpoint_addresses(change.previous) != _endpoint_addresses(change.current):
                 stale.add(("pod", ns))
         return stale

@@ -127,6 +127,25 @@ class DNSServer:
         self._tcp.clear()
         self.addresses.clear()
 
+    def status(self) -> dict[str, Any]:
+        """What the DNS server serves and how its caches do (for `kubeshim status`)."""
+        return {
+            "zone": self.config.zone,
+            "listen": [_fmt(h, p) for h, p in self.addresses],
+            "upstreams": [_fmt(h, p) for h, p in self.config.upstreams],
+            "answerCache": {
+                "entries": len(self.answers),
+                "hits": self.answer_hits,
+                "misses": self.answer_misses,
+            },
+            "upstreamCache": {
+                "positive": len(self.upstream_cache.positive),
+                "negative": len(self.upstream_cache.negative),
+                "hits": sum(self.upstream_cache.hits.values()),
+                "misses": self.upstream_cache.misses,
+            },
+        }
+
     # --- following the state ----------------------------------------------------------------
 
     def _on_changes(self, changes: Sequence[ServiceChange]) -> None:

@@ -1,0 +1,114 @@
+"""The wire-answer cache and the upstream cache (dns/cache.py) with an injected clock."""
+
+from __future__ import annotations
+
+from dnslib import QTYPE, RCODE, RR, SOA, A, DNSHeader, DNSRecord
+
+from dns.cache import AnswerCache, UpstreamCache
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def upstream_reply(
+    name: str,
+    rcode: int = RCODE.NOERROR,
+    ttl: int = 300,
+    soa_ttl: int = 900,
+    minimum: int = 60,
+    soa: bool = True,
+) -> DNSRecord:
+    reply = DNSRecord(DNSHeader(qr=1, rcode=rcode), q=DNSRecord.question(name).q)
+    if rcode == RCODE.NOERROR and ttl:
+        reply.add_answer(RR(name, QTYPE.A, rdata=A("192.0.2.1"), ttl=ttl))
+    elif soa:
+        times = (1, 2, 3, 4, minimum)
+        reply.add_auth(
+            RR("example.", QTYPE.SOA, ttl=soa_ttl, rdata=SOA("ns.example.", "h.example.", times))
+        )
+    return reply
+
+
+def test_answer_cache_drops_exactly_the_dependent_answers() -> None:
+    cache = AnswerCache(100)
+    cache.put(b"web", b"p1", 0, (("svc", "default", "web"),))
+    cache.put(b"web-aaaa", b"p2", 0, (("svc", "default", "web"),))
+    cache.put(b"db", b"p3", 0, (("svc", "default", "db"),))
+    cache.put(b"version", b"p4", 0, ())
+    assert cache.invalidate([("svc", "default", "web")]) == 2
+    assert set(cache.entries) == {b"db", b"version"}
+    assert cache.invalidate([("svc", "default", "web")]) == 0
+
+
+def test_answer_cache_clears_when_full() -> None:
+    cache = AnswerCache(3)
+    for i in range(3):
+        cache.put(bytes([i]), b"p", 0, (("svc", "ns", str(i)),))
+    cache.put(b"new", b"p", 0, ())
+    assert list(cache.entries) == [b"new"] and cache.clears == 1
+    assert cache.invalidate([("svc", "ns", "0")]) == 0
+
+
+def test_positive_answer_kept_for_its_ttl_and_counted_down() -> None:
+    clock = Clock()
+    cache = UpstreamCache(10, 10, clock=clock)
+    key = cache.key("Example.com.", QTYPE.A, 1, False)
+    assert key == ("example.com", QTYPE.A, 1, False)
+    assert cache.put(key, upstream_reply("example.com", ttl=300)) == 300
+    clock.now += 100.5
+    hit = cache.get(key)
+    assert hit is not None and hit.rr[0].ttl == 200
+    clock.now += 199.4
+    assert cache.get(key) is not None
+    clock.now += 0.2
+    assert cache.get(key) is None
+    assert cache.hits["success"] == 2 and cache.misses == 1
+
+
+def test_max_ttl_caps_positive_entries() -> None:
+    cache = UpstreamCache(10, 10, max_ttl=60, clock=Clock())
+    assert cache.put(cache.key("a.", 1, 1, False), upstream_reply("a", ttl=86400)) == 60
+
+
+def test_negative_answer_kept_min_of_soa_ttl_and_minimum() -> None:
+    # RFC 2308 section 5: the SOA's TTL or its MINIMUM, whichever is smaller.
+    clock = Clock()
+    cache = UpstreamCache(10, 10, clock=clock)
+    nx = cache.key("nope.example.", QTYPE.A, 1, False)
+    assert (
+        cache.put(nx, upstream_reply("nope.example", RCODE.NXDOMAIN, minimum=60, soa_ttl=900)) == 60
+    )
+    nodata = cache.key("nodata.example.", QTYPE.A, 1, False)
+    assert cache.put(nodata, upstream_reply("nodata.example", ttl=0, soa_ttl=5, minimum=60)) == 5
+    assert len(cache.negative) == 2 and not cache.positive
+    clock.now += 10
+    hit = cache.get(nx)
+    assert hit is not None and hit.auth[0].ttl == 890 and hit.header.rcode == RCODE.NXDOMAIN
+    assert cache.get(nodata) is None
+    assert cache.hits["denial"] == 1
+
+
+def test_not_cached_without_soa_truncated_or_failed() -> None:
+    cache = UpstreamCache(10, 10, clock=Clock())
+    key = cache.key("x.", 1, 1, False)
+    assert cache.put(key, upstream_reply("x", RCODE.NXDOMAIN, soa=False)) == 0
+    assert cache.put(key, upstream_reply("x", RCODE.SERVFAIL)) == 0
+    truncated = upstream_reply("x")
+    truncated.header.tc = 1
+    assert cache.put(key, truncated) == 0
+    assert len(cache) == 0
+
+
+def test_stores_are_bounded_oldest_out() -> None:
+    cache = UpstreamCache(2, 1, clock=Clock())
+    for name in ("a", "b", "c"):
+        cache.put(cache.key(name, 1, 1, False), upstream_reply(name))
+    assert [k[0] for k in cache.positive] == ["b", "c"]
+    for name in ("n1", "n2"):
+        cache.put(cache.key(name, 1, 1, False), upstream_reply(name, RCODE.NXDOMAIN))
+    assert [k[0] for k in cache.negative] == ["n2"]
