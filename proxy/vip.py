@@ -121,6 +121,7 @@ class InterfaceVips:
         stale = [
             (a.get_attr("IFA_ADDRESS"), a["prefixlen"])
             for a in self._ipr.get_addr(index=self._index)
+            if a["scope"] == 0  # global scope; the kernel's own link-local ones stay
         ]
         for ip, prefix in stale:
             self._ipr.addr("del", index=self._index, address=ip, prefixlen=prefix)

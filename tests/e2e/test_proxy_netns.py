@@ -1,0 +1,307 @@
+"""The proxier in a node namespace (interface mode), pods and a client in their own namespaces.
+
+One lab for the module: three pods answering their own name (tests/e2e/proxy_backend.py), two
+of them also running dnsmasq, a client, and the proxy running on a manifest folder in the node
+namespace. Traffic goes from the client's namespace to ClusterIPs, NodePorts, externalIPs and
+LoadBalancer ingress IPs through the node, using curl, wrk, dig and a raw socket.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import yaml
+
+from tests.netns import NODE_IP, Lab, Netns
+from tests.proxy_helpers import endpoint, endpoint_slice, service
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE = "node-1"
+OTHER = "node-2"
+HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
+HTTP_EP = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+EXTERNAL_IP = "192.168.77.7"
+LB_IP = "192.168.77.8"
+
+
+def obj(o: Any) -> dict[str, Any]:
+    # omit_defaults drops kind/apiVersion; a manifest needs them.
+    return {"apiVersion": o.api_version, "kind": o.kind, **msgspec.to_builtins(o)}
+
+
+class Cluster:
+    """The lab plus the manifest folder the proxy follows."""
+
+    def __init__(self, lab: Lab, folder: Path) -> None:
+        self.lab = lab
+        self.folder = folder
+        self.status_file = folder.parent / "status.json"
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.pods: dict[str, Netns] = {}
+        self.proxy: subprocess.Popen[Any] | None = None
+
+    @property
+    def client(self) -> Netns:
+        return self.lab.hosts["client"]
+
+    def ip(self, pod: str) -> str:
+        return self.pods[pod].ip
+
+    def put(self, *objs: Any) -> None:
+        for o in objs:
+            self.objects[f"{o.kind}/{o.metadata.name}"] = obj(o)
+
+    def write(self) -> None:
+        tmp = self.folder.parent / "cluster.yaml.tmp"
+        tmp.write_text(yaml.safe_dump_all(list(self.objects.values())))
+        os.replace(tmp, self.folder / "cluster.yaml")
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.status_file.read_text())  # type: ignore[no-any-return]
+
+    def port_status(self, service: str) -> dict[str, Any]:
+        for s in self.status()["services"]:
+            if s["name"] == f"default/{service}":
+                return s["ports"][0]  # type: ignore[no-any-return]
+        raise KeyError(service)
+
+    def wait(self, check: Callable[[], bool], what: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if check():
+                    return
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"timed out waiting for {what}")
+
+    def endpoints_of(self, service: str) -> set[str]:
+        return {e["address"] for e in self.port_status(service)["endpoints"]}
+
+    def curl(self, *urls: str, extra: tuple[str, ...] = ()) -> list[str]:
+        """One curl process fetching every URL on its own connection; the pod names answered."""
+        out = self.client.run(["curl", "-sS", "--max-time", "5", "-H", "Connection: close",
+                               *extra, *urls])
+        return out.stdout.split()
+
+
+def pod_endpoint(cluster: Cluster, pod: str, **kw: Any) -> dict[str, Any]:
+    return endpoint(cluster.ip(pod), **kw)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Lab("px") as lab:
+        folder = tmp_path_factory.mktemp("manifests")
+        c = Cluster(lab, folder)
+        for name in ("pod-a", "pod-b", "pod-c"):
+            pod = c.pods[name] = lab.add_host(name)
+            pod.popen([sys.executable, str(ROOT / "tests/e2e/proxy_backend.py"), name])
+        lab.add_host("client")
+        for name, answer in (("pod-b", "10.1.0.2"), ("pod-c", "10.1.0.3")):
+            c.pods[name].popen(["dnsmasq", "-k", "-C", "/dev/null", "--no-resolv", "--no-hosts",
+                                "--pid-file", "--user=root", "-p", "53",
+                                f"--address=/who.test/{answer}"])
+        build_manifests(c)
+        c.write()
+        for pod in c.pods.values():
+            pod.wait_port("", 8080)
+        with open(folder.parent / "proxy.log", "w") as log_file:
+            c.proxy = lab.node.popen(
+                [sys.executable, "-m", "tests.e2e.proxy_runner", "--manifests", str(folder),
+                 "--status", str(c.status_file), "--vip-mode", "interface",
+                 "--hostname-override", NODE, "--udp-timeout", "30"],
+                cwd=ROOT, stderr=log_file,
+            )
+        try:
+            c.wait(lambda: len(c.status()["services"]) == 9 and not any(
+                s["errors"] for s in c.status()["services"]), "the proxy to serve", 20)
+        except TimeoutError:
+            print((folder.parent / "proxy.log").read_text())
+            raise
+        yield c
+        if c.proxy.poll() is None:
+            c.proxy.terminate()
+            c.proxy.wait(10)
+        log = (folder.parent / "proxy.log").read_text()
+        assert "Traceback" not in log, log
+
+
+def build_manifests(c: Cluster) -> None:
+    a, b, cc = (lambda **kw: pod_endpoint(c, "pod-a", **kw),
+                lambda **kw: pod_endpoint(c, "pod-b", **kw),
+                lambda **kw: pod_endpoint(c, "pod-c", **kw))
+    web_ports = [{**HTTP[0], "nodePort": 30080}]
+    c.put(
+        service("web", "10.96.0.10", web_ports, type="LoadBalancer", externalIPs=[EXTERNAL_IP],
+                status={"loadBalancer": {"ingress": [{"ip": LB_IP}]}}),
+        endpoint_slice("web", [a(node=NODE), b(node=NODE), cc(node=NODE)], HTTP_EP),
+        service("local-int", "10.96.0.11", HTTP, internalTrafficPolicy="Local"),
+        endpoint_slice("local-int", [a(node=NODE), b(node=OTHER), cc(node=OTHER)], HTTP_EP),
+        service("local-ext", "10.96.0.12", [{**HTTP[0], "nodePort": 30081}], type="NodePort",
+                externalTrafficPolicy="Local"),
+        endpoint_slice("local-ext", [a(node=OTHER), b(node=NODE), cc(node=OTHER)], HTTP_EP),
+        service("term", "10.96.0.13", HTTP),
+        endpoint_slice("term", [a(ready=False, serving=True, terminating=True, node=NODE),
+                                b(ready=False, serving=False, terminating=True, node=NODE),
+                                cc(ready=False, serving=False, node=NODE)], HTTP_EP),
+        service("sticky", "10.96.0.14", HTTP, sessionAffinity="ClientIP",
+                sessionAffinityConfig={"clientIP": {"timeoutSeconds": 2}}),
+        endpoint_slice("sticky", [a(node=NODE), b(node=NODE), cc(node=NODE)], HTTP_EP),
+        service("empty", "10.96.0.15", HTTP),
+        endpoint_slice("empty", [], HTTP_EP),
+        service("bulk", "10.96.0.16", [{"name": "bulk", "port": 9000, "protocol": "TCP"}]),
+        endpoint_slice("bulk", [a(node=NODE)], [{"name": "bulk", "port": 9000}]),
+        service("load", "10.96.0.17", HTTP),
+        endpoint_slice("load", [a(node=NODE), b(node=NODE), cc(node=NODE)], HTTP_EP),
+        service("dns", "10.96.0.53", [{"name": "dns", "port": 53, "protocol": "UDP"}]),
+        endpoint_slice("dns", [b(node=NODE), cc(node=NODE)],
+                       [{"name": "dns", "port": 53, "protocol": "UDP"}]),
+    )
+
+
+def test_service_addresses_on_the_vip_interface(cluster: Cluster) -> None:
+    addrs = cluster.lab.node.run(["ip", "-o", "addr", "show", "dev", "kubeshim0"]).stdout
+    for ip in ("10.96.0.10", "10.96.0.53", EXTERNAL_IP, LB_IP):
+        assert f"inet {ip}/32" in addrs
+    routes = cluster.lab.node.run(["ip", "route", "show"]).stdout
+    assert "10.96." not in routes  # /32s: no route to the service range appears
+
+
+def test_cluster_ip_round_robin_spreads_evenly(cluster: Cluster) -> None:
+    names = collections.Counter(cluster.curl(*["http://10.96.0.10/"] * 30))
+    assert names == {"pod-a": 10, "pod-b": 10, "pod-c": 10}
+
+
+@pytest.mark.parametrize("url", [f"http://{NODE_IP}:30080/", f"http://{EXTERNAL_IP}/",
+                                 f"http://{LB_IP}/"], ids=["NodePort", "externalIP", "LB ingress"])
+def test_external_addresses_reach_backends(cluster: Cluster, url: str) -> None:
+    assert set(cluster.curl(*[url] * 6)) == {"pod-a", "pod-b", "pod-c"}
+
+
+def test_internal_traffic_policy_local_uses_node_local_endpoints(cluster: Cluster) -> None:
+    assert set(cluster.curl(*["http://10.96.0.11/"] * 12)) == {"pod-a"}
+
+
+def test_external_traffic_policy_local(cluster: Cluster) -> None:
+    assert set(cluster.curl(*[f"http://{NODE_IP}:30081/"] * 9)) == {"pod-b"}
+    # Internal traffic to the same Service still uses every endpoint.
+    assert set(cluster.curl(*["http://10.96.0.12/"] * 9)) == {"pod-a", "pod-b", "pod-c"}
+
+
+def test_terminating_fallback_uses_serving_terminating_endpoints(cluster: Cluster) -> None:
+    assert set(cluster.curl(*["http://10.96.0.13/"] * 6)) == {"pod-a"}
+
+
+def test_client_ip_affinity_pins_and_expires(cluster: Cluster) -> None:
+    first = cluster.curl(*["http://10.96.0.14/"] * 6)
+    assert len(set(first)) == 1
+    time.sleep(2.5)  # timeoutSeconds: 2, counted from the last new connection
+    second = cluster.curl(*["http://10.96.0.14/"] * 6)
+    assert len(set(second)) == 1 and second[0] != first[0]
+
+
+def test_no_endpoints_refuses_at_once(cluster: Cluster) -> None:
+    start = time.monotonic()
+    out = cluster.client.run(["curl", "-sS", "--max-time", "5", "http://10.96.0.15/"],
+                             check=False)
+    elapsed = time.monotonic() - start
+    assert out.returncode in (7, 52, 56), out  # refused / empty reply / reset
+    assert elapsed < 1.0
+    cluster.wait(lambda: cluster.port_status("empty")["errors"].get("no_endpoints", 0) >= 1,
+                 "the refusal to be counted", 2)
+
+
+BULK_CLIENT = r"""
+import hashlib, socket, sys
+size = 1 << 30
+block = hashlib.sha256(b"seed").digest() * (1 << 15)  # 1 MiB, never held more than once
+digest = hashlib.sha256()
+s = socket.create_connection(("10.96.0.16", 9000))
+view = memoryview(block)
+for i in range(size // len(block)):
+    chunk = view if i % 2 else view[::-1].tobytes()
+    s.sendall(chunk)
+    digest.update(chunk)
+s.shutdown(socket.SHUT_WR)  # half-close: the answer still has to come back
+reply = b""
+while data := s.recv(4096):
+    reply += data
+print(reply.decode().strip(), f"{size} {digest.hexdigest()}")
+"""
+
+
+def test_half_close_and_1gib_arrive_intact(cluster: Cluster) -> None:
+    out = cluster.client.run([sys.executable, "-c", BULK_CLIENT], timeout=120).stdout.split()
+    assert len(out) == 4 and out[:2] == out[2:], out
+
+
+def test_udp_dns_through_cluster_ip_and_flow_moves(cluster: Cluster) -> None:
+    def dig() -> str:
+        out = cluster.client.run(["dig", "+short", "+tries=1", "+time=2", "-b",
+                                  f"{cluster.client.ip}#5353", "@10.96.0.53", "who.test", "A"])
+        return out.stdout.strip()
+
+    first = dig()
+    assert first in ("10.1.0.2", "10.1.0.3")
+    assert [dig() for _ in range(3)] == [first] * 3  # the flow keeps its endpoint
+    gone, stay = ("pod-b", "pod-c") if first == "10.1.0.2" else ("pod-c", "pod-b")
+    cluster.put(endpoint_slice("dns", [pod_endpoint(cluster, stay, node=NODE)],
+                               [{"name": "dns", "port": 53, "protocol": "UDP"}]))
+    cluster.write()
+    cluster.wait(lambda: cluster.endpoints_of("dns") == {f"{cluster.ip(stay)}:53"},
+                 "the dns endpoint removal")
+    assert dig() == ("10.1.0.3" if stay == "pod-c" else "10.1.0.2")
+
+
+def test_endpoint_removal_under_wrk_load_has_no_errors(cluster: Cluster) -> None:
+    def hits(pod: str) -> int:
+        out = cluster.client.run(["curl", "-sS", f"http://{cluster.ip(pod)}:8080/hits"])
+        return int(out.stdout)
+
+    # Every request on a new connection, so new connections must follow the change.
+    wrk = cluster.client.popen(["wrk", "-t1", "-c8", "-d4s", "-H", "Connection: close",
+                                "http://10.96.0.17/"], stdout=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    cluster.put(endpoint_slice("load", [pod_endpoint(cluster, "pod-a", node=NODE),
+                                        pod_endpoint(cluster, "pod-b", node=NODE)], HTTP_EP))
+    cluster.write()
+    cluster.wait(lambda: len(cluster.endpoints_of("load")) == 2, "the endpoint removal")
+    at_removal = hits("pod-c")
+    out, _ = wrk.communicate(timeout=30)
+    assert wrk.returncode == 0, out
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    assert requests > 100, out
+    assert "Socket errors" not in out and "Non-2xx" not in out, out
+    assert hits("pod-c") == at_removal  # no new connection went to the removed endpoint
+    assert at_removal > 0
+
+
+def test_metrics_and_status_count_traffic(cluster: Cluster) -> None:
+    web = cluster.port_status("web")
+    assert web["connections"] >= 48 and web["bytesOut"] > 0
+    assert web["listeners"] == sorted(["10.96.0.10:80/TCP", f"{NODE_IP}:30080/TCP",
+                                       "127.0.0.1:30080/TCP", f"{EXTERNAL_IP}:80/TCP",
+                                       f"{LB_IP}:80/TCP"])
+
+
+def test_shutdown_removes_service_addresses(cluster: Cluster) -> None:
+    assert cluster.proxy is not None
+    cluster.proxy.terminate()
+    assert cluster.proxy.wait(10) == 0
+    out = cluster.lab.node.run(["ip", "-o", "addr"]).stdout
+    assert "10.96.0.10" not in out and EXTERNAL_IP not in out
