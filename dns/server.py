@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from dnslib import RCODE, DNSHeader, DNSRecord
+from dnslib import RCODE, RR, DNSHeader, DNSLabel, DNSRecord
 
 from cluster.log import get_logger
 from cluster.state import ClusterState, ServiceChange
@@ -235,10 +235,11 @@ class DNSServer:
             header = DNSHeader(id=query.id, bitmap=upstream.header.bitmap)
             header.rd = request.header.rd
             header.ra = 1
+            header.aa = 0  # relayed, not ours: only an authority sets AA (RFC 1035 4.1.1)
             reply = DNSRecord(
                 header,
                 questions=[request.q],
-                rr=list(upstream.rr),
+                rr=_in_client_case(upstream.rr, request.q.qname),
                 auth=list(upstream.auth),
                 ar=list(upstream.ar),
             )
@@ -357,6 +358,15 @@ class _TCPProtocol(asyncio.Protocol):
             self._touch()
         elif self.transport is not None:
             self.transport.close()
+
+
+def _in_client_case(records: list[RR], qname: DNSLabel) -> list[RR]:
+    """Records owned by the question name carry the client's spelling of it (for 0x20 clients)."""
+    want = str(qname).lower()
+    return [
+        RR(qname, rr.rtype, rr.rclass, rr.ttl, rr.rdata) if str(rr.rname).lower() == want else rr
+        for rr in records
+    ]
 
 
 def _fmt(host: str, port: int) -> str:
