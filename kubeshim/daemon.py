@@ -13,6 +13,8 @@ import signal
 import time
 from typing import Any
 
+from prometheus_client import REGISTRY
+
 from cluster.log import get_logger
 from cluster.state import ClusterState
 
@@ -129,6 +131,10 @@ class Daemon:
         if o.dns:
             self.dns = self._build_dns()
             await self.dns.start()
+            from dns.metrics import DNSCollector
+
+            dns_metrics = DNSCollector(self.dns)
+            REGISTRY.register(dns_metrics)  # CoreDNS's metric names on /metrics
 
         source = make_source(o, self.state)
         source_task = asyncio.create_task(source.run(), name="source")
@@ -150,6 +156,7 @@ class Daemon:
             await self.proxier.stop(o.drain_timeout)
         if self.dns is not None:
             await self.dns.stop()
+            REGISTRY.unregister(dns_metrics)
         for runner in runners:
             await runner.cleanup()
         log.info("stopped")

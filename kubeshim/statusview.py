@@ -83,7 +83,8 @@ def print_state(state: ClusterState, vip_mode: str | None = None) -> None:
         ips = ",".join(svc.cluster_ips) or ("None" if svc.headless else "-")
         if vip is not None and svc.cluster_ips:
             ips += " -> " + ",".join(vip(ip) for ip in svc.cluster_ips)
-        kind = svc.spec.type + ("" if info.proxied or svc.spec.type == "ExternalName" else " (not proxied)")
+        shown = info.proxied or svc.spec.type == "ExternalName"
+        kind = svc.spec.type + ("" if shown else " (not proxied)")
         if svc.spec.type == "ExternalName":
             table.add_row(key.namespace, key.name, kind, svc.spec.external_name, "", "")
             continue
@@ -92,7 +93,8 @@ def print_state(state: ClusterState, vip_mode: str | None = None) -> None:
         for i, port in enumerate(info.ports):
             node = f":{port.spec.node_port}" if port.spec.node_port else ""
             label = f"{port.spec.name or '-'} {port.spec.port}{node}/{port.spec.protocol}"
-            eps = " ".join(f"{ep.address}({_endpoint_state(ep)})" for ep in port.endpoints) or "<none>"
+            eps = " ".join(f"{ep.address}({_endpoint_state(ep)})" for ep in port.endpoints)
+            eps = eps or "<none>"
             first = i == 0
             table.add_row(key.namespace if first else "", key.name if first else "",
                           kind if first else "", ips if first else "", label, eps)
@@ -101,26 +103,78 @@ def print_state(state: ClusterState, vip_mode: str | None = None) -> None:
         print("warning: the source has not delivered a complete list")
 
 
-def print_status(data: dict[str, Any]) -> None:
-    console = Console(width=200)
-    console.print(f"node {data.get('node')}  synced={data.get('synced')}  "
-                  f"healthy={data.get('healthy')}  generation={data.get('generation')}  "
-                  f"uptime={data.get('uptimeSeconds')}s")
+def _errors_text(errors: Any) -> str:
+    if isinstance(errors, dict):
+        return " ".join(f"{reason}={n}" for reason, n in sorted(errors.items())) or "-"
+    return str(errors or "-")
+
+
+def print_status(data: dict[str, Any], console: Console | None = None) -> None:
+    """`kubeshim status`: what a running daemon serves, from its GET /status answer."""
+    console = console or Console(width=200)
     proxy = data.get("proxy") or {}
-    services = proxy.get("services") or []
-    table = Table(title="Proxied services")
-    for column in ("SERVICE", "PORT", "LISTENING ON", "ENDPOINTS", "CONNECTIONS", "ERRORS"):
-        table.add_column(column)
-    for svc in services:
-        for port in svc.get("ports", []):
-            table.add_row(
-                svc.get("name", ""),
-                f"{port.get('name') or '-'} {port.get('port')}/{port.get('protocol')}",
-                " ".join(port.get("listeners", [])),
-                " ".join(f"{e.get('address')}({e.get('state')})" for e in port.get("endpoints", [])),
-                str(port.get("active", port.get("connections", ""))),
-                str(port.get("errors", "")),
-            )
-    console.print(table)
+    console.print(
+        f"node [bold]{data.get('node')}[/]  synced={data.get('synced')}  "
+        f"healthy={data.get('healthy')}  generation={data.get('generation')}  "
+        f"uptime={data.get('uptimeSeconds')}s"
+    )
+    if proxy:
+        where = proxy.get("vipMode", "?")
+        if proxy.get("vipInterface"):
+            where += f" on {proxy['vipInterface']}"
+        console.print(
+            f"proxy: VIPs {where}  nodePort addresses "
+            f"{','.join(proxy.get('nodePortAddresses') or []) or '-'}  "
+            f"open connections {proxy.get('connections', 0)}  "
+            f"UDP flows {proxy.get('udpFlows', 0)}"
+        )
+        table = Table(title="Services")
+        for column in ("SERVICE", "CLUSTER-IP", "PORT", "LISTENING ON", "ENDPOINTS",
+                       "ACTIVE", "TOTAL", "ERRORS"):
+            table.add_column(column)
+        for svc in proxy.get("services", []):
+            served = svc.get("servedAt") or {}
+            ips = " ".join(
+                ip + (f" -> {at}" if at != ip else "") for ip, at in sorted(served.items())
+            ) or ",".join(svc.get("clusterIPs") or []) or "-"
+            ports = [p for p in svc.get("ports", []) if p.get("listeners")]
+            if not ports:
+                table.add_row(svc.get("name", ""), ips, "", "[dim]not proxied[/]", "", "", "",
+                              "")
+            for i, port in enumerate(ports):
+                node = f":{port['nodePort']}" if port.get("nodePort") else ""
+                endpoints = " ".join(
+                    f"{e.get('address')}({e.get('state')}"
+                    + (f",{e['active']} open" if e.get("active") else "") + ")"
+                    for e in port.get("endpoints", [])
+                ) or "<none>"
+                table.add_row(
+                    svc.get("name", "") if i == 0 else "",
+                    ips if i == 0 else "",
+                    f"{port.get('name') or '-'} {port.get('port')}{node}/{port.get('protocol')}",
+                    " ".join(port.get("listeners", [])),
+                    endpoints,
+                    str(port.get("active", 0)),
+                    str(port.get("connections", 0)),
+                    _errors_text(port.get("errors")),
+                )
+        console.print(table)
+        for svc in proxy.get("services", []):
+            for error in svc.get("errors", []):
+                console.print(f"[red]error[/] {svc.get('name')}: {error}")
+    if checks := data.get("healthCheckNodePorts"):
+        table = Table(title="Health-check nodePorts")
+        for column in ("SERVICE", "PORT", "LOCAL ENDPOINTS"):
+            table.add_column(column)
+        for check in checks:
+            table.add_row(str(check["service"]), str(check["port"]),
+                          str(check["localEndpoints"]))
+        console.print(table)
     if dns := data.get("dns"):
-        console.print(f"dns: {dns}")
+        console.print(
+            f"dns: zone {dns.get('zone')}  listening on {' '.join(dns.get('listen', []))}  "
+            f"upstreams {' '.join(dns.get('upstreams', [])) or '-'}"
+        )
+        for name in ("answerCache", "upstreamCache"):
+            if cache := dns.get(name):
+                console.print(f"  {name}: " + " ".join(f"{k}={v}" for k, v in cache.items()))
