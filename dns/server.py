@@ -225,6 +225,16 @@ class DNSServer:
 
     async def forward(self, query: Query, tcp: bool) -> bytes:
         """The reply to a query for a name outside the cluster: upstream's answer or SERVFAIL."""
+        try:
+            return await self._forward(query, tcp)
+        except Exception:
+            self._internal_errors += 1
+            if self._internal_errors % 100 == 1:
+                log.error("dns forward failed", exc_info=True, count=self._internal_errors)
+            self.metrics.rcodes[RCODE.SERVFAIL] += 1
+            return error_reply(query.id, query.record.header.bitmap, RCODE.SERVFAIL)
+
+    async def _forward(self, query: Query, tcp: bool) -> bytes:
         started = time.perf_counter()
         request = query.record
         max_udp = self.config.max_udp_payload

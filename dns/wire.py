@@ -114,6 +114,8 @@ def parse_query(data: bytes, max_udp: int) -> Query | bytes | None:
         str(record.q.qname)  # names must decode (labels, pointers) before anyone uses them
     except Exception:
         return error_reply(qid, flags, RCODE.FORMERR)
+    if sum(len(label) + 1 for label in record.q.qname.label) + 1 > 255:
+        return error_reply(qid, flags, RCODE.FORMERR)  # RFC 1035 2.3.4: names fit 255 bytes
     opts = [rr for rr in record.ar if rr.rtype == QTYPE.OPT]
     if not opts:
         return Query(qid, record, None)
