@@ -1,0 +1,221 @@
+"""Cluster DNS end to end: `kubeshim run` in a node namespace, a client namespace resolving short
+names through the glibc resolver with the kubelet's search path, like a pod.
+
+The client's resolv.conf is what the kubelet writes for a pod in namespace `default`
+(`search default.svc.<zone> svc.<zone> <zone>`, `options ndots:5`, the node's DNS address).
+An upstream (dnsmasq in its own namespace) answers one outside name. The daemon serves a
+manifest folder with the proxy in interface mode, so `curl http://web/` reaches a pod.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.netns import NODE_IP, Lab, Netns
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+ZONE = "cluster.local"
+OUTSIDE = ("outside.example", "192.0.2.55")
+RESOLV_CONF = (
+    f"search default.svc.{ZONE} svc.{ZONE} {ZONE}\nnameserver {NODE_IP}\noptions ndots:5\n"
+)
+
+
+def service(name: str, cluster_ip: str, port: int = 80, target: int = 8080) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "clusterIP": cluster_ip,
+            "ports": [{"name": "http", "port": port, "targetPort": target}],
+        },
+    }
+
+
+def endpoint_slice(svc: str, pods: list[tuple[str, str | None]]) -> dict[str, Any]:
+    endpoints = []
+    for ip, hostname in pods:
+        ep: dict[str, Any] = {"addresses": [ip], "conditions": {"ready": True}}
+        if hostname:
+            ep["hostname"] = hostname
+        endpoints.append(ep)
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{svc}-1",
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": svc},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    }
+
+
+class Node:
+    def __init__(self, lab: Lab, folder: Path) -> None:
+        self.lab = lab
+        self.folder = folder
+        self.pods: dict[str, Netns] = {}
+
+    @property
+    def client(self) -> Netns:
+        return self.lab.hosts["client"]
+
+    def write(self, name: str, *docs: dict[str, Any]) -> None:
+        path = self.folder / f"{name}.yaml"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump_all(docs))
+        tmp.rename(path)
+
+    def getent(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.client.run(["getent", *args], check=False, timeout=20)
+
+    def wait(self, check: Callable[[], bool], what: str, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"timed out waiting for {what}")
+
+
+def require_tools() -> None:
+    for tool in ("getent", "curl", "dnsmasq", "dig"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is needed for the DNS end-to-end tests")
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    require_tools()
+    with Lab("dns") as lab:
+        folder = tmp_path_factory.mktemp("manifests")
+        n = Node(lab, folder)
+        for name in ("pod-a", "pod-b"):
+            pod = n.pods[name] = lab.add_host(name)
+            pod.popen([sys.executable, str(ROOT / "tests/e2e/proxy_backend.py"), name])
+        upstream = lab.add_host("upstream")
+        upstream.popen(
+            [
+                "dnsmasq",
+                "-k",
+                "-C",
+                "/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--pid-file",
+                "--user=root",
+                "-p",
+                "53",
+                f"--address=/{OUTSIDE[0]}/{OUTSIDE[1]}",
+            ]
+        )
+        client = lab.add_host("client")
+        client.write_resolv_conf(RESOLV_CONF)
+        a, b = n.pods["pod-a"].ip, n.pods["pod-b"].ip
+        n.write("web", service("web", "10.96.0.20"), endpoint_slice("web", [(a, None), (b, None)]))
+        n.write("db", service("db", "None"), endpoint_slice("db", [(a, "db-0"), (b, "db-1")]))
+        for pod in n.pods.values():
+            pod.wait_port("", 8080)
+        upstream.wait_port("", 53, "udp")
+        log_path = folder.parent / "kubeshim.log"
+        with open(log_path, "w") as log_file:
+            daemon = lab.node.popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "kubeshim",
+                    "run",
+                    "--manifests",
+                    str(folder),
+                    "--vip-mode",
+                    "interface",
+                    "--hostname-override",
+                    "node-1",
+                    "--dns-bind",
+                    f"{NODE_IP}:53",
+                    "--cluster-domain",
+                    ZONE,
+                    "--upstream",
+                    f"{upstream.ip}:53",
+                    "--dns-negative-ttl",
+                    "2",
+                    "--healthz-bind-address",
+                    "",
+                    "--metrics-bind-address",
+                    "",
+                ],
+                cwd=ROOT,
+                stderr=log_file,
+            )
+        try:
+            lab.node.wait_port(NODE_IP, 53, "udp", timeout=20)
+            n.wait(lambda: n.getent("hosts", "web").returncode == 0, "web to resolve")
+        except (TimeoutError, AssertionError):
+            print(log_path.read_text())
+            raise
+        yield n
+        if daemon.poll() is None:
+            daemon.terminate()
+            daemon.wait(15)
+        log = log_path.read_text()
+        assert "Traceback" not in log, log
+
+
+def test_short_service_name_through_the_search_path(node: Node) -> None:
+    out = node.getent("hosts", "web")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["10.96.0.20", f"web.default.svc.{ZONE}"]
+    out = node.getent("hosts", "web.default")  # the second search domain
+    assert out.stdout.split()[0] == "10.96.0.20"
+
+
+def test_headless_service_and_its_pods_by_hostname(node: Node) -> None:
+    a, b = node.pods["pod-a"].ip, node.pods["pod-b"].ip
+    out = node.getent("ahostsv4", "db")
+    assert {line.split()[0] for line in out.stdout.splitlines()} == {a, b}
+    out = node.getent("hosts", "db-1.db")
+    assert out.stdout.split() == [b, f"db-1.db.default.svc.{ZONE}"]
+
+
+def test_outside_names_are_forwarded_and_missing_names_fail(node: Node) -> None:
+    out = node.getent("hosts", OUTSIDE[0])
+    assert out.returncode == 0 and out.stdout.split()[0] == OUTSIDE[1]
+    assert node.getent("hosts", "nope").returncode == 2  # not found, after every search domain
+
+
+def test_curl_by_service_name_reaches_a_pod(node: Node) -> None:
+    seen = set()
+    for _ in range(4):
+        out = node.client.run(
+            ["curl", "-sS", "--max-time", "5", "-H", "Connection: close", "http://web/"]
+        )
+        seen.add(out.stdout.strip())
+    assert seen == {"pod-a", "pod-b"}
+    out = node.client.run(["curl", "-sS", "--max-time", "5", "http://db-0.db:8080/"])
+    assert out.stdout.strip() == "pod-a"
+
+
+def test_new_service_resolves_after_a_manifest_edit(node: Node) -> None:
+    assert node.getent("hosts", "api").returncode == 2
+    node.write(
+        "api", service("api", "10.96.0.30"), endpoint_slice("api", [(node.pods["pod-b"].ip, None)])
+    )
+    node.wait(lambda: node.getent("hosts", "api").returncode == 0, "api to resolve")
+    assert node.getent("hosts", "api").stdout.split()[0] == "10.96.0.30"
+    (node.folder / "api.yaml").unlink()
+    node.wait(lambda: node.getent("hosts", "api").returncode == 2, "api to disappear")
