@@ -335,9 +335,23 @@ class ControlPlane:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "etcd-data").mkdir(mode=0o700)
         write_serving_certs(self.workdir)
+        # ServiceAccount token signing key (SEC1 PEM, which the apiserver reads) and its
+        # public half for verification.
+        signing = ec.generate_private_key(ec.SECP256R1())
         sa_key = self.workdir / "sa.key"
-        sa_key.write_bytes(_pem_key(ec.generate_private_key(ec.SECP256R1())))
+        sa_key.write_bytes(
+            signing.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
         sa_key.chmod(0o600)
+        (self.workdir / "sa.pub").write_bytes(
+            signing.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
         # Static token file: token,user,uid,"group1,group2" (the apiserver's CSV format).
         tokens = self.workdir / "tokens.csv"
         tokens.write_text(
@@ -391,7 +405,7 @@ class ControlPlane:
             f"--tls-private-key-file={w / 'apiserver.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             f"--service-account-issuer={SA_ISSUER}",
-            f"--service-account-key-file={w / 'sa.key'}",
+            f"--service-account-key-file={w / 'sa.pub'}",
             f"--service-account-signing-key-file={w / 'sa.key'}",
             f"--token-auth-file={w / 'tokens.csv'}",
             "--authorization-mode=RBAC",
