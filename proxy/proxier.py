@@ -43,6 +43,7 @@ log = get_logger("proxy")
 RETRY_MIN = 1.0
 RETRY_MAX = 30.0
 HOUSEKEEPING_PERIOD = 60.0
+SYNCED_POLL = 0.05
 
 
 class Listener:
@@ -70,6 +71,7 @@ class ServiceRuntime:
     desired: dict[ListenerKey, ListenerSpec] = field(default_factory=dict)
     vips: set[str] = field(default_factory=set)
     errors: dict[str, str] = field(default_factory=dict)  # what -> why
+    ports: set[ServicePortName] = field(default_factory=set)  # its entries in Proxier.tables
     retries: int = 0
 
 
@@ -101,6 +103,7 @@ class Proxier:
         self.tables: dict[ServicePortName, PortTable] = {}
         self.services: dict[NamespacedName, ServiceRuntime] = {}
         self._owners: dict[ListenerKey, NamespacedName] = {}
+        self._failing: set[NamespacedName] = set()  # Services with errors
         self._vip_users: dict[str, set[NamespacedName]] = {}
         self.connections: set[ClientSide] = set()
         self._dirty: dict[NamespacedName, float] = {}
@@ -180,6 +183,11 @@ class Proxier:
 
     async def _sync_loop(self) -> None:
         while self._dirty and not self._stopping:
+            if not self.state.synced:
+                # Serve nothing half-known: wait for the first full list of both kinds. A list
+                # that changes nothing notifies no one, so look again shortly.
+                await asyncio.sleep(SYNCED_POLL)
+                continue
             await self.sync()
 
     # --- the sync ----------------------------------------------------------------------------
@@ -187,8 +195,6 @@ class Proxier:
     async def sync(self) -> None:
         """Apply the dirty Services (kube-proxy's syncProxyRules shape)."""
         if not self.state.synced:
-            # Serve nothing half-known: wait for the first full list of both kinds.
-            log.debug("not syncing: state not synced yet")
             return
         start = time.monotonic()
         dirty, self._dirty = self._dirty, {}
@@ -208,7 +214,7 @@ class Proxier:
         end = time.monotonic()
         self.metrics.sync_duration.observe(end - start)
         self.metrics.last_sync.set(time.time())
-        self.metrics.sync_failures.set(sum(1 for rt in self.services.values() if rt.errors))
+        self.metrics.sync_failures.set(len(self._failing))
         self.last_updated = end
         self.last_queued = min(self._dirty.values()) if self._dirty else None
         if len(dirty) > 1 or log.is_debug():
@@ -296,14 +302,19 @@ class Proxier:
                 errors[str(spec.key)] = _bind_error(e, spec)
         rt.desired = desired
         # Tables of ports that went away (their listeners are closed above).
-        for name in [n for n in self.tables if n.service == key and n not in port_names]:
+        for name in rt.ports - port_names:
             del self.tables[name]
+        rt.ports = port_names
         for what, why in errors.items():
             if rt.errors.get(what) != why:
                 log.error("cannot serve", service=str(key), what=what, reason=why)
         for what in rt.errors.keys() - errors.keys():
             log.info("serving again", service=str(key), what=what)
         rt.errors = errors
+        if errors:
+            self._failing.add(key)
+        else:
+            self._failing.discard(key)
         if info is None:
             del self.services[key]
             if (h := self._retry_handles.pop(key, None)) is not None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -319,3 +322,157 @@ async def test_nodeport_on_node_loopback(env: Env) -> None:
 
 
 Check = Callable[[], Any]
+
+
+async def test_nothing_served_until_the_state_is_synced(env: Env) -> None:
+    env.servers.append(await name_server(BACKEND[0], env.port, "pod-0"))
+    env.state.replace("Service", [web(8080)])  # Services listed, EndpointSlices not yet
+    await asyncio.sleep(0.2)
+    assert env.proxier.status()["services"] == []
+    assert env.proxier.last_queued is not None
+    # An empty list of slices changes nothing in the state, yet completes the sync.
+    env.state.replace("EndpointSlice", [])
+    await asyncio.sleep(0.2)
+    [svc] = env.proxier.status()["services"]
+    assert svc["ports"][0]["listeners"] == [f"{env.vip()}:8080/TCP"]
+    assert env.proxier.last_queued is None and env.proxier.last_updated > 0
+
+
+async def test_idle_tcp_connection_is_closed() -> None:
+    state = ClusterState()
+    proxier = Proxier(state, ProxyConfig(vip_mode="loopback", tcp_idle_timeout=0.2,
+                                         nodeport_addresses=["127.0.0.1/32"]),
+                      registry=CollectorRegistry())
+    await proxier.start()
+    port = free_port(BACKEND[0])
+    server = await name_server(BACKEND[0], port, "pod-0")
+    try:
+        state.replace("Service", [web(8080)])
+        state.replace("EndpointSlice", [web_slice(port, endpoint(BACKEND[0]))])
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection(proxier.vip_address(CLUSTER_IP), 8080)
+        assert await reader.readline() == b"pod-0\n"
+        start = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(reader.read(), 2) == b""  # closed by the proxy
+        assert 0.15 < asyncio.get_running_loop().time() - start < 0.8
+        writer.close()
+    finally:
+        await proxier.stop(0.1)
+        server.close()
+
+
+async def test_udp_flow_table_is_bounded() -> None:
+    state = ClusterState()
+    proxier = Proxier(state, ProxyConfig(vip_mode="loopback", udp_max_flows=2,
+                                         nodeport_addresses=["127.0.0.1/32"]),
+                      registry=CollectorRegistry())
+    await proxier.start()
+    port = free_port(BACKEND[0], socket.SOCK_DGRAM)
+    backend = await udp_name_server(BACKEND[0], port, "pod-0")
+    svc = service("dns", CLUSTER_IP, [{"name": "dns", "port": 5353, "protocol": "UDP"}])
+    eps = [{"name": "dns", "port": port, "protocol": "UDP"}]
+    try:
+        state.replace("Service", [svc])
+        state.replace("EndpointSlice", [endpoint_slice("dns", [endpoint(BACKEND[0])], eps)])
+        await asyncio.sleep(0.1)
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+        for s in socks:
+            s.settimeout(3)
+            s.connect((proxier.vip_address(CLUSTER_IP), 5353))
+            await asyncio.to_thread(s.send, b"q")
+            assert await asyncio.to_thread(s.recv, 100) == b"pod-0:q"
+            s.close()
+        port_status = proxier.status()["services"][0]["ports"][0]
+        assert proxier.status()["udpFlows"] == 2
+        assert port_status["errors"] == {"udp_flow_evicted": 1}
+        assert port_status["connectionsTotal"] == 3
+    finally:
+        await proxier.stop(0.1)
+        backend.close()
+
+
+async def test_address_claimed_twice_is_reported(env: Env) -> None:
+    env.servers.append(await name_server(BACKEND[0], env.port, "pod-0"))
+    shared = f"10.100.{NET}.77"
+    a = service("a", f"10.100.{NET}.20", [{"name": "http", "port": 8080}], externalIPs=[shared])
+    b = service("b", f"10.100.{NET}.21", [{"name": "http", "port": 8080}], externalIPs=[shared])
+    slices = [endpoint_slice(n, [endpoint(BACKEND[0])], [{"name": "http", "port": env.port}])
+              for n in ("a", "b")]
+    env.publish([a, b], slices)
+    await env.settle()
+    status = {s["name"]: s for s in env.proxier.status()["services"]}
+    mapped = env.vip(shared)
+    assert status["default/a"]["errors"] == []
+    assert status["default/b"]["errors"] == [
+        f"{mapped}:8080/TCP: {mapped}:8080/TCP is already served for service default/a"]
+    # b's own ClusterIP still serves.
+    assert (await ask(env.vip(f"10.100.{NET}.21"), 8080)).strip() == b"pod-0"
+
+
+async def test_stop_drains_open_connections_then_closes() -> None:
+    state = ClusterState()
+    proxier = Proxier(state, ProxyConfig(vip_mode="loopback", nodeport_addresses=["127.0.0.1/32"]),
+                      registry=CollectorRegistry())
+    await proxier.start()
+    port = free_port(BACKEND[0])
+    server = await name_server(BACKEND[0], port, "pod-0")
+    state.replace("Service", [web(8080)])
+    state.replace("EndpointSlice", [web_slice(port, endpoint(BACKEND[0]))])
+    await asyncio.sleep(0.1)
+    vip = proxier.vip_address(CLUSTER_IP)
+    reader, writer = await asyncio.open_connection(vip, 8080)
+    await reader.readline()
+    stopping = asyncio.ensure_future(proxier.stop(0.5))
+    await asyncio.sleep(0.1)
+    with pytest.raises(ConnectionRefusedError):  # no longer accepting
+        await asyncio.open_connection(vip, 8080)
+    writer.write(b"during drain\n")  # but the open connection still works
+    assert await reader.readline() == b"during drain\n"
+    await stopping  # the deadline passes: the connection is closed
+    assert await asyncio.wait_for(reader.read(), 1) == b""
+    writer.close()
+    server.close()
+
+
+PRIVILEGED = r"""
+import asyncio, json, sys
+sys.path.insert(0, sys.argv[1])
+from prometheus_client import CollectorRegistry
+from cluster.state import ClusterState
+from proxy.config import ProxyConfig
+from proxy.proxier import Proxier
+from tests.proxy_helpers import endpoint, endpoint_slice, service
+
+async def main():
+    state = ClusterState()
+    p = Proxier(state, ProxyConfig(vip_mode="loopback", nodeport_addresses=["127.0.0.1/32"]),
+                registry=CollectorRegistry())
+    await p.start()
+    state.replace("Service", [service("low", sys.argv[2], [{"name": "http", "port": 80}]),
+                              service("high", sys.argv[3], [{"name": "http", "port": 8080}])])
+    state.replace("EndpointSlice", [])
+    await asyncio.sleep(0.3)
+    print(json.dumps(p.status()))
+    await p.stop(0)
+
+asyncio.run(main())
+"""
+
+
+def test_privileged_port_without_privilege_is_reported_and_the_rest_served() -> None:
+    cmd = [sys.executable, "-c", PRIVILEGED, str(Path(__file__).resolve().parents[2]),
+           f"10.100.{NET}.30", f"10.100.{NET}.31"]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("setpriv missing: cannot drop CAP_NET_BIND_SERVICE")
+        cmd = ["setpriv", "--bounding-set=-net_bind_service",
+               "--inh-caps=-net_bind_service", *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    status = {s["name"]: s for s in json.loads(out.stdout)["services"]}
+    [error] = status["default/low"]["errors"]
+    assert "127.100" in error and ":80/TCP: permission denied" in error
+    assert "CAP_NET_BIND_SERVICE" in error and "ip_unprivileged_port_start" in error
+    assert "cannot serve" in out.stderr or "permission denied" in out.stderr
+    assert status["default/high"]["errors"] == []
+    assert status["default/high"]["ports"][0]["listeners"] == [f"127.100.{NET}.31:8080/TCP"]

@@ -1,0 +1,100 @@
+"""Endpoint-change latency of the proxier with many Services (kube-proxy's network programming).
+
+    python bench/bench_proxy_sync.py [--services 10000] [--changes 300]
+
+Loads N ClusterIP Services (loopback mode: N real listeners) then, repeatedly, moves one
+Service's endpoint to the other of two backends and measures (a) state change -> sync applied
+and (b) state change -> a new connection answered by the new backend. Prints p50/p99/max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import ipaddress
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from cluster.state import ClusterState, EventType, WatchEvent  # noqa: E402
+from proxy.config import ProxyConfig  # noqa: E402
+from proxy.proxier import Proxier  # noqa: E402
+from tests.proxy_helpers import endpoint, endpoint_slice, name_server, service  # noqa: E402
+
+BACKENDS = ("127.0.1.1", "127.0.1.2")
+BACKEND_PORT = 18999
+
+
+def pct(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--services", type=int, default=10000)
+    p.add_argument("--changes", type=int, default=300)
+    p.add_argument("--gc-freeze", action="store_true",
+                   help="gc.freeze() after the initial sync (long-lived objects out of GC scans)")
+    a = p.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, a.services + 4096), hard))
+    servers = [await name_server(ip, BACKEND_PORT, ip) for ip in BACKENDS]
+    state = ClusterState()
+    proxier = Proxier(state, ProxyConfig(vip_mode="loopback", nodeport_addresses=["127.0.0.1/32"]),
+                      registry=CollectorRegistry())
+    await proxier.start()
+    base = int(ipaddress.IPv4Address("10.100.0.0"))
+    ports = [{"name": "http", "port": 8080}]
+    eports = [{"name": "http", "port": BACKEND_PORT}]
+    names = [f"svc-{i}" for i in range(a.services)]
+    ips = [str(ipaddress.IPv4Address(base + 1 + i)) for i in range(a.services)]
+    t0 = time.monotonic()
+    state.replace("Service", [service(n, ip, ports) for n, ip in zip(names, ips, strict=True)])
+    state.replace("EndpointSlice", [endpoint_slice(n, [endpoint(BACKENDS[0])], eports)
+                                    for n in names])
+    while proxier._dirty or (proxier._sync_task and not proxier._sync_task.done()):
+        await asyncio.sleep(0.05)
+    print(f"initial sync of {a.services} services: {time.monotonic() - t0:.2f}s "
+          f"({sum(len(rt.listeners) for rt in proxier.services.values())} listeners)")
+
+    if a.gc_freeze:
+        gc.collect()
+        gc.freeze()
+    sync_times: list[float] = []
+    conn_times: list[float] = []
+    for i in range(a.changes):
+        k = (i * 7919) % a.services
+        current = proxier.tables[next(n for n in proxier.tables if n.service.name == names[k])]
+        target = BACKENDS[1] if current.internal[0].ip == BACKENDS[0] else BACKENDS[0]
+        start = time.perf_counter()
+        state.apply([WatchEvent(EventType.MODIFIED,
+                                endpoint_slice(names[k], [endpoint(target)], eports))])
+        while current.internal[0].ip != target:
+            await asyncio.sleep(0)
+        sync_times.append(time.perf_counter() - start)
+        reader, writer = await asyncio.open_connection(proxier.vip_address(ips[k]), 8080)
+        answer = (await reader.readline()).strip().decode()
+        conn_times.append(time.perf_counter() - start)
+        writer.close()
+        assert answer == target, (answer, target)
+    for label, values in (("change -> sync applied", sync_times),
+                          ("change -> new connection answered by new endpoint", conn_times)):
+        print(f"{label}: p50 {pct(values, 0.5):.2f} ms, p99 {pct(values, 0.99):.2f} ms, "
+              f"max {max(values) * 1000:.2f} ms, mean {statistics.mean(values) * 1000:.2f} ms")
+    await proxier.stop(0)
+    for s in servers:
+        s.close()
+
+
+if __name__ == "__main__":
+    import uvloop
+
+    uvloop.run(main())
