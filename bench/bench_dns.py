@@ -25,6 +25,7 @@ import tempfile
 import time
 import timeit
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -111,7 +112,8 @@ def wait_udp(port: int, timeout: float = 10) -> None:
     raise TimeoutError(f"no DNS answer on port {port}")
 
 
-def dnsperf(port: int, queries: Path, seconds: int, clients: int) -> dict[str, float]:
+def dnsperf(port: int, queries: Path, seconds: int, clients: int, rate: int = 0) -> dict[str, Any]:
+    """Saturating run (rate 0) for queries/s; a run at a fixed rate for latency percentiles."""
     cmd = [
         "dnsperf",
         "-s",
@@ -126,21 +128,26 @@ def dnsperf(port: int, queries: Path, seconds: int, clients: int) -> dict[str, f
         str(clients),
         "-q",
         "100",
-        "-v",
     ]
+    if rate:
+        cmd += ["-Q", str(rate), "-v"]  # -v: one line per answered query, with its latency
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     qps = float(re.search(r"Queries per second:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    lost = re.search(r"Queries lost:\s+(\d+)", out).group(1)  # type: ignore[union-attr]
-    # -v prints one line per answered query: "> NOERROR name A 0.000123"
-    lat = sorted(float(m) for m in re.findall(r"^> \S+ \S+ \S+ ([\d.]+)$", out, re.M))
-    pct = statistics.quantiles(lat, n=100) if len(lat) > 100 else [float("nan")] * 99
-    return {
-        "qps": qps,
-        "p50_ms": pct[49] * 1e3,
-        "p99_ms": pct[98] * 1e3,
-        "lost": float(lost),
-        "cmd": " ".join(cmd),
-    }  # type: ignore[dict-item]
+    lost = int(re.search(r"Queries lost:\s+(\d+)", out).group(1))  # type: ignore[union-attr]
+    result: dict[str, Any] = {"qps": qps, "lost": lost, "cmd": " ".join(cmd)}
+    if rate:
+        lat = sorted(float(m) for m in re.findall(r"^> \S+ \S+ \S+ ([\d.]+)$", out, re.M))
+        pct = statistics.quantiles(lat, n=100)
+        result.update(p50_ms=pct[49] * 1e3, p99_ms=pct[98] * 1e3)
+    return result
+
+
+def measure(port: int, queries: Path, args: argparse.Namespace) -> dict[str, Any]:
+    wait_udp(port)
+    result = dnsperf(port, queries, args.seconds, args.clients)
+    latency = dnsperf(port, queries, args.seconds, args.clients, rate=args.rate)
+    result.update(p50_ms=latency["p50_ms"], p99_ms=latency["p99_ms"], latency_cmd=latency["cmd"])
+    return result
 
 
 def hit_path_us(services: int) -> float:
@@ -158,6 +165,7 @@ def main() -> None:
     ap.add_argument("--services", type=int, default=200)
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--rate", type=int, default=5000, help="queries/s of the latency run")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -166,6 +174,7 @@ def main() -> None:
     for tool in ("dnsperf", "dnsmasq", "dig"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is required")
+    load_before = f"{os.getloadavg()[0]:.2f}"
     with tempfile.TemporaryDirectory() as tmp:
         queries = Path(tmp, "queries.txt")
         queries.write_text("".join(f"{name} A\n" for name, _ in names(args.services)))
@@ -177,8 +186,7 @@ def main() -> None:
             [sys.executable, __file__, "--serve", str(port), "--services", str(args.services)]
         )
         try:
-            wait_udp(port)
-            results["kubeshim"] = dnsperf(port, queries, args.seconds, args.clients)
+            results["kubeshim"] = measure(port, queries, args)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(10)
@@ -201,18 +209,21 @@ def main() -> None:
             stderr=subprocess.DEVNULL,
         )
         try:
-            wait_udp(port)
-            results["dnsmasq"] = dnsperf(port, queries, args.seconds, args.clients)
+            results["dnsmasq"] = measure(port, queries, args)
         finally:
             proc.terminate()
             proc.wait(10)
     print(f"hit path in process (answer(), no sockets): {hit_path_us(args.services):.2f} us/query")
-    print(f"{'server':10} {'qps':>10} {'p50 ms':>8} {'p99 ms':>8} {'lost':>6}")
+    print(f"load average before/after: {load_before} / {os.getloadavg()[0]:.2f} (2 cores shared)")
+    print(f"latency percentiles measured at {args.rate} queries/s")
+    print(f"{'server':10} {'max qps':>10} {'lost':>6} {'p50 ms':>8} {'p99 ms':>8}")
     for name, r in results.items():
-        print(f"{name:10} {r['qps']:10.0f} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['lost']:6.0f}")
+        row = f"{r['qps']:10.0f} {r['lost']:6d} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f}"
+        print(f"{name:10} {row}")
     ratio = results["kubeshim"]["qps"] / results["dnsmasq"]["qps"]
     print(f"kubeshim/dnsmasq qps ratio: {ratio:.2f}")
-    print(f"dnsperf command: {results['kubeshim']['cmd']} (port differs per server)")
+    print(f"dnsperf commands: {results['kubeshim']['cmd']}")
+    print(f"                  {results['kubeshim']['latency_cmd']}  (port differs per server)")
 
 
 if __name__ == "__main__":
