@@ -19,14 +19,18 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from kubernetes_asyncio.client import Configuration
-from kubernetes_asyncio.config import ConfigException
-from kubernetes_asyncio.config.kube_config import KubeConfigLoader, KubeConfigMerger
+from ..log import get_logger
+
+if TYPE_CHECKING:
+    from kubernetes_asyncio.config.kube_config import KubeConfigLoader
 
 # The service-account volume every Pod gets (k8s.io/client-go rest.InClusterConfig).
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 TOKEN_REFRESH_SECONDS = 60.0
+
+log = get_logger("sources")
 
 Authorization = Callable[[], Awaitable[str | None]]
 
@@ -127,20 +131,30 @@ def in_cluster_config(
 class _KubeconfigAuthorization:
     """The kubeconfig user's credential, reloaded at most once a minute (tokenFile, exec)."""
 
-    def __init__(self, loader: KubeConfigLoader, conf: Configuration) -> None:
+    def __init__(self, loader: KubeConfigLoader, conf: Any) -> None:
         self._loader = loader
         self._value = _header(conf)
         self._read_at = time.monotonic()
 
     async def __call__(self) -> str | None:
         if time.monotonic() - self._read_at >= TOKEN_REFRESH_SECONDS:
+            from kubernetes_asyncio.client import Configuration
+
             conf = Configuration()
-            await self._loader.load_and_set(conf)
-            self._value, self._read_at = _header(conf), time.monotonic()
+            self._read_at = time.monotonic()
+            try:
+                await self._loader.load_and_set(conf)
+            except Exception as e:  # a failing exec plugin, an unreadable tokenFile, ...
+                log.warning(
+                    "cannot refresh kubeconfig credentials; keeping the previous ones",
+                    error=repr(e),
+                )
+            else:
+                self._value = _header(conf)
         return self._value
 
 
-def _header(conf: Configuration) -> str | None:
+def _header(conf: Any) -> str | None:
     value = conf.api_key.get("BearerToken")
     return str(value) if value else None
 
@@ -149,6 +163,12 @@ async def kubeconfig_config(
     path: str | Path | None = None, context: str | None = None
 ) -> ClientConfig:
     """Load a kubeconfig: `path`, else $KUBECONFIG (a path list), else ~/.kube/config."""
+    # Imported here: kubernetes_asyncio loads its whole generated client (~35 MiB RSS), which
+    # an in-cluster daemon never needs.
+    from kubernetes_asyncio.client import Configuration
+    from kubernetes_asyncio.config import ConfigException
+    from kubernetes_asyncio.config.kube_config import KubeConfigLoader, KubeConfigMerger
+
     paths = str(path) if path else os.environ.get("KUBECONFIG") or "~/.kube/config"
     merger = KubeConfigMerger(paths)
     if merger.config is None:
