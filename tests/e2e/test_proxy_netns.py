@@ -35,6 +35,7 @@ HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
 HTTP_EP = [{"name": "http", "port": 8080, "protocol": "TCP"}]
 EXTERNAL_IP = "192.168.77.7"
 LB_IP = "192.168.77.8"
+METRICS = "127.0.0.1:10249"
 
 
 def obj(o: Any) -> dict[str, Any]:
@@ -48,7 +49,6 @@ class Cluster:
     def __init__(self, lab: Lab, folder: Path) -> None:
         self.lab = lab
         self.folder = folder
-        self.status_file = folder.parent / "status.json"
         self.objects: dict[str, dict[str, Any]] = {}
         self.pods: dict[str, Netns] = {}
         self.proxy: subprocess.Popen[Any] | None = None
@@ -70,7 +70,12 @@ class Cluster:
         os.replace(tmp, self.folder / "cluster.yaml")
 
     def status(self) -> dict[str, Any]:
-        return json.loads(self.status_file.read_text())  # type: ignore[no-any-return]
+        """The proxier's part of the daemon's /status (metrics address, node namespace)."""
+        out = self.lab.node.run(["curl", "-sS", "--max-time", "2", f"http://{METRICS}/status"],
+                                check=False)
+        if out.returncode != 0:
+            raise KeyError("status not served yet")
+        return json.loads(out.stdout)["proxy"]  # type: ignore[no-any-return]
 
     def port_status(self, service: str) -> dict[str, Any]:
         for s in self.status()["services"]:
@@ -122,9 +127,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             pod.wait_port("", 8080)
         with open(folder.parent / "proxy.log", "w") as log_file:
             c.proxy = lab.node.popen(
-                [sys.executable, "-m", "tests.e2e.proxy_runner", "--manifests", str(folder),
-                 "--status", str(c.status_file), "--vip-mode", "interface",
-                 "--hostname-override", NODE, "--udp-timeout", "30"],
+                [sys.executable, "-m", "kubeshim", "run", "--manifests", str(folder),
+                 "--vip-mode", "interface", "--hostname-override", NODE, "--no-dns",
+                 "--metrics-bind-address", METRICS, "--udp-timeout", "30",
+                 "--drain-timeout", "2"],
                 cwd=ROOT, stderr=log_file,
             )
         try:
@@ -229,12 +235,13 @@ def test_no_endpoints_refuses_at_once(cluster: Cluster) -> None:
 BULK_CLIENT = r"""
 import hashlib, socket, sys
 size = 1 << 30
-block = hashlib.sha256(b"seed").digest() * (1 << 15)  # 1 MiB, never held more than once
+# Streamed from two 1 MiB blocks (never 1 GiB in memory); alternating so order errors show.
+blocks = [hashlib.sha256(b"seed").digest() * (1 << 15)]
+blocks.append(blocks[0][::-1])
 digest = hashlib.sha256()
 s = socket.create_connection(("10.96.0.16", 9000))
-view = memoryview(block)
-for i in range(size // len(block)):
-    chunk = view if i % 2 else view[::-1].tobytes()
+for i in range(size // len(blocks[0])):
+    chunk = blocks[i % 2]
     s.sendall(chunk)
     digest.update(chunk)
 s.shutdown(socket.SHUT_WR)  # half-close: the answer still has to come back
@@ -297,6 +304,15 @@ def test_metrics_and_status_count_traffic(cluster: Cluster) -> None:
     assert web["listeners"] == sorted(["10.96.0.10:80/TCP", f"{NODE_IP}:30080/TCP",
                                        "127.0.0.1:30080/TCP", f"{EXTERNAL_IP}:80/TCP",
                                        f"{LB_IP}:80/TCP"])
+
+
+def test_prometheus_metrics(cluster: Cluster) -> None:
+    out = cluster.lab.node.run(["curl", "-sS", f"http://{METRICS}/metrics"]).stdout
+    assert re.search(r'kubeshim_proxy_connections_total\{port="http",protocol="TCP",'
+                     r'service="default/web"\} [1-9]', out), out[:2000]
+    assert re.search(r"kubeproxy_sync_proxy_rules_duration_seconds_count [1-9]", out)
+    assert re.search(r"kubeproxy_network_programming_duration_seconds_count [1-9]", out)
+    assert "kubeproxy_sync_proxy_rules_last_timestamp_seconds" in out
 
 
 def test_shutdown_removes_service_addresses(cluster: Cluster) -> None:
