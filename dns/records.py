@@ -15,7 +15,9 @@ docs/specification.md, version 1.1.0) and CoreDNS's kubernetes plugin where the 
   endpointHostname), for any Service with endpoints, as CoreDNS does.
 - SRV `_<port>._<proto>.<svc>...` for a named port; SRV on `<svc>...` lists every port (CoreDNS).
   Priority 0, weight 100/n (CoreDNS), targets' addresses in the additional section.
-- ExternalName: a CNAME for every type (spec 2.5); the target is not chased.
+- ExternalName: a CNAME for every type (spec 2.5). For other types than CNAME the reply names
+  the target to chase (`Resolution.chase`): the server appends the target's records, as the
+  spec's example and CoreDNS do, so stub resolvers that do not follow CNAMEs (glibc) work.
 - PTR for ClusterIPs and ready headless endpoint addresses (spec 2.3.3, 2.4.3).
 - Pods `a-b-c-d.<ns>.pod.<zone>` (spec 2.6): "insecure" answers any address in any namespace;
   "verified" only an address that is an endpoint of some Service in that namespace, because
@@ -63,6 +65,7 @@ class Resolution:
     reply: DNSRecord
     deps: tuple[Dep, ...] = ()
     cacheable: bool = True
+    chase: str | None = None  # a CNAME target whose records complete the answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +178,9 @@ class ClusterRecords:
                 reply.add_answer(rr)
             for rr in records.additional:
                 reply.add_ar(rr)
+            last = records.answer[-1]
+            if last.rtype == QTYPE.CNAME and q.qtype not in (QTYPE.CNAME, QTYPE.ANY):
+                return Resolution(reply, deps, cacheable=False, chase=str(last.rdata.label))
         return Resolution(reply, deps)
 
     def _lookup(

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from dnslib import RCODE, RR, DNSHeader, DNSLabel, DNSRecord
+from dnslib import RCODE, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
 from cluster.log import get_logger
 from cluster.state import ClusterState, ServiceChange
@@ -209,6 +209,9 @@ class DNSServer:
         resolution = self.records.resolve(parsed.record)
         if resolution is None:
             return parsed
+        if resolution.chase is not None:
+            parsed.partial, parsed.chase = resolution.reply, resolution.chase
+            return parsed
         rcode = resolution.reply.header.rcode
         packet = finish(resolution.reply, parsed, parsed.size_limit(tcp, max_udp), max_udp)
         if found is not None and resolution.cacheable:
@@ -235,6 +238,8 @@ class DNSServer:
             return error_reply(query.id, query.record.header.bitmap, RCODE.SERVFAIL)
 
     async def _forward(self, query: Query, tcp: bool) -> bytes:
+        if query.partial is not None and query.chase is not None:
+            return await self._chase(query, query.partial, query.chase, tcp)
         started = time.perf_counter()
         request = query.record
         max_udp = self.config.max_udp_payload
@@ -261,6 +266,35 @@ class DNSServer:
         packet = finish(reply, query, query.size_limit(tcp, max_udp), max_udp)
         self.metrics.rcodes[reply.header.rcode] += 1
         self.metrics.duration.observe(time.perf_counter() - started)
+        return packet
+
+    async def _chase(self, query: Query, reply: DNSRecord, target: str, tcp: bool) -> bytes:
+        """Complete a cluster CNAME (ExternalName) with the target's records of the asked type.
+
+        A target in the cluster zone is answered here; any other goes upstream. When the target
+        cannot be resolved the CNAME alone is the answer (the client may follow it itself).
+        """
+        request = query.record
+        question = DNSQuestion(target, request.q.qtype, request.q.qclass)
+        inner = self.records.resolve(DNSRecord(DNSHeader(rd=1), q=question))
+        found: DNSRecord | None
+        if inner is not None:
+            found = inner.reply if inner.chase is None else None  # one link only
+        else:
+            try:
+                found = await self.forwarder.resolve(
+                    question, query.edns.do if query.edns else False
+                )
+            except UpstreamError:
+                found = None
+        if found is not None:
+            for rr in found.rr:
+                reply.add_answer(rr)
+            if found.header.rcode == RCODE.NXDOMAIN:
+                reply.header.rcode = RCODE.NXDOMAIN  # RFC 6604: the rcode of the chain's end
+        max_udp = self.config.max_udp_payload
+        packet = finish(reply, query, query.size_limit(tcp, max_udp), max_udp)
+        self.metrics.rcodes[reply.header.rcode] += 1
         return packet
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:

@@ -89,6 +89,9 @@ class Query:
     id: int
     record: DNSRecord
     edns: Edns | None
+    # Set when a cluster answer ends in a CNAME to chase: the reply so far and the target.
+    partial: DNSRecord | None = None
+    chase: str | None = None
 
     def size_limit(self, tcp: bool, max_udp: int) -> int:
         if tcp:

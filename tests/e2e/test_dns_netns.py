@@ -129,6 +129,15 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         a, b = n.pods["pod-a"].ip, n.pods["pod-b"].ip
         n.write("web", service("web", "10.96.0.20"), endpoint_slice("web", [(a, None), (b, None)]))
         n.write("db", service("db", "None"), endpoint_slice("db", [(a, "db-0"), (b, "db-1")]))
+        n.write(
+            "ext",
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "ext", "namespace": "default"},
+                "spec": {"type": "ExternalName", "externalName": OUTSIDE[0]},
+            },
+        )
         for pod in n.pods.values():
             pod.wait_port("", 8080)
         upstream.wait_port("", 53, "udp")
@@ -196,6 +205,12 @@ def test_outside_names_are_forwarded_and_missing_names_fail(node: Node) -> None:
     out = node.getent("hosts", OUTSIDE[0])
     assert out.returncode == 0 and out.stdout.split()[0] == OUTSIDE[1]
     assert node.getent("hosts", "nope").returncode == 2  # not found, after every search domain
+
+
+def test_external_name_resolves_to_its_target(node: Node) -> None:
+    out = node.getent("ahostsv4", "ext")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == OUTSIDE[1]
 
 
 def test_curl_by_service_name_reaches_a_pod(node: Node) -> None:

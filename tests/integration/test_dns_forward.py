@@ -14,11 +14,12 @@ import shutil
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncio_dgram
 import pytest
 from dnslib import QTYPE, RCODE, RR, SOA, A, DNSRecord
-from test_dns_server import dig  # same directory (rootdir-relative imports)
+from test_dns_server import dig, service  # same directory (rootdir-relative imports)
 
 from cluster.state import ClusterState
 from dns.config import DNSConfig
@@ -106,10 +107,12 @@ async def upstream() -> AsyncIterator[CountingUpstream]:
     await up.stop()
 
 
-async def start_server(upstreams: list[tuple[str, int]], synced: bool = True) -> DNSServer:
+async def start_server(
+    upstreams: list[tuple[str, int]], synced: bool = True, services: list[Any] | None = None
+) -> DNSServer:
     state = ClusterState()
     if synced:
-        state.replace("Service", [])
+        state.replace("Service", services or [])
         state.replace("EndpointSlice", [])
     config = DNSConfig(binds=[("127.0.0.1", 0)], upstreams=upstreams, upstream_timeout=0.5)
     srv = DNSServer(state, config)
@@ -221,3 +224,36 @@ async def test_cluster_names_are_never_forwarded(upstream: CountingUpstream) -> 
     finally:
         await unsynced.stop()
         await synced.stop()
+
+
+async def test_external_name_target_is_chased(upstream: CountingUpstream) -> None:
+    services = [
+        service("ext", ip=None, type="ExternalName", externalName="www.example", ports=[]),
+        service(
+            "alias",
+            ip=None,
+            type="ExternalName",
+            externalName="web.default.svc.cluster.local",
+            ports=[],
+        ),
+        service("web", ip="10.96.0.20"),
+    ]
+    srv = await start_server([("127.0.0.1", upstream.port)], services=services)
+    try:
+        p = port_of(srv)
+        r = await dig(p, "ext.default.svc.cluster.local", "A")
+        assert r.answer == [
+            ("ext.default.svc.cluster.local.", 30, "CNAME", "www.example."),
+            ("www.example.", 60, "A", "192.0.2.1"),
+        ]
+        assert "aa" in r.flags
+        r = await dig(p, "alias.default.svc.cluster.local", "A")
+        assert r.answer == [
+            ("alias.default.svc.cluster.local.", 30, "CNAME", "web.default.svc.cluster.local."),
+            ("web.default.svc.cluster.local.", 30, "A", "10.96.0.20"),
+        ]
+        r = await dig(p, "ext.default.svc.cluster.local", "CNAME")  # asked for the CNAME itself
+        assert r.answer == [("ext.default.svc.cluster.local.", 30, "CNAME", "www.example.")]
+        assert upstream.udp["www.example"] == 1
+    finally:
+        await srv.stop()

@@ -322,7 +322,7 @@ async def test_service_change_is_visible_in_the_next_answer(
     name = f"web.default.svc.{Z}"
     assert (await dig(p, name)).answer[0][3] == "10.96.0.20"
     assert (await dig(p, name)).answer[0][3] == "10.96.0.20"  # now from the cache
-    await dig(p, f"ext.default.svc.{Z}")
+    await dig(p, f"ext.default.svc.{Z}", "CNAME")
     state.apply([WatchEvent(EventType.MODIFIED, service("web", ip="10.96.0.21"))])
     assert (await dig(p, name)).answer[0][3] == "10.96.0.21"
     assert (await dig(p, "-x", "10.96.0.21")).answer[0][3] == f"{name}."
@@ -348,7 +348,7 @@ async def test_service_change_is_visible_in_the_next_answer(
     assert (await dig(p, name)).status == "NXDOMAIN"
     # Unrelated names stayed cached throughout.
     hits = server.answer_hits
-    assert (await dig(p, f"ext.default.svc.{Z}")).answer[0][3] == "example.org."
+    assert (await dig(p, f"ext.default.svc.{Z}", "CNAME")).answer[0][3] == "example.org."
     assert server.answer_hits == hits + 1
 
 
