@@ -150,7 +150,7 @@ class UpstreamCache:
             del store[next(iter(store))]  # oldest first
         reply.ar = [rr for rr in reply.ar if rr.rtype != QTYPE.OPT]
         store[key] = _Stored(reply, self.clock(), ttl, [rr.ttl for rr in _records(reply)])
-        return ttl
+        return int(ttl)
 
     def __len__(self) -> int:
         return len(self.positive) + len(self.negative)

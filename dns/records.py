@@ -33,7 +33,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dnslib import AAAA, CNAME, PTR, QTYPE, RCODE, RR, SOA, SRV, TXT, A, DNSHeader, DNSRecord
 
@@ -358,11 +358,7 @@ class ClusterRecords:
 @dataclass(slots=True)
 class _RRs:
     answer: list[RR]
-    additional: list[RR] | None = None
-
-    def __post_init__(self) -> None:
-        if self.additional is None:
-            self.additional = []
+    additional: list[RR] = field(default_factory=list)
 
 
 def _records_for(targets: list[_Target], qtype: int, owner: object, ttl: int) -> _RRs:

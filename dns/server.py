@@ -366,7 +366,7 @@ class _TCPProtocol(asyncio.Protocol):
             server.metrics.requests_tcp += 1
             out = server.answer(message, True)
             if out.__class__ is bytes:
-                self._send(out)  # type: ignore[arg-type]
+                self._send(out)
             elif out is not None:
                 self.inflight += 1
                 server.spawn(self._forward(out))  # type: ignore[arg-type]
