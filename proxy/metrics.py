@@ -75,31 +75,29 @@ class ProxyCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         labels = ["service", "port", "protocol"]
-        fams = {
-            "conn": CounterMetricFamily(
-                "kubeshim_proxy_connections", "TCP connections accepted / UDP flows created",
-                labels=labels),
-            "active": GaugeMetricFamily(
-                "kubeshim_proxy_connections_active", "Open TCP connections and UDP flows",
-                labels=labels),
-            "in": CounterMetricFamily(
-                "kubeshim_proxy_received_bytes", "Bytes from clients to endpoints", labels=labels),
-            "out": CounterMetricFamily(
-                "kubeshim_proxy_sent_bytes", "Bytes from endpoints to clients", labels=labels),
-            "err": CounterMetricFamily(
-                "kubeshim_proxy_errors", "Failed connections and datagrams by reason",
-                labels=[*labels, "reason"]),
-        }
+        conn = CounterMetricFamily(
+            "kubeshim_proxy_connections", "TCP connections accepted / UDP flows created",
+            labels=labels)
+        active = GaugeMetricFamily(
+            "kubeshim_proxy_connections_active", "Open TCP connections and UDP flows",
+            labels=labels)
+        received = CounterMetricFamily(
+            "kubeshim_proxy_received_bytes", "Bytes from clients to endpoints", labels=labels)
+        sent = CounterMetricFamily(
+            "kubeshim_proxy_sent_bytes", "Bytes from endpoints to clients", labels=labels)
+        errors = CounterMetricFamily(
+            "kubeshim_proxy_errors", "Failed connections and datagrams by reason",
+            labels=[*labels, "reason"])
         for source in list(self._sources.values()):
             for service, port, protocol, c in source():
                 lv = [service, port, protocol]
-                fams["conn"].add_metric(lv, c.connections_total)
-                fams["active"].add_metric(lv, c.connections_active + c.flows_active)
-                fams["in"].add_metric(lv, c.bytes_in)
-                fams["out"].add_metric(lv, c.bytes_out)
+                conn.add_metric(lv, c.connections_total)
+                active.add_metric(lv, c.connections_active + c.flows_active)
+                received.add_metric(lv, c.bytes_in)
+                sent.add_metric(lv, c.bytes_out)
                 for reason, n in c.errors.items():
-                    fams["err"].add_metric([*lv, reason], n)
-        yield from fams.values()
+                    errors.add_metric([*lv, reason], n)
+        yield from (conn, active, received, sent, errors)
 
 
 class ProxyMetrics:

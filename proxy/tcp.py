@@ -93,10 +93,8 @@ class ClientSide(asyncio.Protocol):
         counters.connections_active += 1
         fe.connections.add(self)
         transport.pause_reading()  # until the endpoint answers; the kernel buffers meanwhile
+        # TCP_NODELAY: uvloop and asyncio both set it on every TCP transport already.
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.endpoint = ep
         self.table.opened(ep)
         self._dial = fe.loop.create_task(self._connect(ep))
@@ -182,9 +180,6 @@ class ClientSide(asyncio.Protocol):
             return
         self.upstream = transport
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._early:
             transport.writelines(self._early)
             self._early.clear()
