@@ -381,6 +381,9 @@ class ControlPlane:
                 f"--initial-cluster=default={peer_url}",
                 # A test cluster's data is thrown away: skip fsync, which dominates start-up.
                 "--unsafe-no-fsync",
+                # One member: a short election timeout makes it leader sooner.
+                "--heartbeat-interval=20",
+                "--election-timeout=200",
                 "--log-level=warn",
             ],
             self.workdir / "etcd.log",
@@ -468,11 +471,24 @@ class ControlPlane:
     def compact_etcd(self, revision: int | None = None) -> int:
         """Compact etcd's history up to `revision` (default: now); returns that revision.
 
-        Resource versions older than it are then gone from etcd: a watch that reaches etcd
-        from one gets 410 Gone (the apiserver's watch cache may still serve recent ones).
+        Resource versions older than it are then gone from etcd. The apiserver's watch
+        cache still serves its own recent history, so a watch from such a version succeeds
+        until the cache is rebuilt (expire_history) or when --watch-cache=false.
         """
         revision = self.etcd_revision() if revision is None else revision
         self._etcd_post("/v3/kv/compaction", {"revision": revision, "physical": True})
+        return revision
+
+    def expire_history(self) -> int:
+        """Make every resourceVersion issued so far too old to watch from; returns etcd's
+        compacted revision.
+
+        Compacts etcd, then restarts kube-apiserver so its watch cache starts over from
+        the compacted store: a watch from an older version then gets the watch event
+        ERROR with a Status of code 410, reason Expired ("too old resource version").
+        """
+        revision = self.compact_etcd()
+        self.restart_apiserver()
         return revision
 
     def _etcd_post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
