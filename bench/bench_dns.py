@@ -65,9 +65,17 @@ def names(services: int) -> list[tuple[str, str]]:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free for both UDP and TCP."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", 0))
+            port = int(u.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                try:
+                    t.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+        return port
 
 
 def serve(port: int, services: int) -> None:
@@ -160,12 +168,63 @@ def hit_path_us(services: int) -> float:
     return timeit.timeit(lambda: server.answer(q, False), number=n) / n * 1e6
 
 
+def cache_policy_ns() -> tuple[float, float]:
+    """Cost of one cache hit: a plain dict (clear-on-full) vs an LRU (OrderedDict move_to_end)."""
+    from collections import OrderedDict
+
+    keys = [f"svc-{i}.bench".encode() for i in range(1000)]
+    plain = dict.fromkeys(keys, b"packet")
+    lru: OrderedDict[bytes, bytes] = OrderedDict(plain)
+
+    def plain_hit() -> None:
+        for k in keys:
+            plain.get(k)
+
+    def lru_hit() -> None:
+        for k in keys:
+            if lru.get(k) is not None:
+                lru.move_to_end(k)
+
+    n = 200
+    return (
+        timeit.timeit(plain_hit, number=n) / (n * len(keys)) * 1e9,
+        timeit.timeit(lru_hit, number=n) / (n * len(keys)) * 1e9,
+    )
+
+
+def start_kubeshim(port: int, services: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(port), "--services", str(services)]
+    )
+
+
+def start_dnsmasq(port: int, hosts: Path, tmp: str) -> subprocess.Popen[bytes]:
+    user = "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
+    return subprocess.Popen(
+        [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            f"--addn-hosts={hosts}",
+            f"--port={port}",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--cache-size=10000",
+            f"--pid-file={tmp}/dnsmasq.pid",
+            f"--user={user}",
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--services", type=int, default=200)
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--rate", type=int, default=5000, help="queries/s of the latency run")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians reported")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -175,55 +234,42 @@ def main() -> None:
         if not shutil.which(tool):
             sys.exit(f"{tool} is required")
     load_before = f"{os.getloadavg()[0]:.2f}"
+    runs: dict[str, list[dict[str, Any]]] = {"kubeshim": [], "dnsmasq": []}
     with tempfile.TemporaryDirectory() as tmp:
         queries = Path(tmp, "queries.txt")
         queries.write_text("".join(f"{name} A\n" for name, _ in names(args.services)))
         hosts = Path(tmp, "hosts")
         hosts.write_text("".join(f"{ip} {name}\n" for name, ip in names(args.services)))
-        results = {}
-        port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve", str(port), "--services", str(args.services)]
-        )
-        try:
-            results["kubeshim"] = measure(port, queries, args)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(10)
-        port = free_port()
-        proc = subprocess.Popen(
-            [
-                "dnsmasq",
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--no-daemon",
-                f"--addn-hosts={hosts}",
-                f"--port={port}",
-                "--listen-address=127.0.0.1",
-                "--bind-interfaces",
-                "--cache-size=10000",
-                f"--pid-file={tmp}/dnsmasq.pid",
-                "--user=" + ("root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")),
-            ],
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            results["dnsmasq"] = measure(port, queries, args)
-        finally:
-            proc.terminate()
-            proc.wait(10)
+        for _ in range(args.rounds):
+            for name in runs:
+                port = free_port()
+                if name == "kubeshim":
+                    proc = start_kubeshim(port, args.services)
+                else:
+                    proc = start_dnsmasq(port, hosts, tmp)
+                try:
+                    runs[name].append(measure(port, queries, args))
+                finally:
+                    proc.terminate()
+                    proc.wait(10)
     print(f"hit path in process (answer(), no sockets): {hit_path_us(args.services):.2f} us/query")
+    plain_ns, lru_ns = cache_policy_ns()
+    print(f"cache hit bookkeeping: dict {plain_ns:.0f} ns, LRU (OrderedDict) {lru_ns:.0f} ns")
     print(f"load average before/after: {load_before} / {os.getloadavg()[0]:.2f} (2 cores shared)")
+    print(f"{args.services} names, {args.rounds} alternating rounds of {args.seconds}s; medians")
     print(f"latency percentiles measured at {args.rate} queries/s")
-    print(f"{'server':10} {'max qps':>10} {'lost':>6} {'p50 ms':>8} {'p99 ms':>8}")
-    for name, r in results.items():
-        row = f"{r['qps']:10.0f} {r['lost']:6d} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f}"
-        print(f"{name:10} {row}")
-    ratio = results["kubeshim"]["qps"] / results["dnsmasq"]["qps"]
-    print(f"kubeshim/dnsmasq qps ratio: {ratio:.2f}")
-    print(f"dnsperf commands: {results['kubeshim']['cmd']}")
-    print(f"                  {results['kubeshim']['latency_cmd']}  (port differs per server)")
+    print(f"{'server':10} {'max qps':>10} {'lost':>6} {'p50 ms':>8} {'p99 ms':>8}  qps per round")
+    med: dict[str, float] = {}
+    for name, rs in runs.items():
+        med[name] = statistics.median(r["qps"] for r in rs)
+        per_round = " ".join(f"{r['qps']:.0f}" for r in rs)
+        p50 = statistics.median(r["p50_ms"] for r in rs)
+        p99 = statistics.median(r["p99_ms"] for r in rs)
+        lost = sum(r["lost"] for r in rs)
+        print(f"{name:10} {med[name]:10.0f} {lost:6d} {p50:8.3f} {p99:8.3f}  {per_round}")
+    print(f"kubeshim/dnsmasq qps ratio (medians): {med['kubeshim'] / med['dnsmasq']:.2f}")
+    print(f"dnsperf commands: {runs['kubeshim'][0]['cmd']}")
+    print(f"                  {runs['kubeshim'][0]['latency_cmd']}  (port differs per server)")
 
 
 if __name__ == "__main__":
