@@ -193,7 +193,9 @@ class APISource:
                     verb = "watch"
                 if await self._watch(session, res):
                     attempt = 0
-                continue  # the server ended the watch (timeoutSeconds): watch again
+                    continue  # the server ended the watch (timeoutSeconds): watch again
+                # Ended at once without a byte: back off rather than spin.
+                log.debug("watch ended without data", resource=res.plural)
             except Gone:
                 log.info(
                     "resource version expired, relisting",
@@ -299,9 +301,9 @@ class APISource:
             try:
                 async with await self._get(session, res, params, timeout) as resp:
                     body = await resp.read()
-            except Gone:
-                if "continue" not in params:
-                    raise
+            except Gone as e:
+                if "continue" not in params:  # a 410 on a fresh list: an error, back off
+                    raise APIError(410, str(e), "Gone") from None
                 # The continue token outlived its snapshot (compaction): list from scratch.
                 log.info("list continue token expired, restarting list", resource=res.plural)
                 objects.clear()
@@ -323,7 +325,8 @@ class APISource:
         )
 
     async def _watch(self, session: aiohttp.ClientSession, res: Resource) -> bool:
-        """Watch from the last resourceVersion; True if the server ended it cleanly."""
+        """Watch from the last resourceVersion until the server ends the stream; True if it sent
+        anything (a stream ended at once without data is retried with backoff)."""
         rv = self.resource_versions[res.kind]
         seconds = random.randint(self.watch_timeout, 2 * self.watch_timeout)
         params = {
@@ -336,6 +339,7 @@ class APISource:
         async with await self._get(session, res, params, timeout) as resp:
             content = resp.content
             tail = b""
+            received = False
             while True:
                 try:
                     async with asyncio.timeout(self.stall_timeout):
@@ -343,7 +347,8 @@ class APISource:
                 except TimeoutError:
                     raise StreamStalled() from None
                 if not chunk:
-                    return True
+                    return received
+                received = True
                 lines = (tail + chunk).split(b"\n")
                 tail = lines.pop()
                 self._handle_lines(res, lines)

@@ -90,6 +90,7 @@ class FakeAPIServer:
         }
         self.events: list[Event] = []
         self.forbidden: set[str] = set()
+        self.fail_next: list[int] = []  # HTTP statuses to answer the next requests with
         # What clients asked for, for assertions: (verb, plural, query params).
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.sent_at: dict[int, float] = {}  # rv -> time.monotonic() the event was written
@@ -210,8 +211,12 @@ class FakeAPIServer:
     def send_gone(self) -> None:
         """Compact, and end every open watch with an ERROR event carrying a 410 Status."""
         self.compact()
+        self.send_error(status(410, "Expired", "too old resource version"))
+
+    def send_error(self, error: dict[str, Any]) -> None:
+        """End every open watch with an ERROR event carrying `error` (a Status)."""
         for w in self._watchers:
-            w.errors.append(status(410, "Expired", "too old resource version"))
+            w.errors.append(error)
         self._notify_safe()
 
     def bookmark_now(self) -> None:
@@ -246,6 +251,9 @@ class FakeAPIServer:
             watch = query.get("watch") in ("1", "true")
             verb = "watch" if watch else "list"
             self.requests.append((verb, plural, query))
+            if self.fail_next:
+                code = self.fail_next.pop(0)
+                return web.json_response(status(code, "InternalError", "injected"), status=code)
             if (denied := self._authenticate(request)) is not None:
                 return denied
             if plural in self.forbidden:

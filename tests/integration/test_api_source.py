@@ -358,6 +358,25 @@ async def test_in_cluster_token_rotation_is_picked_up(server, pki, tmp_path, run
     await wait_for(lambda: key("b") in r.state.services)
 
 
+async def test_server_errors_back_off_and_resume_without_relisting(
+    server, client, run_source, caplog
+) -> None:
+    server.fail_next = [500, 503]  # the first list attempts fail
+    server.load([service("a", "10.96.0.1")])
+    r = run_source(client)
+    await wait_for(lambda: r.state.synced)
+    assert "API request failed verb=list resource=" in log_text(caplog)
+    await wait_for(lambda: server.watches == 2)
+    rv = r.source.resource_versions["Service"]
+    # An ERROR event that is not 410: resume the watch where it was, no relist.
+    server.send_error({"kind": "Status", "code": 500, "reason": "InternalError", "message": "x"})
+    server.put(service("b", "10.96.0.2"))
+    await wait_for(lambda: key("b") in r.state.services)
+    lists = [p for v, p, _ in server.requests if v == "list"]
+    assert len(lists) == 4  # two injected failures, then one list per kind; none after
+    assert rv in r.watch_rvs(server, "services")[1:]
+
+
 # --- against the real kube-apiserver (tests/peers) ---------------------------------------------
 
 
