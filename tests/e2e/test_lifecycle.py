@@ -32,7 +32,7 @@ NODE = "lab-node"
 CLUSTER_IP = "10.96.0.10"
 STALE_IP = "10.96.0.99"
 PORT = 9000
-DRAIN = 6.0
+DRAIN = 8.0
 
 MANIFEST = f"""\
 apiVersion: v1
@@ -76,7 +76,7 @@ class Kubeshim:
             self.proc = self.node.popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
 
     def wait_serving(self, client: Netns) -> None:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 40  # generous: a busy machine, nothing timed here
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()
             if connects(client) and CLUSTER_IP in vips(self.node):
@@ -181,7 +181,7 @@ def test_the_drain_deadline_ends_stuck_connections(lab: Any) -> None:
     daemon.signal(signal.SIGTERM)
     assert daemon.proc.wait(timeout=DRAIN + 10) == 0, daemon.log.read_text()
     took = time.monotonic() - sent
-    assert DRAIN - 0.5 < took < DRAIN + 4, took
+    assert DRAIN - 0.5 < took < DRAIN + 6, took
     assert "drain deadline passed" in daemon.log.read_text()
     assert live.proc.wait(timeout=5) is not None  # the client saw its connection end
     assert vips(lab.node) == []

@@ -146,7 +146,8 @@ def backends() -> Iterator[None]:
              for i in (1, 2)]
     try:
         for i in (1, 2):
-            wait_for(lambda i=i: curl(f"http://{NET}.{i}:18080/")[0] == 200, what="backend")
+            wait_for(lambda i=i: curl(f"http://{NET}.{i}:18080/")[0] == 200, timeout=30,
+                     what="backend")
         yield
     finally:
         for p in procs:
@@ -158,10 +159,15 @@ def backends() -> Iterator[None]:
 def daemon(tmp_path: Path, backends: None) -> Iterator[Daemon]:
     d = Daemon(tmp_path)
     try:
+        # Generous: the machine may be busy; nothing here measures speed.
         wait_for(lambda: curl(d.url("/healthz"))[0] == 200 or d.proc.poll() is not None,
-                 what="healthz")
+                 timeout=30, what="healthz")
         assert d.proc.poll() is None, d.log_text()
-        wait_for(lambda: '"default/web"' in curl(d.murl("/status"))[1], what="web served")
+        try:
+            wait_for(lambda: '"default/web"' in curl(d.murl("/status"))[1], timeout=30,
+                     what="web served")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{d.log_text()}") from None
         yield d
     finally:
         d.stop()
@@ -224,12 +230,12 @@ def test_metrics_endpoint(daemon: Daemon) -> None:
 def test_health_check_node_port_follows_endpoints(daemon: Daemon) -> None:
     d = daemon
     hc = f"http://127.0.0.1:{d.hc}/"
-    wait_for(lambda: curl(hc)[0] == 200, what="health check")
+    wait_for(lambda: curl(hc)[0] == 200, timeout=20, what="health check")
     body = json.loads(curl(hc)[1])
     assert body == {"service": {"namespace": "default", "name": "web"}, "localEndpoints": 1,
                     "serviceProxyHealthy": True}
     d.write_manifests(ready=False)  # the only local endpoint stops being ready
-    wait_for(lambda: curl(hc)[0] == 503, what="503 from the health check")
+    wait_for(lambda: curl(hc)[0] == 503, timeout=20, what="503 from the health check")
     assert json.loads(curl(hc)[1])["localEndpoints"] == 0
 
 
@@ -279,7 +285,7 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
                                 "--no-dns"])
     try:
         wait_for(lambda: curl(f"http://127.0.0.1:{flag_port}/healthz")[0] == 200,
-                 what="healthz on the flag's port")
+                 timeout=30, what="healthz on the flag's port")
         assert curl(d.url("/healthz"))[0] == -7  # the file's port is not used
     finally:
         assert d.stop() == 0
