@@ -59,7 +59,6 @@ class Options:
     # operations
     healthz_bind_address: str = "0.0.0.0:10256"
     metrics_bind_address: str = "127.0.0.1:10249"
-    config_sync_period: float = 900.0
     drain_timeout: float = 15.0
     log_level: str = "info"
     proxy_name: str = "kubeshim"
