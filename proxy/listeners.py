@@ -37,6 +37,10 @@ class ListenerSpec:
     service_ip: str  # the address clients use (ClusterIP, node IP, externalIP, LB IP)
 
     @property
+    def family(self) -> int:
+        return _family(self.service_ip)
+
+    @property
     def external(self) -> bool:
         """Traffic from outside the cluster: externalTrafficPolicy applies."""
         return self.kind != "ClusterIP"
@@ -74,7 +78,10 @@ def desired_listeners(
         for ip in svc.cluster_ips:
             add("ClusterIP", ip, sp.port)
         for kind, ip in external_ips:
-            add(kind, ip, sp.port)  # type: ignore[arg-type]
+            # An address of a family the Service does not have is ignored, as kube-proxy's
+            # per-family proxiers do.
+            if _family(ip) in families:
+                add(kind, ip, sp.port)  # type: ignore[arg-type]
         if sp.node_port and svc.spec.type in ("NodePort", "LoadBalancer"):
             for ip in node_ips:
                 if _family(ip) in families:

@@ -20,13 +20,13 @@ from prometheus_client import CollectorRegistry
 
 from cluster.log import get_logger
 from cluster.model import NamespacedName, ServicePortName
-from cluster.state import ClusterState, ServiceChange, ServiceInfo
+from cluster.state import ClusterState, EndpointInfo, ServiceChange, ServiceInfo
 
 from .balancer import Clock
 from .config import ProxyConfig
 from .listeners import ListenerKey, ListenerSpec, desired_listeners, diff_listeners, vips_of
 from .metrics import PortCounters, ProxyMetrics
-from .table import PortTable
+from .table import PortTable, ip_family
 from .tcp import ClientSide, TcpFrontend, listen_socket
 from .udp import UdpFrontend, bind_socket
 from .vip import (
@@ -39,6 +39,8 @@ from .vip import (
 )
 
 log = get_logger("proxy")
+
+TableKey = tuple[ServicePortName, int]  # (service port, IP family)
 
 RETRY_MIN = 1.0
 RETRY_MAX = 30.0
@@ -71,7 +73,7 @@ class ServiceRuntime:
     desired: dict[ListenerKey, ListenerSpec] = field(default_factory=dict)
     vips: set[str] = field(default_factory=set)
     errors: dict[str, str] = field(default_factory=dict)  # what -> why
-    ports: set[ServicePortName] = field(default_factory=set)  # its entries in Proxier.tables
+    ports: set[TableKey] = field(default_factory=set)  # its entries in Proxier.tables
     retries: int = 0
 
 
@@ -100,7 +102,8 @@ class Proxier:
         self._netlink = NetlinkWorker()
         self.node_ips: list[str] = []
         self._local_ips: set[str] = set()
-        self.tables: dict[ServicePortName, PortTable] = {}
+        self.tables: dict[TableKey, PortTable] = {}
+        self.counters: dict[ServicePortName, PortCounters] = {}
         self.services: dict[NamespacedName, ServiceRuntime] = {}
         self._owners: dict[ListenerKey, NamespacedName] = {}
         self._failing: set[NamespacedName] = set()  # Services with errors
@@ -246,8 +249,9 @@ class Proxier:
         rt.info = info
         errors: dict[str, str] = {}
         desired: dict[ListenerKey, ListenerSpec] = {}
-        port_names: set[ServicePortName] = set()
+        port_names: set[TableKey] = set()
         if info is not None and info.proxied:
+            families = sorted({ip_family(ip) for ip in info.service.cluster_ips})
             desired, problems = desired_listeners(info, self.node_ips, self.vip_address)
             for name, reason in problems:
                 errors[f"port {name}"] = reason
@@ -259,14 +263,18 @@ class Proxier:
             for spi in info.ports:
                 if spi.spec.protocol == "SCTP":
                     continue
-                port_names.add(spi.name)
-                table = self.tables.get(spi.name)
-                if table is None:
-                    table = self.tables[spi.name] = PortTable(spi, self.config.balance, self._clock)
-                    table.node_addresses = self._local_ips
-                stale = table.update(info.service, spi, self.config.node_name)
-                if stale:
-                    self._drop_udp_flows(rt, spi.name, stale)
+                counters = self.counters.setdefault(spi.name, PortCounters())
+                for family in families:
+                    tkey = (spi.name, family)
+                    port_names.add(tkey)
+                    table = self.tables.get(tkey)
+                    if table is None:
+                        table = self.tables[tkey] = PortTable(
+                            spi, family, self.config.balance, self._clock, counters)
+                        table.node_addresses = self._local_ips
+                    stale = table.update(info.service, spi, self.config.node_name)
+                    if stale:
+                        self._drop_udp_flows(rt, spi.name, stale)
 
         close, open_ = diff_listeners({k: li.spec for k, li in rt.listeners.items()}, desired)
         for k in close:
@@ -302,8 +310,10 @@ class Proxier:
                 errors[str(spec.key)] = _bind_error(e, spec)
         rt.desired = desired
         # Tables of ports that went away (their listeners are closed above).
-        for name in rt.ports - port_names:
-            del self.tables[name]
+        for tkey in rt.ports - port_names:
+            del self.tables[tkey]
+        for name in {n for n, _ in rt.ports} - {n for n, _ in port_names}:
+            self.counters.pop(name, None)
         rt.ports = port_names
         for what, why in errors.items():
             if rt.errors.get(what) != why:
@@ -324,7 +334,7 @@ class Proxier:
         return not any(k not in rt.listeners for k in desired)
 
     async def _open(self, spec: ListenerSpec) -> Listener:
-        table = self.tables[spec.port_name]
+        table = self.tables[(spec.port_name, spec.family)]
         listener = Listener(spec, table)
         loop = asyncio.get_running_loop()
         k = spec.key
@@ -387,8 +397,8 @@ class Proxier:
         return self.mapper.address(ip)
 
     def _counter_rows(self) -> Iterable[tuple[str, str, str, PortCounters]]:
-        for name, table in self.tables.items():
-            yield str(name.service), name.port, name.protocol, table.counters
+        for name, counters in self.counters.items():
+            yield str(name.service), name.port, name.protocol, counters
 
     def status(self) -> dict[str, Any]:
         services = []
@@ -397,7 +407,7 @@ class Proxier:
             ports = []
             info = rt.info
             for spi in info.ports if info is not None else ():
-                table = self.tables.get(spi.name)
+                tables = [t for f in (4, 6) if (t := self.tables.get((spi.name, f))) is not None]
                 listeners = sorted(str(k) for k, li in rt.listeners.items()
                                    if li.spec.port_name == spi.name)
                 entry: dict[str, Any] = {
@@ -405,18 +415,11 @@ class Proxier:
                     "protocol": spi.spec.protocol, "nodePort": spi.spec.node_port or None,
                     "listeners": listeners,
                 }
-                if table is not None:
-                    internal = {(e.ip, e.port) for e in table.internal}
-                    external = {(e.ip, e.port) for e in table.external}
+                if tables:
                     entry["endpoints"] = [
-                        {"address": ep.address, "state": _endpoint_state(ep.ready, ep.serving,
-                                                                         ep.terminating),
-                         "node": ep.node_name, "usedFor": [w for w, s in (
-                             ("internal", internal), ("external", external))
-                             if (ep.ip, ep.port) in s],
-                         "active": table.active.get((ep.ip, ep.port), 0)}
-                        for ep in table.endpoints
+                        _endpoint_status(table, ep) for table in tables for ep in table.endpoints
                     ]
+                    table = tables[0]
                     c = table.counters
                     entry.update(c.as_dict())
                     entry["active"] = c.connections_active + c.flows_active
@@ -443,6 +446,15 @@ class Proxier:
             "udpFlows": sum(len(li.udp.flows) for rt in self.services.values()
                             for li in rt.listeners.values() if li.udp is not None),
         }
+
+
+def _endpoint_status(table: PortTable, ep: EndpointInfo) -> dict[str, Any]:
+    key = (ep.ip, ep.port)
+    used = [w for w, eps in (("internal", table.internal), ("external", table.external))
+            if any((e.ip, e.port) == key for e in eps)]
+    return {"address": ep.address,
+            "state": _endpoint_state(ep.ready, ep.serving, ep.terminating),
+            "node": ep.node_name, "usedFor": used, "active": table.active.get(key, 0)}
 
 
 def _endpoint_state(ready: bool, serving: bool, terminating: bool) -> str:

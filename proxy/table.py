@@ -17,6 +17,10 @@ from .metrics import PortCounters
 from .topology import Categorized, PortPolicy, categorize_endpoints
 
 
+def ip_family(ip: str) -> int:
+    return 6 if ":" in ip else 4
+
+
 def port_policy(svc: Service, spi: ServicePortInfo) -> PortPolicy:
     accessible = bool(spi.spec.node_port or svc.spec.external_ips or svc.load_balancer_ips)
     return PortPolicy(svc.internal_local, svc.external_local, accessible)
@@ -25,9 +29,13 @@ def port_policy(svc: Service, spi: ServicePortInfo) -> PortPolicy:
 class PortTable:
     """Endpoints and balancing state of one ServicePort."""
 
-    def __init__(self, spi: ServicePortInfo, balance: str, clock: Clock) -> None:
+    def __init__(self, spi: ServicePortInfo, family: int, balance: str, clock: Clock,
+                 counters: PortCounters | None = None) -> None:
         self.name = spi.name
-        self.counters = PortCounters()
+        # Like kube-proxy's per-family proxiers, a table serves one IP family: connections to
+        # an IPv6 ClusterIP go to IPv6 endpoints only. Both families share the port's counters.
+        self.family = family
+        self.counters = counters if counters is not None else PortCounters()
         self.balancer = make_balancer(balance)
         self.affinity: AffinityTable | None = None
         self._clock = clock
@@ -49,9 +57,9 @@ class PortTable:
         """Take new endpoints and settings; returns the endpoints no longer usable at all."""
         before = set(self._internal_keys) | set(self._external_keys)
         self.spec = spi.spec
-        self.endpoints = spi.endpoints
+        self.endpoints = tuple(ep for ep in spi.endpoints if ip_family(ep.ip) == self.family)
         policy = port_policy(svc, spi)
-        self.categorized = categorize_endpoints(spi.endpoints, policy, node_name)
+        self.categorized = categorize_endpoints(self.endpoints, policy, node_name)
         self.internal = self.categorized.for_traffic(svc.internal_local)
         self.external = self.categorized.for_traffic(svc.external_local)
         self._external_uses_cluster = not svc.external_local

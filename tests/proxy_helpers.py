@@ -51,12 +51,13 @@ def endpoint_slice(
     ports: Sequence[dict[str, Any]],
     namespace: str = "default",
     suffix: str = "abc",
+    address_type: str = "IPv4",
 ) -> EndpointSlice:
     raw = {
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": f"{service_name}-{suffix}", "namespace": namespace,
                      "labels": {"kubernetes.io/service-name": service_name}},
-        "addressType": "IPv4",
+        "addressType": address_type,
         "endpoints": list(endpoints),
         "ports": list(ports),
     }

@@ -69,8 +69,9 @@ async def main() -> None:
     p.add_argument("--bulk", type=int, default=9000)
     a = p.parse_args()
     loop = asyncio.get_running_loop()
-    await loop.create_server(lambda: Http(a.name.encode()), "0.0.0.0", a.http, reuse_address=True)
-    await loop.create_server(Bulk, "0.0.0.0", a.bulk, reuse_address=True)
+    # host None: every address of both families.
+    await loop.create_server(lambda: Http(a.name.encode()), None, a.http, reuse_address=True)
+    await loop.create_server(Bulk, None, a.bulk, reuse_address=True)
     await asyncio.Event().wait()
 
 

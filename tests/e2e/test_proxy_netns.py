@@ -36,6 +36,8 @@ HTTP_EP = [{"name": "http", "port": 8080, "protocol": "TCP"}]
 EXTERNAL_IP = "192.168.77.7"
 LB_IP = "192.168.77.8"
 METRICS = "127.0.0.1:10249"
+POD6 = "fd00:244::"  # the lab's IPv6 pod network; the node is ::1 of it
+NODE_IP6 = f"{POD6}1"
 
 
 def obj(o: Any) -> dict[str, Any]:
@@ -51,6 +53,7 @@ class Cluster:
         self.folder = folder
         self.objects: dict[str, dict[str, Any]] = {}
         self.pods: dict[str, Netns] = {}
+        self.ip6: dict[str, str] = {}
         self.proxy: subprocess.Popen[Any] | None = None
 
     @property
@@ -104,6 +107,18 @@ class Cluster:
         return out.stdout.split()
 
 
+def enable_ipv6(lab: Lab) -> dict[str, str]:
+    """Give the node's bridge and every host an IPv6 address too (dual-stack pods)."""
+    lab.node.run(["ip", "-6", "addr", "add", f"{NODE_IP6}/64", "dev", "br0", "nodad"])
+    out = {}
+    for name, host in lab.hosts.items():
+        ip6 = f"{POD6}{host.ip.rsplit('.', 1)[1]}"
+        host.run(["ip", "-6", "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad"])
+        host.run(["ip", "-6", "route", "add", "default", "via", NODE_IP6])
+        out[name] = ip6
+    return out
+
+
 def pod_endpoint(cluster: Cluster, pod: str, **kw: Any) -> dict[str, Any]:
     return endpoint(cluster.ip(pod), **kw)
 
@@ -117,6 +132,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             pod = c.pods[name] = lab.add_host(name)
             pod.popen([sys.executable, str(ROOT / "tests/e2e/proxy_backend.py"), name])
         lab.add_host("client")
+        c.ip6 = enable_ipv6(lab)
         for name, answer in (("pod-b", "10.1.0.2"), ("pod-c", "10.1.0.3")):
             c.pods[name].popen(["dnsmasq", "-k", "-C", "/dev/null", "--no-resolv", "--no-hosts",
                                 "--pid-file", "--user=root", "-p", "53",
@@ -134,7 +150,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 cwd=ROOT, stderr=log_file,
             )
         try:
-            c.wait(lambda: len(c.status()["services"]) == 9 and not any(
+            c.wait(lambda: len(c.status()["services"]) == 10 and not any(
                 s["errors"] for s in c.status()["services"]), "the proxy to serve", 20)
         except TimeoutError:
             print((folder.parent / "proxy.log").read_text())
@@ -174,6 +190,12 @@ def build_manifests(c: Cluster) -> None:
         endpoint_slice("bulk", [a(node=NODE)], [{"name": "bulk", "port": 9000}]),
         service("load", "10.96.0.17", HTTP),
         endpoint_slice("load", [a(node=NODE), b(node=NODE), cc(node=NODE)], HTTP_EP),
+        service("dual", "10.96.0.18", [{**HTTP[0], "nodePort": 30082}], type="NodePort",
+                clusterIPs=["10.96.0.18", "fd00:96::18"], ipFamilies=["IPv4", "IPv6"],
+                ipFamilyPolicy="RequireDualStack"),
+        endpoint_slice("dual", [a(node=NODE)], HTTP_EP, suffix="v4"),
+        endpoint_slice("dual", [endpoint(c.ip6["pod-b"], node=NODE)], HTTP_EP, suffix="v6",
+                       address_type="IPv6"),
         service("dns", "10.96.0.53", [{"name": "dns", "port": 53, "protocol": "UDP"}]),
         endpoint_slice("dns", [b(node=NODE), cc(node=NODE)],
                        [{"name": "dns", "port": 53, "protocol": "UDP"}]),
@@ -197,6 +219,14 @@ def test_cluster_ip_round_robin_spreads_evenly(cluster: Cluster) -> None:
                                  f"http://{LB_IP}/"], ids=["NodePort", "externalIP", "LB ingress"])
 def test_external_addresses_reach_backends(cluster: Cluster, url: str) -> None:
     assert set(cluster.curl(*[url] * 6)) == {"pod-a", "pod-b", "pod-c"}
+
+
+def test_dual_stack_each_family_reaches_its_own_endpoints(cluster: Cluster) -> None:
+    assert set(cluster.curl(*["http://10.96.0.18/"] * 4)) == {"pod-a"}
+    assert set(cluster.curl(*["http://[fd00:96::18]/"] * 4)) == {"pod-b"}
+    assert set(cluster.curl(*[f"http://[{NODE_IP6}]:30082/"] * 4)) == {"pod-b"}
+    addrs = cluster.lab.node.run(["ip", "-o", "addr", "show", "dev", "kubeshim0"]).stdout
+    assert "inet6 fd00:96::18/128" in addrs
 
 
 def test_internal_traffic_policy_local_uses_node_local_endpoints(cluster: Cluster) -> None:

@@ -164,7 +164,7 @@ def _table(
     info = build_service_info(
         svc, [endpoint_slice("web", eps, [{"name": "http", "port": 8080}])], "kubeshim"
     )
-    table = PortTable(info.ports[0], "round-robin", clock or Clock())
+    table = PortTable(info.ports[0], 4, "round-robin", clock or Clock())
     table.update(svc, info.ports[0], node)
     return table
 
@@ -199,3 +199,27 @@ def test_port_table_update_reports_stale_endpoints_and_affinity_expires() -> Non
         "kubeshim",
     )
     assert t.update(svc, info.ports[0], "node-a") == {("10.244.0.2", 8080)}
+
+
+def test_dual_stack_listeners_and_family_tables() -> None:
+    svc = service("web", "10.96.0.20", [HTTP], type="NodePort", ipFamilies=["IPv4", "IPv6"],
+                  clusterIPs=["10.96.0.20", "fd00:96::20"],
+                  externalIPs=["198.51.100.1", "2001:db8:1::1"])
+    v4 = endpoint_slice("web", [endpoint("10.244.0.2")], [{"name": "http", "port": 8080}])
+    v6 = endpoint_slice("web", [endpoint("fd00:244::2")], [{"name": "http", "port": 8080}],
+                        suffix="v6", address_type="IPv6")
+    info = build_service_info(svc, [v4, v6], "kubeshim")
+    got, _ = desired_listeners(info, NODE_IPS, identity)
+    assert {f"{s.kind} {s.key} {s.family}" for s in got.values()} == {
+        "ClusterIP 10.96.0.20:80/TCP 4", "ClusterIP [fd00:96::20]:80/TCP 6",
+        "ExternalIP 198.51.100.1:80/TCP 4", "ExternalIP [2001:db8:1::1]:80/TCP 6",
+        "NodePort 192.0.2.10:30080/TCP 4", "NodePort [2001:db8::10]:30080/TCP 6"}
+    tables = {f: PortTable(info.ports[0], f, "round-robin", Clock()) for f in (4, 6)}
+    for table in tables.values():
+        table.update(svc, info.ports[0], "node-a")
+    assert [e.ip for e in tables[4].internal] == ["10.244.0.2"]
+    assert [e.ip for e in tables[6].internal] == ["fd00:244::2"]
+
+
+def test_external_ip_of_a_missing_family_is_ignored() -> None:
+    assert keys({"externalIPs": ["2001:db8:1::1"]}, [HTTP]) == {"ClusterIP 10.96.0.20:80/TCP"}
