@@ -48,6 +48,9 @@ class DNSConfig:
     upstream_negative_cache_size: int = 10000
     upstream_max_ttl: int = 3600  # cap on how long an upstream answer is kept
     upstream_timeout: float = 2.0  # per upstream, per attempt
+    # Forwarded queries in flight at once; beyond it queries get REFUSED (CoreDNS forward's
+    # max_concurrent) instead of piling up tasks while upstreams are slow.
+    max_concurrent_forwards: int = 1000
     tcp_idle_timeout: float = 10.0
     tcp_max_pipelined: int = 64  # queries in flight on one TCP connection before reading pauses
     max_udp_payload: int = 4096  # the largest EDNS UDP size we honour (and advertise)

@@ -297,6 +297,14 @@ class DNSServer:
         self.metrics.rcodes[reply.header.rcode] += 1
         return packet
 
+    def saturated(self) -> bool:
+        return len(self._tasks) >= self.config.max_concurrent_forwards
+
+    def refuse(self, query: Query) -> bytes:
+        """REFUSED for a query that would exceed the forwarding limit."""
+        self.metrics.rcodes[RCODE.REFUSED] += 1
+        return error_reply(query.id, query.record.header.bitmap, RCODE.REFUSED)
+
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -321,7 +329,10 @@ class _UDPProtocol(asyncio.DatagramProtocol):
         if out.__class__ is bytes:
             self.transport.sendto(out, addr)  # type: ignore[union-attr]
         elif out is not None:
-            server.spawn(self._forward(out, addr))  # type: ignore[arg-type]
+            if server.saturated():
+                self.transport.sendto(server.refuse(out), addr)  # type: ignore[union-attr,arg-type]
+            else:
+                server.spawn(self._forward(out, addr))  # type: ignore[arg-type]
 
     async def _forward(self, query: Query, addr: tuple[str, int]) -> None:
         packet = await self.server.forward(query, False)
@@ -368,6 +379,9 @@ class _TCPProtocol(asyncio.Protocol):
             if out.__class__ is bytes:
                 self._send(out)
             elif out is not None:
+                if server.saturated():
+                    self._send(server.refuse(out))  # type: ignore[arg-type]
+                    continue
                 self.inflight += 1
                 server.spawn(self._forward(out))  # type: ignore[arg-type]
                 if self.inflight >= server.config.tcp_max_pipelined and not self.paused:

@@ -257,3 +257,29 @@ async def test_external_name_target_is_chased(upstream: CountingUpstream) -> Non
         assert upstream.udp["www.example"] == 1
     finally:
         await srv.stop()
+
+
+async def test_queries_beyond_the_forwarding_limit_are_refused() -> None:
+    silent = await asyncio_dgram.bind(("127.0.0.1", 0))  # holds every forwarded query
+    state = ClusterState()
+    state.replace("Service", [])
+    state.replace("EndpointSlice", [])
+    config = DNSConfig(
+        binds=[("127.0.0.1", 0)],
+        upstreams=[("127.0.0.1", silent.sockname[1])],
+        upstream_timeout=1.0,
+        max_concurrent_forwards=2,
+    )
+    srv = DNSServer(state, config)
+    await srv.start()
+    try:
+        p = port_of(srv)
+        slow = [asyncio.create_task(dig(p, f"slow{i}.example")) for i in range(2)]
+        await asyncio.sleep(0.3)
+        r = await dig(p, "third.example")
+        assert r.status == "REFUSED"
+        assert (await dig(p, "web.default.svc.cluster.local")).status == "NXDOMAIN"  # cluster ok
+        assert [x.status for x in await asyncio.gather(*slow)] == ["SERVFAIL", "SERVFAIL"]
+    finally:
+        await srv.stop()
+        silent.close()
