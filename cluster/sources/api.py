@@ -228,6 +228,10 @@ class APISource:
                     server=self.client.server,
                     error=_describe(e),
                 )
+            except Exception:  # a bug must not end the watch for good: report, back off, retry
+                log.error(
+                    "unexpected error in list/watch", exc_info=True, verb=verb, resource=res.plural
+                )
             # Full jitter (AWS architecture blog, "Exponential Backoff And Jitter").
             delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**attempt))
             attempt += 1
@@ -402,10 +406,13 @@ class APISource:
                 events.append(WatchEvent(type_, obj))
                 rv = obj.metadata.resource_version or rv
         finally:
-            # Apply what decoded before any error, then remember where to resume.
-            if events:
-                self.state.apply(events)
-            self.resource_versions[kind] = rv
+            # Apply what decoded before any error and remember where to resume, even if a
+            # subscriber raised: the state has the events, a retry must not replay them.
+            try:
+                if events:
+                    self.state.apply(events)
+            finally:
+                self.resource_versions[kind] = rv
 
 
 @contextlib.contextmanager

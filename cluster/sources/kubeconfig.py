@@ -155,8 +155,9 @@ class _KubeconfigAuthorization:
 
 
 def _header(conf: Any) -> str | None:
-    value = conf.api_key.get("BearerToken")
-    return str(value) if value else None
+    # A tokenFile's trailing newline is not part of the token (client-go trims it too).
+    value = str(conf.api_key.get("BearerToken") or "").strip()
+    return value if value and value != "Bearer" else None
 
 
 async def kubeconfig_config(

@@ -377,6 +377,64 @@ async def test_server_errors_back_off_and_resume_without_relisting(
     assert rv in r.watch_rvs(server, "services")[1:]
 
 
+async def test_kubeconfig_context_argument_selects_credentials(
+    server, pki, tmp_path, run_source
+) -> None:
+    server.load([service("a", "10.96.0.1")])
+    cluster = {"server": server.url, "certificate-authority": str(pki.ca)}
+    kc = tmp_path / "kc"
+    kc.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "stale",
+                "clusters": [{"name": "fake", "cluster": cluster}],
+                "users": [
+                    {"name": "old", "user": {"token": "expired"}},
+                    {"name": "new", "user": {"tokenFile": str(tmp_path / "token")}},
+                ],
+                "contexts": [
+                    {"name": "stale", "context": {"cluster": "fake", "user": "old"}},
+                    {"name": "fresh", "context": {"cluster": "fake", "user": "new"}},
+                ],
+            }
+        )
+    )
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    config = await kubeconfig_config(kc, context="fresh")
+    assert config.source == f"kubeconfig {kc} context fresh"
+    r = run_source(config)
+    await wait_for(lambda: r.state.synced)
+
+
+async def test_kubeconfig_from_env_path_list(
+    server, pki, tmp_path, run_source, monkeypatch
+) -> None:
+    server.load([service("a", "10.96.0.1")])
+    kc = write_kubeconfig(
+        tmp_path / "kc", server.url, {"token": TOKEN}, {"certificate-authority": str(pki.ca)}
+    )
+    monkeypatch.setenv("KUBECONFIG", f"{tmp_path / 'absent'}:{kc}")
+    r = run_source(await kubeconfig_config())
+    await wait_for(lambda: r.state.synced)
+
+
+@pytest.mark.parametrize("insecure", [True, False], ids=["skip-verify-set", "not-set"])
+async def test_insecure_skip_tls_verify_only_when_set(
+    server, tmp_path, run_source, caplog, insecure
+) -> None:
+    server.load([service("a", "10.96.0.1")])
+    cluster = {"insecure-skip-tls-verify": True} if insecure else {}
+    kc = write_kubeconfig(tmp_path / "kc", server.url, {"token": TOKEN}, cluster)
+    r = run_source(await kubeconfig_config(kc))
+    if insecure:
+        await wait_for(lambda: r.state.synced)
+    else:  # the system CAs do not know the test CA
+        await wait_for(lambda: "TLS verification of the API server failed" in log_text(caplog))
+        assert not r.state.synced
+
+
 # --- against the real kube-apiserver (tests/peers) ---------------------------------------------
 
 
