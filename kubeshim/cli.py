@@ -24,6 +24,7 @@ from .config import (
     Options,
     expand_nodeport_addresses,
     load_config_file,
+    parse_duration,
     parse_host_port,
 )
 
@@ -36,6 +37,14 @@ def _add_source_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--context", help="kubeconfig context (default: current-context)")
     g.add_argument("--in-cluster", action="store_true", default=None,
                    help="use the pod's service account and KUBERNETES_SERVICE_HOST")
+
+
+def _duration(text: str) -> float:
+    """A flag's duration: seconds, or a Go duration like kube-proxy's flags take (30s, 1h)."""
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,10 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="interface: assign ClusterIPs to --vip-interface (root); loopback: map them to 127.x")
     px.add_argument("--vip-interface", metavar="NAME", help="default kubeshim0")
     px.add_argument("--nodeport-addresses", metavar="CIDRS",
-                    help="comma-separated CIDRs (or 'primary') NodePorts listen on; default all")
+                    help="CIDRs and 'primary', 'localhost', 'all' (comma separated): where NodePorts listen; default all")
     px.add_argument("--balance", choices=["round-robin", "random", "least-connections"])
-    px.add_argument("--udp-timeout", type=float, metavar="SECONDS", help="UDP flow idle timeout (default 30)")
-    px.add_argument("--tcp-idle-timeout", type=float, metavar="SECONDS", help="default 3600")
+    px.add_argument("--udp-timeout", "--conntrack-udp-timeout", type=_duration,
+                    metavar="DURATION", help="UDP flow idle timeout, e.g. 30s (default 30)")
+    px.add_argument("--tcp-idle-timeout", "--conntrack-tcp-timeout-established",
+                    type=_duration, metavar="DURATION", help="e.g. 24h (default 3600 s)")
 
     dn = run.add_argument_group("dns")
     dn.add_argument("--no-dns", dest="dns", action="store_false", default=None, help="proxy only")

@@ -247,6 +247,9 @@ FLAGS: list[tuple[str, list[str], dict[str, Any]]] = [
      ["--upstream", "127.0.0.1:5300", "--upstream", "[::1]", "--cluster-domain", "flag.local"],
      {"upstreams": [("127.0.0.1", 5300), ("::1", 53)], "cluster_domain": "flag.local"}),
     ("-v is debug", ["-v"], {"log_level": "debug"}),
+    ("kube-proxy's conntrack flag names and Go durations",
+     ["--conntrack-udp-timeout", "1m", "--conntrack-tcp-timeout-established", "24h"],
+     {"udp_timeout": 60.0, "tcp_idle_timeout": 86400.0}),
     ("nodePort keywords on the command line", ["--nodeport-addresses", "localhost,10.1.0.0/16"],
      {"nodeport_addresses": ["127.0.0.0/8", "::1/128", "10.1.0.0/16"]}),
 ]
