@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="interface: assign ClusterIPs to --vip-interface (root); loopback: map them to 127.x")
     px.add_argument("--vip-interface", metavar="NAME", help="default kubeshim0")
     px.add_argument("--nodeport-addresses", metavar="CIDRS",
-                    help="CIDRs and 'primary', 'localhost', 'all' (comma separated): where NodePorts listen; default all")
+                    help="CIDRs and 'primary', 'localhost', 'all' (comma separated): "
+                    "where NodePorts listen; default all")
     px.add_argument("--balance", choices=["round-robin", "random", "least-connections"])
     px.add_argument("--udp-timeout", "--conntrack-udp-timeout", type=_duration,
                     metavar="DURATION", help="UDP flow idle timeout, e.g. 30s (default 30)")
