@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
+import socket
 import struct
 from collections.abc import AsyncIterator
 
@@ -111,6 +112,7 @@ async def test_thousands_of_broken_udp_packets(server: DNSServer) -> None:
     port = server.addresses[0][1]
     packets = broken_packets(random.Random(1234), 4000)
     client = await asyncio_dgram.connect(("127.0.0.1", port))
+    client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # keep every reply
     replies: list[bytes] = []
 
     async def receive() -> None:
