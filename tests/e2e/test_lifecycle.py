@@ -32,6 +32,7 @@ NODE = "lab-node"
 CLUSTER_IP = "10.96.0.10"
 STALE_IP = "10.96.0.99"
 PORT = 9000
+HC_PORT = 32100
 DRAIN = 8.0
 
 MANIFEST = f"""\
@@ -49,6 +50,33 @@ metadata:
   name: echo-1
   namespace: default
   labels: {{kubernetes.io/service-name: echo}}
+addressType: IPv4
+ports: [{{name: tcp, protocol: TCP, port: {PORT}}}]
+endpoints:
+- addresses: [10.244.0.2]
+  nodeName: {NODE}
+  conditions: {{ready: true}}
+---
+# The same Pod behind a LoadBalancer with externalTrafficPolicy Local: a load balancer probes
+# the node's health-check nodePort.
+apiVersion: v1
+kind: Service
+metadata: {{name: echo-lb, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.11
+  clusterIPs: [10.96.0.11]
+  allocateLoadBalancerNodePorts: false
+  externalTrafficPolicy: Local
+  healthCheckNodePort: {HC_PORT}
+  ports: [{{name: tcp, protocol: TCP, port: {PORT}, targetPort: {PORT}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: echo-lb-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: echo-lb}}
 addressType: IPv4
 ports: [{{name: tcp, protocol: TCP, port: {PORT}}}]
 endpoints:
@@ -103,6 +131,13 @@ def vips(node: Netns) -> list[str]:
     return [line.split()[3].split("/")[0] for line in out.stdout.splitlines()]
 
 
+def health_check(client: Netns) -> int:
+    """The status a load balancer probing the health-check nodePort gets (0: no answer)."""
+    out = client.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2",
+                      f"http://{NODE_IP}:{HC_PORT}/"], check=False)
+    return int(out.stdout or 0)
+
+
 def connects(client: Netns) -> bool:
     """A new TCP connection to the ClusterIP succeeds (nc -z)."""
     return client.run(["nc", "-z", "-w", "2", CLUSTER_IP, str(PORT)], check=False).returncode == 0
@@ -145,6 +180,10 @@ def test_sigterm_drains_live_connections_and_removes_vips(lab: Any) -> None:
     daemon.wait_serving(client)
     live = LiveConnection(client)
     assert live.echo("before") == "before"
+    deadline = time.monotonic() + 10
+    while health_check(client) != 200:
+        assert time.monotonic() < deadline, "no health-check nodePort"
+        time.sleep(0.1)
 
     daemon.signal(signal.SIGTERM)
     # New connections are refused at once (the listener is closed, the VIP still local)...
@@ -161,6 +200,8 @@ def test_sigterm_drains_live_connections_and_removes_vips(lab: Any) -> None:
         time.sleep(0.3)
     assert daemon.proc.poll() is None, "the daemon must wait for the live connection"
     assert CLUSTER_IP in vips(lab.node)
+    # Load balancers see the node go at once: its health-check nodePort is closed.
+    assert health_check(client) == 0
 
     closed = time.monotonic()
     live.close()
@@ -198,7 +239,7 @@ def test_restart_after_a_crash_cleans_stale_addresses(lab: Any) -> None:
 
     second = Kubeshim(lab, tmp, 2)
     second.wait_serving(client)
-    assert vips(lab.node) == [CLUSTER_IP], "the stale address of a gone Service stays"
+    assert sorted(vips(lab.node)) == [CLUSTER_IP, "10.96.0.11"], "a stale address stays"
     live = LiveConnection(client)
     assert live.echo("again") == "again"
     live.close()
