@@ -320,11 +320,18 @@ class APISource:
             params["continue"] = meta.continue_
         with gc_paused():
             self.state.replace(res.kind, objects)
+        count = len(objects)
+        del objects
+        # The listed objects live until replaced and hold no cycles. Freezing moves them out
+        # of the collector's generations: a full collection would otherwise rescan them all
+        # (10k Services x 10 endpoints: ~0.4 s, a stall for every connection the proxy
+        # serves). Replaced objects are still freed by reference counting.
+        gc.freeze()
         self.resource_versions[res.kind] = meta.resource_version
         log.info(
             "listed",
             resource=res.plural,
-            count=len(objects),
+            count=count,
             resource_version=meta.resource_version,
         )
 
