@@ -102,8 +102,10 @@ class ClientSide(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         up = self.upstream
         if up is None:
-            # uvloop may hand over what it read with the accept, even while paused.
+            # uvloop may deliver data before the pause in connection_made takes effect: keep
+            # it for the endpoint, and pause now (reading resumes once the endpoint answers).
             self._early.append(data)
+            self.transport.pause_reading()
         else:
             up.write(data)
         self.counters.bytes_in += len(data)

@@ -476,3 +476,78 @@ def test_privileged_port_without_privilege_is_reported_and_the_rest_served() -> 
     assert "cannot serve" in out.stderr or "permission denied" in out.stderr
     assert status["default/high"]["errors"] == []
     assert status["default/high"]["ports"][0]["listeners"] == [f"127.100.{NET}.31:8080/TCP"]
+
+
+class Flood(asyncio.Protocol):
+    """Writes `total` bytes as fast as the transport takes them; records what is still queued."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.write(b"x" * self.total)
+
+
+class Sink(asyncio.Protocol):
+    """Accepts and stops reading (uvloop may still deliver a first read after connection_made)."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.pause_reading()
+
+
+async def test_backpressure_bounds_buffering_both_ways(env: Env) -> None:
+    total = 64 << 20
+    loop = asyncio.get_running_loop()
+    floods: list[Flood] = []
+    sinks: list[Sink] = []
+
+    def flood() -> Flood:
+        floods.append(Flood(total))
+        return floods[-1]
+
+    def sink() -> Sink:
+        sinks.append(Sink())
+        return sinks[-1]
+
+    # Endpoint -> client: the endpoint floods, the client never reads.
+    env.servers.append(await loop.create_server(flood, BACKEND[0], env.port))
+    other = free_port(BACKEND[1])
+    sink_sock = socket.socket()
+    sink_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # inherited when accepted
+    sink_sock.bind((BACKEND[1], other))
+    sink_sock.listen()
+    env.servers.append(await loop.create_server(sink, sock=sink_sock))
+    up = service("up", f"10.100.{NET}.40", [{"name": "x", "port": 8080}])
+    env.publish([web(8080), up],
+                [web_slice(env.port, endpoint(BACKEND[0])),
+                 endpoint_slice("up", [endpoint(BACKEND[1])], [{"name": "x", "port": other}])])
+    await env.settle()
+    client = socket.create_connection((env.vip(), 8080))
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    # Client -> endpoint: the client floods, the endpoint never reads.
+    writer_transport, _ = await loop.create_connection(lambda: Flood(total),
+                                                       env.vip(f"10.100.{NET}.40"), 8080)
+    await asyncio.sleep(1.0)
+    # Had the proxy read without pausing, it would hold the data and both floods would have
+    # drained into it. Instead the rest is still queued at its sender: 64 MiB minus what the
+    # kernel buffers on the way (up to tcp_rmem's 32 MiB max plus tcp_wmem's 4 MiB).
+    assert floods[0].transport.get_write_buffer_size() > 16 << 20
+    assert writer_transport.get_write_buffer_size() > 16 << 20
+    # And the data still flows once the slow side reads.
+    client.setblocking(False)
+    received = 0
+    deadline = loop.time() + 10
+    while received < total and loop.time() < deadline:
+        try:
+            received += len(client.recv(1 << 20))
+        except BlockingIOError:
+            await asyncio.sleep(0.001)
+    assert received == total
+    client.close()
+    writer_transport.abort()
