@@ -12,12 +12,13 @@ from cluster.state import ClusterState, EndpointInfo, ServiceInfo
 
 
 def _endpoint_state(ep: EndpointInfo) -> str:
+    """The words the proxy's status uses: ready, serving-terminating, terminating, not-ready."""
     if ep.ready:
         return "ready"
     if ep.serving and ep.terminating:
-        return "terminating"
+        return "serving-terminating"
     if ep.terminating:
-        return "terminating,not-serving"
+        return "terminating"
     return "not-ready"
 
 
