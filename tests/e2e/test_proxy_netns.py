@@ -141,6 +141,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.write()
         for pod in c.pods.values():
             pod.wait_port("", 8080)
+        # A leftover from an earlier run that did not shut down: cleaned at start.
+        lab.node.run(["ip", "link", "add", "kubeshim0", "type", "bridge"])
+        lab.node.run(["ip", "addr", "add", "10.96.99.99/32", "dev", "kubeshim0"])
         with open(folder.parent / "proxy.log", "w") as log_file:
             c.proxy = lab.node.popen(
                 [sys.executable, "-m", "kubeshim", "run", "--manifests", str(folder),
@@ -208,6 +211,11 @@ def test_service_addresses_on_the_vip_interface(cluster: Cluster) -> None:
         assert f"inet {ip}/32" in addrs
     routes = cluster.lab.node.run(["ip", "route", "show"]).stdout
     assert "10.96." not in routes  # /32s: no route to the service range appears
+
+
+def test_stale_addresses_cleaned_at_start(cluster: Cluster) -> None:
+    addrs = cluster.lab.node.run(["ip", "-o", "addr", "show", "dev", "kubeshim0"]).stdout
+    assert "10.96.99.99" not in addrs and "10.96.0.10/32" in addrs
 
 
 def test_cluster_ip_round_robin_spreads_evenly(cluster: Cluster) -> None:
@@ -326,6 +334,19 @@ def test_endpoint_removal_under_wrk_load_has_no_errors(cluster: Cluster) -> None
     assert "Socket errors" not in out and "Non-2xx" not in out, out
     assert hits("pod-c") == at_removal  # no new connection went to the removed endpoint
     assert at_removal > 0
+
+
+def test_removed_service_loses_its_address_and_listener(cluster: Cluster) -> None:
+    del cluster.objects["Service/term"]
+    cluster.write()
+    cluster.wait(lambda: all(s["name"] != "default/term" for s in cluster.status()["services"]),
+                 "the service removal")
+    addrs = cluster.lab.node.run(["ip", "-o", "addr", "show", "dev", "kubeshim0"]).stdout
+    assert "10.96.0.13/" not in addrs and "10.96.0.10/32" in addrs
+    out = cluster.client.run(["curl", "-sS", "--max-time", "3", "http://10.96.0.13/"],
+                             check=False)
+    assert out.returncode != 0
+    assert cluster.curl("http://10.96.0.10/")  # the others keep serving
 
 
 def test_metrics_and_status_count_traffic(cluster: Cluster) -> None:
