@@ -128,16 +128,28 @@ async def test_thousands_of_broken_udp_packets(server: DNSServer) -> None:
             await client.send(packet)
             if i % 50 == 0:
                 await asyncio.sleep(0.001)  # let the server keep up; this is not a load test
-        await asyncio.sleep(0.5)
+        # Every packet with a header and QR=0 gets exactly one reply; the rest none.
+        expected = sum(1 for p in packets if len(p) >= 12 and not p[2] & 0x80)
+        for _ in range(200):
+            if len(replies) >= expected:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # and nothing more arrives
     finally:
         receiver.cancel()
         client.close()
-    assert len(replies) > len(packets) // 2  # most packets deserve an answer
+    assert len(replies) == expected
     for reply in replies:
         assert reply[:2] in by_id
         check_reply(by_id[reply[:2]][0], reply)
     # Responses and packets shorter than a header are dropped, never answered.
-    assert server.metrics.dropped > 0
+    # (An empty datagram may not even reach the protocol, so those are not counted.)
+    assert (
+        len(packets) - expected
+        >= server.metrics.dropped
+        >= sum(1 for p in packets if p) - expected
+        > 0
+    )
     assert server.metrics.rcodes[1] > 0 and server.metrics.rcodes[4] > 0  # FORMERR, NOTIMP
     assert server._internal_errors == 0  # every packet was judged, none hit a bug
     r = await dig(port, f"web.default.svc.{Z}")
