@@ -67,6 +67,7 @@ class DNSServer:
         self._udp: list[asyncio.DatagramTransport] = []
         self._tcp: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._connections: set[_TCPProtocol] = set()
         self._internal_errors = 0
         state.subscribe(self._on_changes)
 
@@ -119,6 +120,9 @@ class DNSServer:
             server.close()
         for task in list(self._tasks):
             task.cancel()
+        for conn in list(self._connections):
+            if conn.transport is not None:
+                conn.transport.close()
         for server in self._tcp:
             await server.wait_closed()
         if self._tasks:
@@ -356,12 +360,14 @@ class _TCPProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.server._connections.add(self)
         self._touch()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
         self.transport = None
+        self.server._connections.discard(self)
 
     def data_received(self, data: bytes) -> None:
         self._touch()

@@ -401,3 +401,12 @@ async def test_metrics_count_requests_responses_and_cache(server: DNSServer) -> 
     assert 'coredns_cache_hits_total{cache="answer",server="dns://",type="cluster"} 2.0' in text
     assert 'coredns_cache_entries{cache="answer",server="dns://",type="cluster"}' in text
     assert "coredns_dns_request_duration_seconds_bucket" in text
+
+
+async def test_stop_closes_open_tcp_connections(state: ClusterState) -> None:
+    srv = DNSServer(state, DNSConfig(binds=[("127.0.0.1", 0)], upstreams=[], tcp_idle_timeout=60))
+    await srv.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(srv))
+    await asyncio.wait_for(srv.stop(), 5)
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
