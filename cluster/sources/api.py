@@ -172,6 +172,7 @@ class APISource:
         self.kinds = kinds
         # The last resourceVersion applied per kind: where a reconnecting watch resumes.
         self.resource_versions: dict[Kind, str] = {}
+        self._need_consistent_list: set[Kind] = set()
 
     async def run(self) -> None:
         """List and watch every kind until cancelled."""
@@ -202,6 +203,7 @@ class APISource:
                     resource=res.plural,
                     resource_version=self.resource_versions.pop(res.kind, ""),
                 )
+                self._need_consistent_list.add(res.kind)
                 continue
             except APIError as e:
                 self._log_api_error(e, verb, res)
@@ -298,8 +300,15 @@ class APISource:
         return resp
 
     async def _list(self, session: aiohttp.ClientSession, res: Resource) -> None:
+        # Like client-go's Reflector: the first list may be served from the API server's watch
+        # cache (resourceVersion=0, cheap for the server when every node lists at once); a
+        # relist after 410 Gone asks for a consistent read (no resourceVersion), since the
+        # cache was evidently behind. A continue page must not carry a resourceVersion.
+        first = {"limit": str(self.page_size)}
+        if res.kind not in self._need_consistent_list:
+            first["resourceVersion"] = "0"
         objects: list[KubeObject] = []
-        params = {"limit": str(self.page_size)}
+        params = dict(first)
         timeout = aiohttp.ClientTimeout(sock_connect=self.connect_timeout, sock_read=60)
         while True:
             try:
@@ -311,13 +320,13 @@ class APISource:
                 # The continue token outlived its snapshot (compaction): list from scratch.
                 log.info("list continue token expired, restarting list", resource=res.plural)
                 objects.clear()
-                params = {"limit": str(self.page_size)}
+                params = dict(first)
                 continue
             with gc_paused():
                 meta = decode_list(res.kind, body, objects)
             if not meta.continue_:
                 break
-            params["continue"] = meta.continue_
+            params = {"limit": str(self.page_size), "continue": meta.continue_}
         with gc_paused():
             self.state.replace(res.kind, objects)
         count = len(objects)
