@@ -55,7 +55,19 @@ class Listener:
         self.spec = spec
         self.table = table
         self.server: asyncio.AbstractServer | None = None
+        self.tcp: TcpFrontend | None = None
         self.udp: UdpFrontend | None = None
+
+    def retarget(self, spec: ListenerSpec, table: PortTable) -> None:
+        """Serve another spec on the same socket (e.g. a renamed port): no close and rebind."""
+        if self.udp is not None:
+            self.udp.drop_all()  # flows belong to the old table
+        self.spec = spec
+        self.table = table
+        frontend = self.tcp or self.udp
+        assert frontend is not None
+        frontend.table = table
+        frontend.external = spec.external
 
     def close(self) -> None:
         # Closing a TCP server stops accepting; established connections carry on.
@@ -278,6 +290,10 @@ class Proxier:
 
         close, open_ = diff_listeners({k: li.spec for k, li in rt.listeners.items()}, desired)
         for k in close:
+            if k in desired and (table := self.tables.get(
+                    (desired[k].port_name, desired[k].family))) is not None:
+                rt.listeners[k].retarget(desired[k], table)
+                continue
             rt.listeners.pop(k).close()
             if self._owners.get(k) == key:
                 del self._owners[k]
@@ -340,7 +356,7 @@ class Proxier:
         k = spec.key
         if k.protocol == "TCP":
             sock = listen_socket(k.ip, k.port, self.config.listen_backlog)
-            fe = TcpFrontend(table, spec.external, self.config, self.connections)
+            fe = listener.tcp = TcpFrontend(table, spec.external, self.config, self.connections)
             listener.server = await loop.create_server(fe, sock=sock,
                                                        backlog=self.config.listen_backlog)
         else:

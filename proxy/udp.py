@@ -147,9 +147,12 @@ class UdpFrontend(asyncio.DatagramProtocol):
             self.drop(flow)
         return len(gone)
 
-    def close(self) -> None:
+    def drop_all(self) -> None:
         for flow in list(self.flows.values()):
             self.drop(flow)
+
+    def close(self) -> None:
+        self.drop_all()
         if self.transport is not None:
             self.transport.close()
 

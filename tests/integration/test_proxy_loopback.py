@@ -551,3 +551,18 @@ async def test_backpressure_bounds_buffering_both_ways(env: Env) -> None:
     assert received == total
     client.close()
     writer_transport.abort()
+
+
+async def test_renamed_port_keeps_its_socket(env: Env) -> None:
+    env.servers.append(await name_server(BACKEND[0], env.port, "pod-0"))
+    env.publish([web(8080)], [web_slice(env.port, endpoint(BACKEND[0]))])
+    await env.settle()
+    [before] = [li for rt in env.proxier.services.values() for li in rt.listeners.values()]
+    renamed = service("web", CLUSTER_IP, [{"name": "www", "port": 8080}])
+    slice_ = endpoint_slice("web", [endpoint(BACKEND[0])], [{"name": "www", "port": env.port}])
+    env.publish([renamed], [slice_])
+    await env.settle()
+    [after] = [li for rt in env.proxier.services.values() for li in rt.listeners.values()]
+    assert after is before and after.spec.port_name.port == "www"
+    assert (await ask(env.vip(), 8080)).strip() == b"pod-0"
+    assert env.proxier.status()["services"][0]["errors"] == []
