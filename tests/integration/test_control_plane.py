@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.peers.cluster import SERVICE_CIDR, ControlPlane
+from tests.peers.cluster import SERVICE_CIDR, ControlPlane, Peers
 from tests.peers.fixtures import require_peers
 
 pytestmark = pytest.mark.peers
@@ -293,7 +293,7 @@ def test_compaction_alone_is_gone_without_watch_cache(
 
 
 def test_cli_up_serves_until_sigterm_and_ends_its_processes(
-    kube_peers: Any, tmp_path: Path
+    kube_peers: Peers, tmp_path: Path
 ) -> None:
     require_peers(kube_peers, "etcd", "kube_apiserver", "kubectl")
     script = Path(__file__).resolve().parents[1] / "peers" / "cluster.py"
