@@ -75,6 +75,7 @@ class DNSServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.forwarder.upstreams = self._without_self(self.config.upstreams)
         try:
             for host, port in self.config.binds:
                 await self._bind(loop, host, port)
@@ -87,6 +88,22 @@ class DNSServer:
             listen=",".join(_fmt(h, p) for h, p in self.addresses),
             upstreams=",".join(_fmt(h, p) for h, p in self.config.upstreams) or "none",
         )
+
+    def _without_self(self, upstreams: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Upstreams minus our own listening addresses: forwarding to ourselves would loop
+        (what CoreDNS's loop plugin guards against), e.g. a resolv.conf naming this node."""
+        kept = []
+        for host, port in upstreams:
+            ours = any(
+                port == bport
+                and (host == bhost or (bhost in ("0.0.0.0", "::") and _is_local(host)))
+                for bhost, bport in self.config.binds
+            )
+            if ours:
+                log.warning("upstream skipped: it is this server", upstream=_fmt(host, port))
+            else:
+                kept.append((host, port))
+        return kept
 
     async def _bind(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> None:
         # Port 0 picks a free port; TCP then takes the same number (retrying if it is taken).
@@ -431,6 +448,17 @@ def _in_client_case(records: list[RR], qname: DNSLabel) -> list[RR]:
         RR(qname, rr.rtype, rr.rclass, rr.ttl, rr.rdata) if str(rr.rname).lower() == want else rr
         for rr in records
     ]
+
+
+def _is_local(host: str) -> bool:
+    """True when `host` is an address of this network namespace (it can be bound)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))
+        return True
+    except OSError:
+        return False
 
 
 def _fmt(host: str, port: int) -> str:

@@ -283,3 +283,27 @@ async def test_queries_beyond_the_forwarding_limit_are_refused() -> None:
     finally:
         await srv.stop()
         silent.close()
+
+
+async def test_own_address_is_never_an_upstream(upstream: CountingUpstream) -> None:
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    state = ClusterState()
+    state.replace("Service", [])
+    state.replace("EndpointSlice", [])
+    # resolv.conf naming this very server (same port on a wildcard bind) must not loop.
+    config = DNSConfig(
+        binds=[("0.0.0.0", port)],
+        upstreams=[("127.0.0.1", port), ("127.0.0.1", upstream.port)],
+        upstream_timeout=0.5,
+    )
+    srv = DNSServer(state, config)
+    await srv.start()
+    try:
+        assert srv.forwarder.upstreams == [("127.0.0.1", upstream.port)]
+        r = await dig(port, "www.example")
+        assert r.answer == [("www.example.", 60, "A", "192.0.2.1")]
+    finally:
+        await srv.stop()
