@@ -11,3 +11,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 logging.getLogger("kubeshim").setLevel(logging.DEBUG)
+
+# Real Kubernetes peers (kube-apiserver + etcd control plane, CoreDNS, kube-proxy) as fixtures.
+pytest_plugins = ["tests.peers.fixtures"]
