@@ -102,7 +102,7 @@ def in_cluster_config(
     *,
     host: str | None = None,
     port: str | None = None,
-    account_dir: Path = SERVICE_ACCOUNT_DIR,
+    account_dir: Path | None = None,
 ) -> ClientConfig:
     """The Pod's own service account (client-go rest.InClusterConfig)."""
     host = host or os.environ.get("KUBERNETES_SERVICE_HOST")
@@ -111,6 +111,7 @@ def in_cluster_config(
         raise ConfigError(
             "not running in a cluster: KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT unset"
         )
+    account_dir = account_dir or SERVICE_ACCOUNT_DIR
     token, ca = account_dir / "token", account_dir / "ca.crt"
     for f in (token, ca):
         if not f.is_file():

@@ -15,7 +15,13 @@ import yaml
 
 from cluster.model import NamespacedName
 from cluster.sources.api import APISource
-from cluster.sources.kubeconfig import ClientConfig, in_cluster_config, kubeconfig_config
+from cluster.sources.kubeconfig import (
+    ClientConfig,
+    ConfigError,
+    in_cluster_config,
+    kubeconfig_config,
+    load_client_config,
+)
 from cluster.state import ClusterState, ServiceChange
 from tests.fakeapi import PKI, FakeAPIServer, make_pki
 
@@ -437,6 +443,34 @@ async def test_insecure_skip_tls_verify_only_when_set(
     else:  # the system CAs do not know the test CA
         await wait_for(lambda: "TLS verification of the API server failed" in log_text(caplog))
         assert not r.state.synced
+
+
+def test_in_cluster_config_errors_name_what_is_missing(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(ConfigError, match="KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT unset"):
+        in_cluster_config(account_dir=tmp_path)
+    (tmp_path / "ca.crt").write_text("")
+    with pytest.raises(ConfigError, match=f"service account file missing: {tmp_path / 'token'}"):
+        in_cluster_config(host="10.96.0.1", port="443", account_dir=tmp_path)
+
+
+async def test_missing_kubeconfig_is_a_config_error(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=f"kubeconfig not found: {tmp_path / 'nope'}"):
+        await kubeconfig_config(tmp_path / "nope")
+
+
+async def test_load_client_config_prefers_explicit_kubeconfig_then_in_cluster(
+    server, pki, tmp_path, monkeypatch
+) -> None:
+    kc = write_kubeconfig(
+        tmp_path / "kc", server.url, {"token": TOKEN}, {"certificate-authority": str(pki.ca)}
+    )
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.port))
+    monkeypatch.setattr("cluster.sources.kubeconfig.SERVICE_ACCOUNT_DIR", tmp_path / "sa")
+    assert (await load_client_config(kc)).source.startswith(f"kubeconfig {kc}")
+    with pytest.raises(ConfigError, match="service account file missing"):
+        await load_client_config()  # in a Pod: the service account, here absent
 
 
 # --- against the real kube-apiserver (tests/peers) ---------------------------------------------
