@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
+from cluster.model import NamespacedName  # noqa: E402
 from cluster.state import ClusterState, EventType, WatchEvent  # noqa: E402
 from proxy.config import ProxyConfig  # noqa: E402
 from proxy.proxier import Proxier  # noqa: E402
@@ -72,7 +73,8 @@ async def main() -> None:
     conn_times: list[float] = []
     for i in range(a.changes):
         k = (i * 7919) % a.services
-        current = proxier.tables[next(n for n in proxier.tables if n.service.name == names[k])]
+        port_name = state.services[NamespacedName("default", names[k])].ports[0].name
+        current = proxier.tables[(port_name, 4)]
         target = BACKENDS[1] if current.internal[0].ip == BACKENDS[0] else BACKENDS[0]
         start = time.perf_counter()
         state.apply([WatchEvent(EventType.MODIFIED,
