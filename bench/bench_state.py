@@ -391,7 +391,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"state-{datetime.date.today().isoformat()}-{args.services}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    path.with_suffix(".md").write_text(
+        markdown(result) + f"\nCommand: `{result['command']}`; {result['machine']}\n"
+    )
+    print(f"wrote {path} and {path.with_suffix('.md').name}")
 
 
 if __name__ == "__main__":
