@@ -566,3 +566,45 @@ async def test_renamed_port_keeps_its_socket(env: Env) -> None:
     assert after is before and after.spec.port_name.port == "www"
     assert (await ask(env.vip(), 8080)).strip() == b"pod-0"
     assert env.proxier.status()["services"][0]["errors"] == []
+
+
+async def test_udp_flow_expires_after_udp_timeout() -> None:
+    state = ClusterState()
+    proxier = Proxier(state, ProxyConfig(vip_mode="loopback", udp_timeout=0.2,
+                                         nodeport_addresses=["127.0.0.1/32"]),
+                      registry=CollectorRegistry())
+    await proxier.start()
+    port = free_port(BACKEND[0], socket.SOCK_DGRAM)
+    backend = await udp_name_server(BACKEND[0], port, "pod-0")
+    svc = service("dns", CLUSTER_IP, [{"name": "dns", "port": 5353, "protocol": "UDP"}])
+    eps = [{"name": "dns", "port": port, "protocol": "UDP"}]
+    try:
+        state.replace("Service", [svc])
+        state.replace("EndpointSlice", [endpoint_slice("dns", [endpoint(BACKEND[0])], eps)])
+        await asyncio.sleep(0.1)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(3)
+            s.connect((proxier.vip_address(CLUSTER_IP), 5353))
+            for _ in range(4):  # traffic keeps the flow alive past the timeout
+                await asyncio.to_thread(s.send, b"q")
+                assert await asyncio.to_thread(s.recv, 100) == b"pod-0:q"
+                await asyncio.sleep(0.1)
+            assert proxier.status()["udpFlows"] == 1
+            await asyncio.sleep(0.6)  # idle: gone between 1x and 2x the timeout
+            assert proxier.status()["udpFlows"] == 0
+            await asyncio.to_thread(s.send, b"q")  # a new flow is made on demand
+            assert await asyncio.to_thread(s.recv, 100) == b"pod-0:q"
+    finally:
+        await proxier.stop(0.1)
+        backend.close()
+
+
+async def test_ipv6_cluster_ip_in_loopback_mode_is_reported(env: Env) -> None:
+    dual = service("dual", CLUSTER_IP, [{"name": "http", "port": 8080}],
+                   clusterIPs=[CLUSTER_IP, "fd00:96::1"], ipFamilies=["IPv4", "IPv6"])
+    env.publish([dual], [])
+    await env.settle()
+    [svc] = env.proxier.status()["services"]
+    assert svc["ports"][0]["listeners"] == [f"{env.vip()}:8080/TCP"]
+    assert any("IPv6 address fd00:96::1 cannot be served in loopback mode" in e
+               for e in svc["errors"])
