@@ -176,7 +176,10 @@ class ManifestSource:
         self.load_once()
         while True:
             await asyncio.sleep(self.poll_interval)
-            self.poll()
+            try:
+                self.poll()
+            except Exception:  # keep following the folder; the last good state keeps serving
+                log.error("manifest poll failed", exc_info=True, path=str(self.path))
 
     def poll(self) -> None:
         """One look at the folder: apply what changed since the last look."""
