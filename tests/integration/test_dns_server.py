@@ -410,3 +410,29 @@ async def test_stop_closes_open_tcp_connections(state: ClusterState) -> None:
     await asyncio.wait_for(srv.stop(), 5)
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
+
+
+async def test_ipv6_bind(state: ClusterState) -> None:
+    srv = DNSServer(state, DNSConfig(binds=[("::1", 0)], upstreams=[]))
+    try:
+        await srv.start()
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    try:
+        port = srv.addresses[0][1]
+        proc = await asyncio.create_subprocess_exec(
+            "dig",
+            "@::1",
+            "-p",
+            str(port),
+            "+tries=1",
+            "+time=2",
+            f"web.default.svc.{Z}",
+            "AAAA",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await proc.communicate()
+        r = parse_dig(out.decode())
+        assert r.answer == [(f"web.default.svc.{Z}.", 30, "AAAA", "fd00::20")]
+    finally:
+        await srv.stop()
