@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cluster.model import EndpointSlice, decode  # noqa: E402
-from cluster.sources.api import APISource, decode_list  # noqa: E402
+from cluster.sources.api import APISource, decode_list, gc_paused  # noqa: E402
 from cluster.sources.kubeconfig import ClientConfig, ssl_context  # noqa: E402
 from cluster.state import ClusterState, EventType, ServiceChange, WatchEvent  # noqa: E402
 
@@ -176,11 +176,13 @@ async def decode_bench(url: str, client: ClientConfig, reps: int = 3) -> dict[st
         body = await r.read()
 
     def best(fn: Any) -> float:
+        """Best of `reps`, the collector paused for every decoder alike (as the source does)."""
         times = []
         for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
+            with gc_paused():
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
         return min(times)
 
     return {
