@@ -15,6 +15,8 @@ ClusterState decides what the proxy skips):
 - any other failure: reconnect after exponential backoff with full jitter; a stream that sends no
   byte for `stall_timeout` (bookmarks included) is treated as dead and restarted;
 - an object that fails to decode or validate is logged by name and skipped; the rest apply.
+  A MODIFIED object that turned invalid leaves its last valid version in place; a DELETED one
+  is deleted by its key all the same.
 """
 
 from __future__ import annotations
