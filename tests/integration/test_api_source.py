@@ -473,6 +473,21 @@ async def test_load_client_config_prefers_explicit_kubeconfig_then_in_cluster(
         await load_client_config()  # in a Pod: the service account, here absent
 
 
+async def test_object_turning_invalid_keeps_last_valid_version_until_deleted(
+    server, client, run_source, caplog
+) -> None:
+    server.load([service("a", "10.96.0.1")])
+    r = run_source(client)
+    await wait_for(lambda: r.state.synced)
+    server.put(service("a", "10.96.0.999"))  # MODIFIED to something invalid
+    server.put(service("marker", "10.96.0.2"))
+    await wait_for(lambda: key("marker") in r.state.services)
+    assert r.state.services[key("a")].service.cluster_ips == ["10.96.0.1"]
+    assert "object=default/a type=MODIFIED" in log_text(caplog)
+    server.delete("Service", "default", "a")  # the DELETED event carries the invalid object
+    await wait_for(lambda: key("a") not in r.state.services)
+
+
 # --- against the real kube-apiserver (tests/peers) ---------------------------------------------
 
 
