@@ -38,8 +38,8 @@ def make_source(opts: Options, state: ClusterState) -> Source:
     if opts.manifests is not None:
         from cluster.sources.manifests import ManifestSource
 
-        if not opts.manifests.is_dir():
-            raise ConfigError(f"--manifests {opts.manifests}: not a directory")
+        if not opts.manifests.exists():
+            raise ConfigError(f"--manifests {opts.manifests}: no such file or directory")
         return ManifestSource(opts.manifests, state)
     if opts.kubeconfig is not None or opts.in_cluster:
         return _APISourceLauncher(opts, state)
