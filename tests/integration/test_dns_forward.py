@@ -58,9 +58,16 @@ class CountingUpstream:
         return bytes(reply.pack())
 
     async def start(self) -> None:
-        self._stream = await asyncio_dgram.bind(("127.0.0.1", 0))
-        self.port = self._stream.sockname[1]
-        self._server = await asyncio.start_server(self._tcp_client, "127.0.0.1", self.port)
+        for _ in range(20):  # a UDP port whose TCP twin is free too
+            self._stream = await asyncio_dgram.bind(("127.0.0.1", 0))
+            self.port = self._stream.sockname[1]
+            try:
+                self._server = await asyncio.start_server(self._tcp_client, "127.0.0.1", self.port)
+                break
+            except OSError:
+                self._stream.close()
+        else:
+            raise OSError("no loopback port free for both UDP and TCP")
         self._tasks.append(asyncio.create_task(self._serve_udp()))
 
     async def _serve_udp(self) -> None:
