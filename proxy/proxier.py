@@ -172,6 +172,11 @@ class Proxier:
             log.warning("drain deadline passed, closing connections", count=len(self.connections))
             for conn in list(self.connections):
                 conn.abort()
+            # abort() closes the sockets on a later loop iteration; the resets must leave
+            # while the VIPs still exist.
+            settle = time.monotonic() + 1.0
+            while self.connections and time.monotonic() < settle:
+                await asyncio.sleep(0.01)
         for rt in self.services.values():
             rt.listeners.clear()
         if self.vips is not None:

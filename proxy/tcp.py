@@ -230,10 +230,11 @@ class ClientSide(asyncio.Protocol):
             self.upstream.close()
 
     def abort(self) -> None:
-        """Drop the connection now (shutdown after the drain deadline)."""
+        """Reset both sides now (shutdown after the drain deadline): a RST tells the client at
+        once, where a FIN could still sit unsent when the VIP is removed a moment later."""
         if self.upstream is not None:
-            self.upstream.abort()
-        self.transport.abort()
+            reset(self.upstream)
+        reset(self.transport)
 
 
 class UpstreamSide(asyncio.Protocol):
