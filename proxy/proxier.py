@@ -149,7 +149,8 @@ class Proxier:
         now = time.monotonic()
         for key in self.state.services:
             self._dirty.setdefault(key, now)
-        self.last_queued = now
+        # Like kube-proxy, healthy while starting: only a change that waits too long counts.
+        self.last_queued = now if self._dirty else None
         self._schedule()
         self._housekeeping = self._loop.call_later(HOUSEKEEPING_PERIOD, self._housekeep)
 
