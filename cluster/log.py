@@ -18,7 +18,8 @@ _LEVEL_LETTER = {"DEBUG": "D", "INFO": "I", "WARNING": "W", "ERROR": "E", "CRITI
 
 def _quote(value: Any) -> str:
     text = str(value)
-    if isinstance(value, int | float | bool) or (text and all(c.isalnum() or c in "._-:/" for c in text)):
+    plain = text and all(c.isalnum() or c in "._-:/" for c in text)
+    if isinstance(value, int | float | bool) or plain:
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -28,7 +29,8 @@ class _Formatter(logging.Formatter):
         fields: dict[str, Any] = getattr(record, "kv", {})
         pairs = "".join(f" {k}={_quote(v)}" for k, v in fields.items())
         stamp = self.formatTime(record, "%H:%M:%S") + f".{int(record.msecs):03d}"
-        line = f"{_LEVEL_LETTER.get(record.levelname, '?')} {stamp} {record.name}: {record.getMessage()}{pairs}"
+        level = _LEVEL_LETTER.get(record.levelname, "?")
+        line = f"{level} {stamp} {record.name}: {record.getMessage()}{pairs}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

@@ -1,3 +1,6 @@
+# msgspec Struct subclasses inherit frozen=True from _Struct; mypy cannot see that through
+# dataclass_transform and reports each subclass as "non-frozen inherits frozen".
+# mypy: disable-error-code="misc"
 """The Kubernetes objects kubeshim reads: v1 Service and discovery.k8s.io/v1 EndpointSlice.
 
 This module owns the wire model (the JSON/YAML shape the API server serves, decoded by msgspec

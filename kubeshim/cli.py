@@ -55,20 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_flags(run)
     run.add_argument("--config", type=Path, metavar="FILE",
                      help="a KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) file")
-    run.add_argument("--hostname-override", metavar="NAME", help="this node's name (traffic policy Local)")
+    run.add_argument("--hostname-override", metavar="NAME",
+                     help="this node's name (traffic policy Local)")
     run.add_argument("--cluster-cidr", metavar="CIDRS", help="pod CIDRs, comma separated")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument("-v", "--verbose", action="store_true", help="same as --log-level debug")
-    run.add_argument("--healthz-bind-address", metavar="HOST:PORT", help="default 0.0.0.0:10256; empty disables")
-    run.add_argument("--metrics-bind-address", metavar="HOST:PORT", help="default 127.0.0.1:10249; empty disables")
+    run.add_argument("--healthz-bind-address", metavar="HOST:PORT",
+                     help="default 0.0.0.0:10256; empty disables")
+    run.add_argument("--metrics-bind-address", metavar="HOST:PORT",
+                     help="default 127.0.0.1:10249; empty disables")
     run.add_argument("--drain-timeout", type=float, metavar="SECONDS",
                      help="on SIGTERM, wait this long for connections to finish (default 15)")
-    run.add_argument("--proxy-name", help="claim Services labelled service.kubernetes.io/service-proxy-name=NAME")
+    run.add_argument("--proxy-name",
+                     help="claim Services labelled service.kubernetes.io/service-proxy-name=NAME")
 
     px = run.add_argument_group("proxy")
     px.add_argument("--no-proxy", dest="proxy", action="store_false", default=None, help="DNS only")
     px.add_argument("--vip-mode", choices=["interface", "loopback"],
-                    help="interface: assign ClusterIPs to --vip-interface (root); loopback: map them to 127.x")
+                    help="interface: assign ClusterIPs to --vip-interface (root); "
+                    "loopback: map them to 127.x")
     px.add_argument("--vip-interface", metavar="NAME", help="default kubeshim0")
     px.add_argument("--nodeport-addresses", metavar="CIDRS",
                     help="CIDRs and 'primary', 'localhost', 'all' (comma separated): "
