@@ -1,0 +1,334 @@
+"""kubeshim against a real kube-apiserver + etcd: objects written with kubectl are served by the
+proxy and the DNS; restarts, compaction (410 Gone) and missing RBAC rights are survived.
+
+    root namespace   etcd + kube-apiserver on 127.0.0.1 (tests/peers/cluster.py), kubectl
+    test namespace   kubeshim --vip-mode loopback (ClusterIPs served at 127.x), DNS on
+                     127.0.0.1:5353, backends on 10.244.0.x (on its lo), curl/dig/socat clients
+
+The API server rejects loopback endpoint addresses (EndpointSlice validation), so the backends
+live on pod-like addresses inside a namespace of the test's own, and kubeshim with them; it
+reaches the API server through tests/peers/bridge.py (a unix socket), whose pause() is the
+partition the compaction test needs. kubeshim runs as the `kubeshim` ServiceAccount of
+deploy/rbac.yaml (least privilege) unless a test says otherwise. Needs root (a namespace).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.netns import Netns, require_root
+from tests.peers.bridge import APIBridge
+from tests.peers.cluster import ControlPlane
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE = "node-a"
+DNS = ("127.0.0.1", 5353)
+HEALTHZ = "127.0.0.1:10256"
+WEB = ("10.244.0.2", "10.244.0.3")  # HTTP backends answering "hello from web-N"
+ECHO = "10.244.0.4"  # a TCP echo backend on :9000
+SUFFIX = f"p{os.getpid()}"
+# How soon a change made with kubectl must be served. Generous for a shared 2-core machine;
+# the latency itself is measured in bench/peers_proxy.py, not asserted here.
+SERVE_WITHIN = 2.0
+# Reconnecting after an outage can wait out the source's backoff (full jitter, 30 s cap).
+RECONNECT_WITHIN = 45.0
+
+
+# --- the namespace, its backends and the daemon ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[Netns]:
+    require_root()
+    ns = Netns(f"ks{os.getpid()}api")
+    try:
+        for ip in (*WEB, ECHO):
+            ns.run(["ip", "addr", "add", f"{ip}/32", "dev", "lo"])
+        for i, ip in enumerate(WEB, 1):
+            ns.popen([sys.executable, str(ROOT / "examples/backend.py"), f"web-{i}", ip, "8080"])
+            ns.wait_port(ip, 8080)
+        ns.popen(["socat", f"TCP-LISTEN:9000,bind={ECHO},fork,reuseaddr", "PIPE"])
+        ns.wait_port(ECHO, 9000)
+        yield ns
+    finally:
+        ns.delete()
+
+
+class Kubeshim:
+    """`kubeshim run` in the namespace, watching the API server of `kubeconfig`."""
+
+    def __init__(self, ns: Netns, kubeconfig: Path, log: Path) -> None:
+        self.ns = ns
+        self.log = log
+        argv = [sys.executable, "-m", "kubeshim", "run", "--kubeconfig", str(kubeconfig),
+                "--hostname-override", NODE, "--vip-mode", "loopback",
+                "--nodeport-addresses", "localhost",
+                "--dns-bind", f"{DNS[0]}:{DNS[1]}", "--upstream", "127.0.0.1:5354",
+                "--healthz-bind-address", HEALTHZ,
+                "--metrics-bind-address", "127.0.0.1:10249"]
+        with log.open("w") as out:
+            self.proc = ns.popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        assert "Traceback" not in self.text(), self.text()
+
+
+@pytest.fixture
+def start_kubeshim(node: Netns, tmp_path: Path) -> Iterator[Callable[[Path], Kubeshim]]:
+    started: list[Kubeshim] = []
+
+    def start(kubeconfig: Path) -> Kubeshim:
+        daemon = Kubeshim(node, kubeconfig, tmp_path / f"kubeshim-{len(started)}.log")
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def bridged(node: Netns, control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[ControlPlane]:
+    """The session's control plane, reachable from the namespace."""
+    with APIBridge(node, control_plane.port, tmp_path_factory.mktemp("bridge")):
+        yield control_plane
+
+
+# --- clients ---------------------------------------------------------------------------------
+
+
+def dig(ns: Netns, name: str, qtype: str = "A") -> tuple[str, list[str]]:
+    """(rcode, answer data) from kubeshim's DNS, asked with dig inside the namespace."""
+    out = ns.run(["dig", f"@{DNS[0]}", "-p", str(DNS[1]), "+tries=1", "+time=2",
+                  "+noall", "+comments", "+answer", name, qtype], check=False)
+    status = re.search(r"status: (\w+)", out.stdout)
+    answers = [line.split()[-1] for line in out.stdout.splitlines()
+               if line and not line.startswith(";")]
+    return (status.group(1) if status else "NOANSWER"), answers
+
+
+def curl(ns: Netns, url: str) -> str:
+    """The body, or `error <curl exit code>` (7: connection refused)."""
+    out = ns.run(["curl", "-sS", "--max-time", "2", url], check=False)
+    return out.stdout.strip() if out.returncode == 0 else f"error {out.returncode}"
+
+
+def served_at(ns: Netns, name: str) -> str | None:
+    """The address kubeshim's DNS gives `name` (loopback mode: the 127.x the VIP is served at)."""
+    rcode, answers = dig(ns, f"{name}.default.svc.cluster.local")
+    return answers[0] if rcode == "NOERROR" and answers else None
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float, daemon: Kubeshim) -> float:
+    """Poll until `check()` is truthy; returns the seconds it took."""
+    began = time.monotonic()
+    while not check():
+        if not daemon.alive() or time.monotonic() - began > timeout:
+            raise AssertionError(f"not {what} after {time.monotonic() - began:.1f}s "
+                                 f"(kubeshim alive: {daemon.alive()}):\n{daemon.text()[-4000:]}")
+        time.sleep(0.02)
+    return time.monotonic() - began
+
+
+def apply(cp: ControlPlane, *docs: dict[str, Any]) -> None:
+    cp.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                      "items": list(docs)}))
+
+
+def service(name: str, port: int, target: int) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"ports": [{"name": "p", "port": port, "targetPort": target}]}}
+
+
+def endpoint_slice(service_name: str, ips: list[str], port: int) -> dict[str, Any]:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{service_name}-1", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": service_name}},
+            "addressType": "IPv4", "ports": [{"name": "p", "protocol": "TCP", "port": port}],
+            "endpoints": [{"addresses": [ip], "nodeName": NODE, "conditions": {"ready": True}}
+                          for ip in ips]}
+
+
+def count(log: str, event: str) -> int:
+    return sum(1 for line in log.splitlines() if event in line)
+
+
+class LiveConnection:
+    """socat in the namespace holding one TCP connection to `address`."""
+
+    def __init__(self, ns: Netns, address: str) -> None:
+        self.proc = ns.popen(["socat", "-", f"TCP:{address}"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def echo(self, text: str, timeout: float = 3.0) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(text.encode() + b"\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        return self.proc.stdout.readline().decode().strip() if ready else ""
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(5)
+
+
+# --- tests -----------------------------------------------------------------------------------
+
+
+def test_kubectl_changes_are_served_by_proxy_and_dns(
+    bridged: ControlPlane, node: Netns, start_kubeshim: Callable[[Path], Kubeshim]
+) -> None:
+    cp = bridged
+    daemon = start_kubeshim(cp.kubeshim_kubeconfig)
+    wait_for(lambda: served_at(node, "kubernetes"), "serving default/kubernetes",
+             RECONNECT_WITHIN, daemon)
+    name = f"web-{SUFFIX}"
+
+    apply(cp, service(name, 80, 8080), endpoint_slice(name, [WEB[0]], 8080))
+    cluster_ip = cp.kubectl("get", "service", name, "-o", "jsonpath={.spec.clusterIP}").stdout
+    assert cluster_ip.startswith("10."), cluster_ip
+    took = wait_for(lambda: curl(node, f"http://{served_at(node, name)}/") == "hello from web-1",
+                    "served through the proxy", SERVE_WITHIN, daemon)
+    vip = served_at(node, name)
+    # Loopback mode: the ClusterIP's last three octets on 127/8.
+    assert vip == "127." + cluster_ip.split(".", 1)[1], (vip, cluster_ip, took)
+
+    # A patched slice re-routes new connections.
+    cp.kubectl("patch", "endpointslice", f"{name}-1", "--type=json", "-p",
+               json.dumps([{"op": "replace", "path": "/endpoints/0/addresses/0",
+                            "value": WEB[1]}]))
+    wait_for(lambda: curl(node, f"http://{vip}/") == "hello from web-2", "re-routed",
+             SERVE_WITHIN, daemon)
+
+    # A deleted Service is no longer served: NXDOMAIN, and connections are refused.
+    cp.kubectl("delete", "service", name)
+    wait_for(lambda: dig(node, f"{name}.default.svc.cluster.local")[0] == "NXDOMAIN",
+             "NXDOMAIN after delete", SERVE_WITHIN, daemon)
+    wait_for(lambda: curl(node, f"http://{vip}/") == "error 7", "refused after delete",
+             SERVE_WITHIN, daemon)
+    cp.kubectl("delete", "endpointslice", f"{name}-1")
+    # The least-privilege identity was enough for all of it.
+    assert "forbidden" not in daemon.text()
+
+
+def test_apiserver_restart_keeps_connections_and_resumes_the_watch(
+    bridged: ControlPlane, node: Netns, start_kubeshim: Callable[[Path], Kubeshim]
+) -> None:
+    cp = bridged
+    daemon = start_kubeshim(cp.kubeshim_kubeconfig)
+    echo, later = f"echo-{SUFFIX}", f"later-{SUFFIX}"
+    apply(cp, service(echo, 7000, 9000), endpoint_slice(echo, [ECHO], 9000))
+    wait_for(lambda: served_at(node, echo), "echo served", RECONNECT_WITHIN, daemon)
+    live = LiveConnection(node, f"{served_at(node, echo)}:7000")
+    try:
+        assert live.echo("before") == "before"
+        listed = count(daemon.text(), "listed resource=")
+        assert listed == 2, daemon.text()  # services + endpointslices, once each
+
+        cp.restart_apiserver()
+        assert live.echo("during") == "during", "the established connection broke"
+        # Objects written right after the restart reach kubeshim once its watch resumes.
+        apply(cp, service(later, 7001, 9000), endpoint_slice(later, [ECHO], 9000))
+        wait_for(lambda: served_at(node, later), "served after the restart",
+                 RECONNECT_WITHIN, daemon)
+        address = f"{served_at(node, later)}:7001"
+        fresh = node.run(["socat", "-T", "2", "-", f"TCP:{address}"], input="after\n")
+        assert fresh.stdout.strip() == "after"
+        assert live.echo("after") == "after"
+    finally:
+        live.close()
+        cp.kubectl("delete", "service", echo, later)
+        cp.kubectl("delete", "endpointslice", f"{echo}-1", f"{later}-1")
+    log = daemon.text()
+    assert "API connection failed" in log, log  # it did notice the restart
+    # A restarted apiserver's watch cache starts at the current revision, so a watch from an
+    # older resourceVersion may get 410 Gone (client-go relists then too). No needless
+    # relist: at most one per kind, and only after a 410.
+    expired = count(log, "resource version expired, relisting")
+    assert expired <= 2 and count(log, "listed resource=") == listed + expired, log
+
+
+def test_compaction_past_the_watch_relists_and_drops_deleted_objects(
+    node: Netns, new_control_plane: Callable[..., ControlPlane],
+    start_kubeshim: Callable[[Path], Kubeshim], tmp_path: Path,
+) -> None:
+    # Without the watch cache a watch is served by etcd itself, so compaction alone makes an
+    # old resourceVersion answer 410 Gone.
+    cp = new_control_plane(extra_apiserver_args=["--watch-cache=false"])
+    with APIBridge(node, cp.port, tmp_path) as bridge:
+        daemon = start_kubeshim(cp.kubeshim_kubeconfig)
+        gone, kept, fresh = "gone", "kept", "fresh"
+        apply(cp, service(gone, 80, 8080), endpoint_slice(gone, [WEB[0]], 8080),
+              service(kept, 80, 8080), endpoint_slice(kept, [WEB[0]], 8080))
+        wait_for(lambda: served_at(node, gone) and served_at(node, kept), "both served",
+                 RECONNECT_WITHIN, daemon)
+        gone_vip = served_at(node, gone)
+        assert curl(node, f"http://{gone_vip}/") == "hello from web-1"
+
+        # Partition kubeshim from the API server; change things; compact past its version.
+        bridge.pause()
+        cp.kubectl("delete", "service", gone)
+        cp.kubectl("delete", "endpointslice", f"{gone}-1")
+        cp.kubectl("patch", "endpointslice", f"{kept}-1", "--type=json", "-p",
+                   json.dumps([{"op": "replace", "path": "/endpoints/0/addresses/0",
+                                "value": WEB[1]}]))
+        apply(cp, service(fresh, 80, 8080), endpoint_slice(fresh, [WEB[1]], 8080))
+        cp.compact_etcd()
+        # Still the old state while partitioned: nothing is dropped for lack of news.
+        assert served_at(node, gone) == gone_vip
+        bridge.resume()
+
+        wait_for(lambda: dig(node, f"{gone}.default.svc.cluster.local")[0] == "NXDOMAIN",
+                 "the deleted Service gone", RECONNECT_WITHIN, daemon)
+        assert curl(node, f"http://{gone_vip}/") == "error 7"
+        wait_for(lambda: curl(node, f"http://{served_at(node, kept)}/") == "hello from web-2",
+                 "the patched slice followed", SERVE_WITHIN, daemon)
+        wait_for(lambda: curl(node, f"http://{served_at(node, fresh)}/") == "hello from web-2",
+                 "the new Service served", SERVE_WITHIN, daemon)
+        log = daemon.text()
+        assert "resource version expired, relisting" in log, log
+        assert count(log, "listed resource=") >= 3, log
+
+
+def test_identity_without_rights_gets_a_clear_403_and_keeps_retrying(
+    bridged: ControlPlane, node: Netns, start_kubeshim: Callable[[Path], Kubeshim]
+) -> None:
+    daemon = start_kubeshim(bridged.norole_kubeconfig)
+    for resource, group in (("services", ""), ("endpointslices", "discovery.k8s.io")):
+        wait_for(lambda r=resource, g=group: count(  # type: ignore[misc]
+            daemon.text(), f'forbidden: cannot list resource "{r}" in API group "{g}"') >= 2,
+            f"a repeated 403 for {resource}", 20, daemon)
+    assert 'User \\"norole\\" cannot list' in daemon.text() or \
+        'User "norole" cannot list' in daemon.text(), daemon.text()
+    # Alive and answering its health endpoint (not healthy: it has never synced).
+    livez = node.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2",
+                      f"http://{HEALTHZ}/livez"], check=False)
+    assert livez.stdout in {"200", "503"}, livez
+    assert daemon.alive()
