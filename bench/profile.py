@@ -1,0 +1,94 @@
+"""Where kubeshim spends its time under load: py-spy samples the running daemon while one load
+generator drives it, and the folded stacks are reduced to self and inclusive shares per function.
+py-spy runs on the load CPU, with --nonblocking so the daemon is never paused.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from . import load
+from .contenders import KUBESHIM_DNS, Contender
+from .lab import BenchError, Lab
+from .scenarios import Settings
+
+RATE = 250  # samples per second
+
+
+def _fold(path: Path) -> tuple[int, list[tuple[str, float]], list[tuple[str, float]]]:
+    self_c: Counter[str] = Counter()
+    total_c: Counter[str] = Counter()
+    samples = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        samples += n
+        frames = [_short(f) for f in stack.split(";") if f]
+        if frames:
+            self_c[frames[-1]] += n
+        for f in set(frames):
+            total_c[f] += n
+    if not samples:
+        return 0, [], []
+    top_self = [(f, 100 * c / samples) for f, c in self_c.most_common(25)]
+    top_total = [(f, 100 * c / samples) for f, c in total_c.most_common(40)]
+    return samples, top_self, top_total
+
+
+def _short(frame: str) -> str:
+    """`handler (/work/main/dns/server.py:123)` -> `handler (dns/server.py:123)`; site-packages
+    paths keep only the package part."""
+    frame = re.sub(r"\(.*?/site-packages/", "(", frame)
+    return re.sub(r"\(/[^()]*?/(cluster|proxy|dns|kubeshim|bench|asyncio)/", r"(\1/", frame)
+
+
+def profile_kubeshim(lab: Lab, ks: Contender, s: Settings, cluster_q: Path,
+                     out: Path) -> dict[str, Any]:
+    assert ks.proc is not None
+    seconds = max(4.0, s.seconds)
+    loads = {
+        "tcp_keepalive": lambda: load.wrk(f"http://{ks.targets['http'][0]}:"
+                                          f"{ks.targets['http'][1]}/", s.load_cpu, seconds,
+                                          s.wrk_connections, close=False),
+        "tcp_newconn": lambda: load.wrk(f"http://{ks.targets['http'][0]}:"
+                                        f"{ks.targets['http'][1]}/", s.load_cpu, seconds,
+                                        s.wrk_connections, close=True),
+        "tcp_bulk": lambda: load.iperf3(*ks.targets["iperf"], s.load_cpu, seconds),
+        "udp_rr": lambda: load.dnsperf(*ks.targets["udp"], lab.workdir / "udp-queries.txt",
+                                       s.load_cpu, seconds),
+        "dns_cluster": lambda: load.dnsperf(*KUBESHIM_DNS, cluster_q, s.load_cpu, seconds),
+    }
+    result: dict[str, Any] = {}
+    for name, fn in loads.items():
+        folded = lab.workdir / f"profile-{name}.folded"
+        spy = subprocess.Popen(
+            ["py-spy", "record", "--pid", str(ks.proc.pid), "--rate", str(RATE), "--nonblocking",
+             "--format", "raw", "--output", str(folded), "--duration", f"{int(seconds) + 1}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            figures = fn()
+        except BenchError as e:
+            figures = {"error": str(e)}
+        finally:
+            try:
+                _, err = spy.communicate(timeout=seconds + 30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                _, err = spy.communicate()
+        if not folded.exists():
+            result[name] = {"error": f"py-spy wrote nothing: {err.strip()[-300:]}"}
+            continue
+        samples, top_self, top_total = _fold(folded)
+        result[name] = {"samples": samples, "busy": samples / (RATE * (int(seconds) + 1)),
+                        "top_self": top_self, "top_total": top_total,
+                        "folded_text": folded.read_text(errors="replace"),
+                        "load": {k: v for k, v in figures.items() if isinstance(v, int | float)}}
+        s.log(f"  profile {name}: {samples} samples; top self: "
+              + ", ".join(f"{f.split(' (')[0]} {p:.0f}%" for f, p in top_self[:4]))
+    return result
