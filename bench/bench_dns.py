@@ -78,13 +78,14 @@ def free_port() -> int:
         return port
 
 
-def serve(port: int, services: int) -> None:
+def serve(port: int, services: int, udp_batch: bool) -> None:
     """Child process: kubeshim's DNS server on 127.0.0.1:port until SIGTERM."""
     import uvloop
 
     async def main() -> None:
         server = DNSServer(
-            cluster_state(services), DNSConfig(binds=[("127.0.0.1", port)], upstreams=[])
+            cluster_state(services),
+            DNSConfig(binds=[("127.0.0.1", port)], upstreams=[], udp_batch=udp_batch),
         )
         await server.start()
         stop = asyncio.Event()
@@ -192,10 +193,9 @@ def cache_policy_ns() -> tuple[float, float]:
     )
 
 
-def start_kubeshim(port: int, services: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(port), "--services", str(services)]
-    )
+def start_kubeshim(port: int, services: int, udp_batch: bool) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, __file__, "--serve", str(port), "--services", str(services)]
+    return subprocess.Popen(cmd + ([] if udp_batch else ["--no-udp-batch"]))
 
 
 def start_dnsmasq(port: int, hosts: Path, tmp: str) -> subprocess.Popen[bytes]:
@@ -225,16 +225,26 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--rate", type=int, default=5000, help="queries/s of the latency run")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians reported")
+    ap.add_argument(
+        "--servers",
+        default="kubeshim,dnsmasq",
+        help="comma-separated: kubeshim (batched UDP), kubeshim-datagram (one datagram per"
+        " callback, the fallback path), dnsmasq",
+    )
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--no-udp-batch", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        serve(args.serve, args.services)
+        serve(args.serve, args.services, not args.no_udp_batch)
         return
     for tool in ("dnsperf", "dnsmasq", "dig"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is required")
     load_before = f"{os.getloadavg()[0]:.2f}"
-    runs: dict[str, list[dict[str, Any]]] = {"kubeshim": [], "dnsmasq": []}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.servers.split(",")}
+    for name in runs:
+        if name not in ("kubeshim", "kubeshim-datagram", "dnsmasq"):
+            sys.exit(f"unknown server {name!r}: kubeshim, kubeshim-datagram or dnsmasq")
     with tempfile.TemporaryDirectory() as tmp:
         queries = Path(tmp, "queries.txt")
         queries.write_text("".join(f"{name} A\n" for name, _ in names(args.services)))
@@ -243,8 +253,8 @@ def main() -> None:
         for _ in range(args.rounds):
             for name in runs:
                 port = free_port()
-                if name == "kubeshim":
-                    proc = start_kubeshim(port, args.services)
+                if name.startswith("kubeshim"):
+                    proc = start_kubeshim(port, args.services, name == "kubeshim")
                 else:
                     proc = start_dnsmasq(port, hosts, tmp)
                 try:
@@ -258,7 +268,7 @@ def main() -> None:
     print(f"load average before/after: {load_before} / {os.getloadavg()[0]:.2f} (2 cores shared)")
     print(f"{args.services} names, {args.rounds} alternating rounds of {args.seconds}s; medians")
     print(f"latency percentiles measured at {args.rate} queries/s")
-    print(f"{'server':10} {'max qps':>10} {'lost':>6} {'p50 ms':>8} {'p99 ms':>8}  qps per round")
+    print(f"{'server':18} {'max qps':>10} {'lost':>6} {'p50 ms':>8} {'p99 ms':>8}  qps per round")
     med: dict[str, float] = {}
     for name, rs in runs.items():
         med[name] = statistics.median(r["qps"] for r in rs)
@@ -266,10 +276,15 @@ def main() -> None:
         p50 = statistics.median(r["p50_ms"] for r in rs)
         p99 = statistics.median(r["p99_ms"] for r in rs)
         lost = sum(r["lost"] for r in rs)
-        print(f"{name:10} {med[name]:10.0f} {lost:6d} {p50:8.3f} {p99:8.3f}  {per_round}")
-    print(f"kubeshim/dnsmasq qps ratio (medians): {med['kubeshim'] / med['dnsmasq']:.2f}")
-    print(f"dnsperf commands: {runs['kubeshim'][0]['cmd']}")
-    print(f"                  {runs['kubeshim'][0]['latency_cmd']}  (port differs per server)")
+        print(f"{name:18} {med[name]:10.0f} {lost:6d} {p50:8.3f} {p99:8.3f}  {per_round}")
+    if "dnsmasq" in med:
+        for name in med:
+            if name != "dnsmasq":
+                ratio = med[name] / med["dnsmasq"]
+                print(f"{name}/dnsmasq qps ratio (medians): {ratio:.2f}")
+    first = next(iter(runs.values()))[0]
+    print(f"dnsperf commands: {first['cmd']}")
+    print(f"                  {first['latency_cmd']}  (port differs per server)")
 
 
 if __name__ == "__main__":

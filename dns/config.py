@@ -54,6 +54,9 @@ class DNSConfig:
     tcp_idle_timeout: float = 10.0
     tcp_max_pipelined: int = 64  # queries in flight on one TCP connection before reading pauses
     max_udp_payload: int = 4096  # the largest EDNS UDP size we honour (and advertise)
+    # Read and answer UDP in batches (recvmmsg/sendmmsg) where libc has them; off: one
+    # datagram per callback through the event loop's datagram transport.
+    udp_batch: bool = True
     spec_version: str = "1.1.0"  # answered at dns-version.<zone> (DNS spec section 2.2)
 
     def __post_init__(self) -> None:

@@ -10,6 +10,9 @@ Owns sockets, framing and tasks only. A query's path:
    state it depends on; a ServiceChange drops those entries before the next query is read.
 3. Names that are not ours go to the `Forwarder` in a task; the reply is sent when it comes.
 
+UDP is read and answered in batches (`batch.BatchedUDP`: one recvmmsg and one sendmmsg per batch)
+where libc has the calls, else one datagram per callback (`_UDPProtocol`); both answer alike.
+
 TCP (RFC 7766): length-prefixed messages, several per connection, answered as each is ready
 (forwarded answers may overtake cluster ones), reading paused while too many are in flight,
 closed after an idle timeout.
@@ -29,6 +32,8 @@ from dnslib import RCODE, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 from cluster.log import get_logger
 from cluster.state import ClusterState, ServiceChange
 
+from . import batch
+from .batch import BatchedUDP
 from .cache import AnswerCache, UpstreamCache
 from .config import DNSConfig
 from .forward import Forwarder, UpstreamError
@@ -64,7 +69,7 @@ class DNSServer:
         self.answer_hits = 0
         self.answer_misses = 0
         self.addresses: list[tuple[str, int]] = []  # bound (host, port), UDP and TCP alike
-        self._udp: list[asyncio.DatagramTransport] = []
+        self._udp: list[asyncio.DatagramTransport | BatchedUDP] = []
         self._tcp: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connections: set[_TCPProtocol] = set()
@@ -108,9 +113,13 @@ class DNSServer:
     async def _bind(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> None:
         # Port 0 picks a free port; TCP then takes the same number (retrying if it is taken).
         for _ in range(20):
-            transport, _proto = await loop.create_datagram_endpoint(
-                lambda: _UDPProtocol(self), local_addr=(host, port)
-            )
+            transport: asyncio.DatagramTransport | BatchedUDP
+            if self.config.udp_batch and batch.available():
+                transport = await batch.open_batched(self, host, port)
+            else:
+                transport, _proto = await loop.create_datagram_endpoint(
+                    lambda: _UDPProtocol(self), local_addr=(host, port)
+                )
             sock = transport.get_extra_info("socket")
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
