@@ -185,7 +185,7 @@ def run_parts(lab: Lab, args: argparse.Namespace, results: dict[str, Any]) -> No
         from .profile import profile_kubeshim
 
         log("profiling kubeshim under load (py-spy)")
-        results["profile"] = profile_kubeshim(lab, ks, s, cluster_q, args.out)
+        results["profile"] = profile_kubeshim(lab, ks, s, cluster_q, forward_q)
     if ks is not None and ks.proc is not None:
         results["kubeshim_rss_after_load"] = ks.proc.rss_bytes()
         lab.stop(ks.proc)

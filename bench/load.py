@@ -68,7 +68,7 @@ def iperf3(host: str, port: int, cpu: str, seconds: float) -> dict[str, float]:
 
 
 def dnsperf(host: str, port: int, queries: Path, cpu: str, seconds: float, *,
-            rate: int | None = None, clients: int = 4, outstanding: int = 100
+            rate: int | None = None, clients: int = 8, outstanding: int = 200
             ) -> dict[str, float]:
     """Queries/s at saturation (`rate` None), or latency percentiles at a fixed offered rate
     (dnsperf 2.10 reports no percentiles, so each answer's latency is read from -v lines)."""

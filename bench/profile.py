@@ -49,7 +49,7 @@ def _short(frame: str) -> str:
 
 
 def profile_kubeshim(lab: Lab, ks: Contender, s: Settings, cluster_q: Path,
-                     out: Path) -> dict[str, Any]:
+                     forward_q: Path) -> dict[str, Any]:
     assert ks.proc is not None
     seconds = max(4.0, s.seconds)
     loads = {
@@ -63,6 +63,7 @@ def profile_kubeshim(lab: Lab, ks: Contender, s: Settings, cluster_q: Path,
         "udp_rr": lambda: load.dnsperf(*ks.targets["udp"], lab.workdir / "udp-queries.txt",
                                        s.load_cpu, seconds),
         "dns_cluster": lambda: load.dnsperf(*KUBESHIM_DNS, cluster_q, s.load_cpu, seconds),
+        "dns_forward": lambda: load.dnsperf(*KUBESHIM_DNS, forward_q, s.load_cpu, seconds),
     }
     result: dict[str, Any] = {}
     for name, fn in loads.items():
