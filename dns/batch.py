@@ -128,6 +128,7 @@ class BatchedUDP:
         self.loop = loop
         self.fd = sock.fileno()
         self.closing = False
+        self.largest_batch = 0  # most datagrams one recvmmsg returned (for status and tests)
         self._queue: collections.deque[tuple[bytes, Any]] = collections.deque()
         # Payload slots: anonymous memory, only the pages datagrams touch are ever committed.
         self._slots = mmap.mmap(-1, BATCH * SLOT)
@@ -211,6 +212,8 @@ class BatchedUDP:
             if n <= 0:
                 return  # EAGAIN (drained), or an error queued by ICMP: nothing to read now
             server.metrics.requests_udp += n
+            if n > self.largest_batch:
+                self.largest_batch = n
             ready = 0  # replies gathered at the front of the header array
             for i in range(n):
                 at = i * SLOT
