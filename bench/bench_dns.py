@@ -1,6 +1,7 @@
 """DNS micro-benchmark: kubeshim's DNS server vs dnsmasq on the same records, with dnsperf.
 
-    python bench/bench_dns.py [--services 200] [--seconds 10] [--clients 4]
+    python bench/bench_dns.py [--services 200] [--seconds 10] [--clients 4] [--mix cluster]
+        [--servers kubeshim,kubeshim-datagram,dnsmasq] [--server-cpus 1 --client-cpus 0]
 
 Builds N ClusterIP Services (plus a headless one), serves them from kubeshim's DNSServer (uvloop,
 its own process) and the same names from dnsmasq (a hosts file, no upstream) on loopback, then
@@ -32,10 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 from cluster.model import decode  # noqa: E402
 from cluster.state import ClusterState  # noqa: E402
+from dns.batch import BatchedUDP  # noqa: E402
 from dns.config import DNSConfig  # noqa: E402
 from dns.server import DNSServer  # noqa: E402
 
 ZONE = "cluster.local"
+HEADLESS = 10  # headless Services hl-0.. with 3 ready endpoints each
 
 
 def cluster_state(services: int) -> ClusterState:
@@ -53,15 +56,71 @@ def cluster_state(services: int) -> ClusterState:
         )
         for i in range(services)
     ]
+    slices = []
+    for j in range(HEADLESS):
+        svcs.append(
+            decode(
+                "Service",
+                {
+                    "metadata": {"name": f"hl-{j}", "namespace": "bench"},
+                    "spec": {"clusterIP": "None", "ports": [{"name": "http", "port": 80}]},
+                },
+            )
+        )
+        slices.append(
+            decode(
+                "EndpointSlice",
+                {
+                    "metadata": {
+                        "name": f"hl-{j}-1",
+                        "namespace": "bench",
+                        "labels": {"kubernetes.io/service-name": f"hl-{j}"},
+                    },
+                    "addressType": "IPv4",
+                    "ports": [{"name": "http", "port": 80}],
+                    "endpoints": [{"addresses": [ip]} for ip in headless_ips(j)],
+                },
+            )
+        )
     state.replace("Service", svcs)
-    state.replace("EndpointSlice", [])
+    state.replace("EndpointSlice", slices)
     return state
+
+
+def headless_ips(j: int) -> list[str]:
+    return [f"10.244.{j}.{k}" for k in (1, 2, 3)]
 
 
 def names(services: int) -> list[tuple[str, str]]:
     return [
         (f"svc-{i}.bench.svc.{ZONE}", f"10.96.{i // 250}.{i % 250 + 1}") for i in range(services)
     ]
+
+
+def query_lines(services: int, mix: str) -> str:
+    """dnsperf's query file. plain: one A per Service. cluster: per Service its A, the SRV of
+    its named port, an NXDOMAIN name in the namespace, and a headless Service's A (3 records)."""
+    lines = []
+    for i, (name, _ip) in enumerate(names(services)):
+        lines.append(f"{name} A")
+        if mix == "cluster":
+            lines.append(f"_http._tcp.{name} SRV")
+            lines.append(f"nope-{i}.bench.svc.{ZONE} A")
+            lines.append(f"hl-{i % HEADLESS}.bench.svc.{ZONE} A")
+    return "".join(line + "\n" for line in lines)
+
+
+def dnsmasq_records(services: int, tmp: str) -> tuple[Path, Path]:
+    """The same records for dnsmasq: a hosts file, SRV lines, the zone answered locally."""
+    hosts = Path(tmp, "hosts")
+    entries = [f"{ip} {name}" for name, ip in names(services)]
+    entries += [f"{ip} hl-{j}.bench.svc.{ZONE}" for j in range(HEADLESS) for ip in headless_ips(j)]
+    hosts.write_text("".join(e + "\n" for e in entries))
+    conf = Path(tmp, "dnsmasq.conf")
+    srv = [f"srv-host=_http._tcp.{name},{name},80,0,100" for name, _ in names(services)]
+    # local=: names of the zone without records get NXDOMAIN here, never go upstream.
+    conf.write_text("".join(line + "\n" for line in [f"local=/{ZONE}/", *srv]))
+    return hosts, conf
 
 
 def free_port() -> int:
@@ -92,8 +151,14 @@ def serve(port: int, services: int, udp_batch: bool) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await stop.wait()
         hits, misses = server.answer_hits, server.answer_misses
+        batched = [u for u in server._udp if isinstance(u, BatchedUDP)]
+        shape = ""
+        if batched and batched[0].batches:
+            u = batched[0]
+            shape = f" batches={u.batches} mean={server.metrics.requests_udp / u.batches:.1f}"
+            shape += f" largest={u.largest_batch}"
         await server.stop()
-        print(f"answer cache hits={hits} misses={misses}", file=sys.stderr)
+        print(f"answer cache hits={hits} misses={misses}{shape}", file=sys.stderr)
 
     uvloop.run(main())
 
@@ -121,9 +186,10 @@ def wait_udp(port: int, timeout: float = 10) -> None:
     raise TimeoutError(f"no DNS answer on port {port}")
 
 
-def dnsperf(port: int, queries: Path, seconds: int, clients: int, rate: int = 0) -> dict[str, Any]:
+def dnsperf(port: int, queries: Path, args: argparse.Namespace, rate: int = 0) -> dict[str, Any]:
     """Saturating run (rate 0) for queries/s; a run at a fixed rate for latency percentiles."""
     cmd = [
+        *pinned(args.client_cpus),
         "dnsperf",
         "-s",
         "127.0.0.1",
@@ -132,18 +198,24 @@ def dnsperf(port: int, queries: Path, seconds: int, clients: int, rate: int = 0)
         "-d",
         str(queries),
         "-l",
-        str(seconds),
+        str(args.seconds),
         "-c",
-        str(clients),
+        str(args.clients),
         "-q",
-        "100",
+        str(args.outstanding),
     ]
     if rate:
         cmd += ["-Q", str(rate), "-v"]  # -v: one line per answered query, with its latency
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     qps = float(re.search(r"Queries per second:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     lost = int(re.search(r"Queries lost:\s+(\d+)", out).group(1))  # type: ignore[union-attr]
-    result: dict[str, Any] = {"qps": qps, "lost": lost, "cmd": " ".join(cmd)}
+    codes = re.search(r"Response codes:\s+(.*)", out)
+    result: dict[str, Any] = {
+        "qps": qps,
+        "lost": lost,
+        "cmd": " ".join(cmd),
+        "rcodes": codes.group(1) if codes else "",
+    }
     if rate:
         lat = sorted(float(m) for m in re.findall(r"^> \S+ \S+ \S+ ([\d.]+)$", out, re.M))
         pct = statistics.quantiles(lat, n=100)
@@ -153,8 +225,8 @@ def dnsperf(port: int, queries: Path, seconds: int, clients: int, rate: int = 0)
 
 def measure(port: int, queries: Path, args: argparse.Namespace) -> dict[str, Any]:
     wait_udp(port)
-    result = dnsperf(port, queries, args.seconds, args.clients)
-    latency = dnsperf(port, queries, args.seconds, args.clients, rate=args.rate)
+    result = dnsperf(port, queries, args)
+    latency = dnsperf(port, queries, args, rate=args.rate)
     result.update(p50_ms=latency["p50_ms"], p99_ms=latency["p99_ms"], latency_cmd=latency["cmd"])
     return result
 
@@ -193,16 +265,26 @@ def cache_policy_ns() -> tuple[float, float]:
     )
 
 
-def start_kubeshim(port: int, services: int, udp_batch: bool) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, __file__, "--serve", str(port), "--services", str(services)]
+def pinned(cpus: str) -> list[str]:
+    """The taskset prefix that keeps a process on `cpus` (nothing when no pinning was asked)."""
+    return ["taskset", "-c", cpus] if cpus else []
+
+
+def start_kubeshim(args: argparse.Namespace, port: int, udp_batch: bool) -> subprocess.Popen[bytes]:
+    cmd = [*pinned(args.server_cpus), sys.executable, __file__, "--serve", str(port)]
+    cmd += ["--services", str(args.services)]
     return subprocess.Popen(cmd + ([] if udp_batch else ["--no-udp-batch"]))
 
 
-def start_dnsmasq(port: int, hosts: Path, tmp: str) -> subprocess.Popen[bytes]:
+def start_dnsmasq(
+    args: argparse.Namespace, port: int, hosts: Path, conf: Path, tmp: str
+) -> subprocess.Popen[bytes]:
     user = "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
     return subprocess.Popen(
         [
+            *pinned(args.server_cpus),
             "dnsmasq",
+            f"--conf-file={conf}",
             "--keep-in-foreground",
             "--no-resolv",
             "--no-hosts",
@@ -231,6 +313,15 @@ def main() -> None:
         help="comma-separated: kubeshim (batched UDP), kubeshim-datagram (one datagram per"
         " callback, the fallback path), dnsmasq",
     )
+    ap.add_argument(
+        "--mix",
+        choices=("plain", "cluster"),
+        default="plain",
+        help="plain: A of each Service; cluster: A, SRV, NXDOMAIN and headless names",
+    )
+    ap.add_argument("--outstanding", type=int, default=100, help="dnsperf -q")
+    ap.add_argument("--server-cpus", default="", help="taskset CPU list for the servers")
+    ap.add_argument("--client-cpus", default="", help="taskset CPU list for dnsperf")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--no-udp-batch", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -247,16 +338,15 @@ def main() -> None:
             sys.exit(f"unknown server {name!r}: kubeshim, kubeshim-datagram or dnsmasq")
     with tempfile.TemporaryDirectory() as tmp:
         queries = Path(tmp, "queries.txt")
-        queries.write_text("".join(f"{name} A\n" for name, _ in names(args.services)))
-        hosts = Path(tmp, "hosts")
-        hosts.write_text("".join(f"{ip} {name}\n" for name, ip in names(args.services)))
+        queries.write_text(query_lines(args.services, args.mix))
+        hosts, conf = dnsmasq_records(args.services, tmp)
         for _ in range(args.rounds):
             for name in runs:
                 port = free_port()
                 if name.startswith("kubeshim"):
-                    proc = start_kubeshim(port, args.services, name == "kubeshim")
+                    proc = start_kubeshim(args, port, name == "kubeshim")
                 else:
-                    proc = start_dnsmasq(port, hosts, tmp)
+                    proc = start_dnsmasq(args, port, hosts, conf, tmp)
                 try:
                     runs[name].append(measure(port, queries, args))
                 finally:
@@ -266,7 +356,15 @@ def main() -> None:
     plain_ns, lru_ns = cache_policy_ns()
     print(f"cache hit bookkeeping: dict {plain_ns:.0f} ns, LRU (OrderedDict) {lru_ns:.0f} ns")
     print(f"load average before/after: {load_before} / {os.getloadavg()[0]:.2f} (2 cores shared)")
-    print(f"{args.services} names, {args.rounds} alternating rounds of {args.seconds}s; medians")
+    print(
+        f"{args.services} Services, {args.mix} mix, {args.rounds} alternating rounds of"
+        f" {args.seconds}s; medians"
+    )
+    if args.server_cpus or args.client_cpus:
+        print(
+            f"pinned: servers on CPU {args.server_cpus or 'any'},"
+            f" dnsperf on CPU {args.client_cpus or 'any'}"
+        )
     print(f"latency percentiles measured at {args.rate} queries/s")
     print(f"{'server':18} {'max qps':>10} {'lost':>6} {'p50 ms':>8} {'p99 ms':>8}  qps per round")
     med: dict[str, float] = {}
@@ -282,6 +380,8 @@ def main() -> None:
             if name != "dnsmasq":
                 ratio = med[name] / med["dnsmasq"]
                 print(f"{name}/dnsmasq qps ratio (medians): {ratio:.2f}")
+    for name, rs in runs.items():
+        print(f"{name} response codes: {rs[0]['rcodes']}")
     first = next(iter(runs.values()))[0]
     print(f"dnsperf commands: {first['cmd']}")
     print(f"                  {first['latency_cmd']}  (port differs per server)")

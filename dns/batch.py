@@ -129,6 +129,7 @@ class BatchedUDP:
         self.fd = sock.fileno()
         self.closing = False
         self.largest_batch = 0  # most datagrams one recvmmsg returned (for status and tests)
+        self.batches = 0  # recvmmsg calls that returned datagrams
         self._queue: collections.deque[tuple[bytes, Any]] = collections.deque()
         # Payload slots: anonymous memory, only the pages datagrams touch are ever committed.
         self._slots = mmap.mmap(-1, BATCH * SLOT)
@@ -212,6 +213,7 @@ class BatchedUDP:
             if n <= 0:
                 return  # EAGAIN (drained), or an error queued by ICMP: nothing to read now
             server.metrics.requests_udp += n
+            self.batches += 1
             if n > self.largest_batch:
                 self.largest_batch = n
             ready = 0  # replies gathered at the front of the header array
