@@ -31,7 +31,7 @@ from .scenarios import Settings, dns_scenarios, proxy_scenarios
 HERE = Path(__file__).resolve().parent
 TOOLS = ["wrk", "iperf3", "dnsperf", "haproxy", "nginx", "dnsmasq", "nft", "taskset", "ip",
          "py-spy"]
-PARTS = ("proxy", "dns", "profile", "control")
+PARTS = ("proxy", "dns", "peers", "profile", "control")
 
 
 def log(msg: str) -> None:
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_parts(lab: Lab, args: argparse.Namespace, results: dict[str, Any]) -> None:
     s = Settings(reps=args.reps, seconds=args.seconds, latency_seconds=max(2.0, args.seconds / 2),
                  subject_cpu=args.subject_cpu, load_cpu=args.load_cpu, log=log)
-    sub, ld = args.subject_cpu, args.load_cpu
+    ld = args.load_cpu
     records = workload.DNSRecords()
     udp_q = lab.workdir / "udp-queries.txt"
     udp_q.write_text("\n".join(workload.forward_queries(5000, seed=3)) + "\n")
@@ -142,6 +142,42 @@ def run_parts(lab: Lab, args: argparse.Namespace, results: dict[str, Any]) -> No
     cs.udp_backend(lab, ld)
     cs.upstream_dns(lab, ld)
 
+    peers = None
+    if "peers" in args.only and args.only & {"proxy", "dns"}:
+        from .peers import Peers
+
+        log("starting a real control plane (etcd + kube-apiserver) for kube-proxy and CoreDNS")
+        try:
+            peers = Peers(lab)
+            peers.create(peers.data_plane_objects() + records.objects())
+        except BenchError as e:
+            results["errors"]["peers/control-plane"] = str(e)
+            log(f"no real control plane: {str(e).splitlines()[0]}")
+            if peers is not None:
+                peers.close()
+            peers = None
+    try:
+        _run_contenders(lab, args, results, s, records, peers, udp_q, cluster_q, forward_q)
+    finally:
+        if peers is not None:
+            peers.close()
+    if "control" in args.only:
+        from .control import control_plane
+
+        for n in args.scales:
+            log(f"control plane: {n} Services x 10 endpoints through the fake API server")
+            try:
+                results["control"].append(control_plane(lab, n, args.changes, s))
+            except BenchError as e:
+                results["errors"][f"control/{n}"] = str(e)
+                log(f"control plane {n} failed: {str(e).splitlines()[0]}")
+    json.dumps(results)  # fail here, not after the run, if something is not serialisable
+
+
+def _run_contenders(lab: Lab, args: argparse.Namespace, results: dict[str, Any], s: Settings,
+                    records: workload.DNSRecords, peers: Any, udp_q: Path, cluster_q: Path,
+                    forward_q: Path) -> None:
+    sub = args.subject_cpu
     ks: cs.Contender | None = None
     if args.only & {"proxy", "dns", "profile"}:
         log("starting kubeshim")
@@ -154,15 +190,18 @@ def run_parts(lab: Lab, args: argparse.Namespace, results: dict[str, Any]) -> No
         proxies = [cs.direct()]
         if ks is not None:
             proxies.append(ks)
-        for start in (lambda: cs.haproxy(lab, sub, splice=False),
-                      lambda: cs.haproxy(lab, sub, splice=True),
-                      lambda: cs.nginx_stream(lab, sub),
-                      lambda: cs.nftables_dnat(lab)):
+        starts = [("haproxy", lambda: cs.haproxy(lab, sub, splice=False)),
+                  ("haproxy-splice", lambda: cs.haproxy(lab, sub, splice=True)),
+                  ("nginx-stream", lambda: cs.nginx_stream(lab, sub)),
+                  ("nftables-dnat", lambda: cs.nftables_dnat(lab))]
+        if peers is not None:
+            starts.append(("kube-proxy-nft", lambda: peers.kube_proxy(sub)))
+        for name, start in starts:
             try:
                 proxies.append(start())
             except BenchError as e:
-                results["errors"][f"start/{len(proxies)}"] = str(e)
-                log(f"a proxy contender did not start: {e}")
+                results["errors"][f"start/{name}"] = str(e)
+                log(f"{name} did not start: {str(e).splitlines()[0]}")
         for c in proxies:
             results["contenders"][c.name] = {"note": c.note, "targets": c.targets,
                                              "cpu": c.proc.cpu if c.proc else "kernel"}
@@ -174,6 +213,12 @@ def run_parts(lab: Lab, args: argparse.Namespace, results: dict[str, Any]) -> No
     if "dns" in args.only:
         servers = [cs.kubeshim_dns(ks)] if ks is not None else []
         servers.append(cs.dnsmasq_cluster(lab, sub, records))
+        if peers is not None:
+            try:
+                servers.append(peers.coredns(sub, records))
+            except BenchError as e:
+                results["errors"]["start/coredns"] = str(e)
+                log(f"CoreDNS did not start: {str(e).splitlines()[0]}")
         for c in servers:
             results["contenders"].setdefault(c.name, {})["dns_note"] = c.note
         log(f"DNS scenarios: {', '.join(c.name for c in servers)}")
@@ -189,17 +234,6 @@ def run_parts(lab: Lab, args: argparse.Namespace, results: dict[str, Any]) -> No
     if ks is not None and ks.proc is not None:
         results["kubeshim_rss_after_load"] = ks.proc.rss_bytes()
         lab.stop(ks.proc)
-    if "control" in args.only:
-        from .control import control_plane
-
-        for n in args.scales:
-            log(f"control plane: {n} Services x 10 endpoints through the fake API server")
-            try:
-                results["control"].append(control_plane(lab, n, args.changes, s))
-            except BenchError as e:
-                results["errors"][f"control/{n}"] = str(e)
-                log(f"control plane {n} failed: {str(e).splitlines()[0]}")
-    json.dumps(results)  # fail here, not after the run, if something is not serialisable
 
 
 if __name__ == "__main__":

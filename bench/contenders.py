@@ -191,8 +191,11 @@ def nftables_dnat(lab: Lab) -> Contender:
     numgen and DNATs there. Rules live only in the bench's namespace."""
     elements, chains = [], []
     targets: dict[str, tuple[str, int]] = {}
-    for svc, (ip, port, proto, backend_port) in DATA_SERVICES.items():
-        lab.add_address(ip)  # the ClusterIP routes locally; DNAT at output rewrites it
+    for svc, (cluster_ip, port, proto, backend_port) in DATA_SERVICES.items():
+        # Outside the service CIDR, so kube-proxy's own table (peers part), which rejects
+        # unallocated addresses of its service CIDR, leaves these alone.
+        ip = cluster_ip.replace("10.96.", "10.200.", 1)
+        lab.add_address(ip)  # the VIP routes locally; DNAT at output rewrites it
         p = proto.lower()
         elements.append(f"{ip} . {p} . {port} : goto service-{svc}")
         chains.append(
