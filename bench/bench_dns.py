@@ -3,7 +3,7 @@
     python bench/bench_dns.py [--services 200] [--seconds 10] [--clients 4] [--mix cluster]
         [--servers kubeshim,kubeshim-datagram,dnsmasq] [--server-cpus 1 --client-cpus 0]
 
-Builds N ClusterIP Services (plus a headless one), serves them from kubeshim's DNSServer (uvloop,
+Builds N ClusterIP Services (plus 10 headless ones), serves them from kubeshim's DNSServer (uvloop,
 its own process) and the same names from dnsmasq (a hosts file, no upstream) on loopback, then
 runs dnsperf with one query file against each, one after the other. Reports queries/s and the
 latency percentiles dnsperf's per-query output (-v) gives, and the ratio kubeshim/dnsmasq.
@@ -223,9 +223,19 @@ def dnsperf(port: int, queries: Path, args: argparse.Namespace, rate: int = 0) -
     return result
 
 
-def measure(port: int, queries: Path, args: argparse.Namespace) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (/proc/PID/stat utime + stime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(port: int, queries: Path, args: argparse.Namespace, pid: int) -> dict[str, Any]:
     wait_udp(port)
+    before = cpu_seconds(pid)
     result = dnsperf(port, queries, args)
+    # The server's own CPU per answered query: what it costs, whatever the client's ceiling.
+    answered = result["qps"] * args.seconds
+    result["cpu_us"] = (cpu_seconds(pid) - before) / answered * 1e6 if answered else 0.0
     latency = dnsperf(port, queries, args, rate=args.rate)
     result.update(p50_ms=latency["p50_ms"], p99_ms=latency["p99_ms"], latency_cmd=latency["cmd"])
     return result
@@ -348,7 +358,7 @@ def main() -> None:
                 else:
                     proc = start_dnsmasq(args, port, hosts, conf, tmp)
                 try:
-                    runs[name].append(measure(port, queries, args))
+                    runs[name].append(measure(port, queries, args, proc.pid))
                 finally:
                     proc.terminate()
                     proc.wait(10)
@@ -366,7 +376,11 @@ def main() -> None:
             f" dnsperf on CPU {args.client_cpus or 'any'}"
         )
     print(f"latency percentiles measured at {args.rate} queries/s")
-    print(f"{'server':18} {'max qps':>10} {'lost':>6} {'p50 ms':>8} {'p99 ms':>8}  qps per round")
+    print("cpu us/q: the server's user+system CPU per answered query in the saturating run")
+    print(
+        f"{'server':18} {'max qps':>10} {'lost':>6} {'cpu us/q':>8} {'p50 ms':>8} {'p99 ms':>8}"
+        "  qps per round"
+    )
     med: dict[str, float] = {}
     for name, rs in runs.items():
         med[name] = statistics.median(r["qps"] for r in rs)
@@ -374,7 +388,10 @@ def main() -> None:
         p50 = statistics.median(r["p50_ms"] for r in rs)
         p99 = statistics.median(r["p99_ms"] for r in rs)
         lost = sum(r["lost"] for r in rs)
-        print(f"{name:18} {med[name]:10.0f} {lost:6d} {p50:8.3f} {p99:8.3f}  {per_round}")
+        cpu = statistics.median(r["cpu_us"] for r in rs)
+        print(
+            f"{name:18} {med[name]:10.0f} {lost:6d} {cpu:8.2f} {p50:8.3f} {p99:8.3f}  {per_round}"
+        )
     if "dnsmasq" in med:
         for name in med:
             if name != "dnsmasq":
