@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -206,7 +207,10 @@ def dnsperf(port: int, queries: Path, args: argparse.Namespace, rate: int = 0) -
     ]
     if rate:
         cmd += ["-Q", str(rate), "-v"]  # -v: one line per answered query, with its latency
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime
     qps = float(re.search(r"Queries per second:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     lost = int(re.search(r"Queries lost:\s+(\d+)", out).group(1))  # type: ignore[union-attr]
     codes = re.search(r"Response codes:\s+(.*)", out)
@@ -215,6 +219,8 @@ def dnsperf(port: int, queries: Path, args: argparse.Namespace, rate: int = 0) -
         "lost": lost,
         "cmd": " ".join(cmd),
         "rcodes": codes.group(1) if codes else "",
+        # dnsperf's own CPU per answered query: the client's ceiling on these cores.
+        "client_us": client_cpu / (qps * args.seconds) * 1e6 if qps else 0.0,
     }
     if rate:
         lat = sorted(float(m) for m in re.findall(r"^> \S+ \S+ \S+ ([\d.]+)$", out, re.M))
@@ -376,9 +382,11 @@ def main() -> None:
             f" dnsperf on CPU {args.client_cpus or 'any'}"
         )
     print(f"latency percentiles measured at {args.rate} queries/s")
-    print("cpu us/q: the server's user+system CPU per answered query in the saturating run")
+    print("cpu us/q: the server's user+system CPU per answered query in the saturating run;")
+    print("dnsperf: the client's CPU per answered query in that run (us)")
     print(
-        f"{'server':18} {'max qps':>10} {'lost':>6} {'cpu us/q':>8} {'p50 ms':>8} {'p99 ms':>8}"
+        f"{'server':18} {'max qps':>10} {'lost':>6} {'cpu us/q':>8} {'dnsperf':>8}"
+        f" {'p50 ms':>8} {'p99 ms':>8}"
         "  qps per round"
     )
     med: dict[str, float] = {}
@@ -389,8 +397,10 @@ def main() -> None:
         p99 = statistics.median(r["p99_ms"] for r in rs)
         lost = sum(r["lost"] for r in rs)
         cpu = statistics.median(r["cpu_us"] for r in rs)
+        client = statistics.median(r["client_us"] for r in rs)
         print(
-            f"{name:18} {med[name]:10.0f} {lost:6d} {cpu:8.2f} {p50:8.3f} {p99:8.3f}  {per_round}"
+            f"{name:18} {med[name]:10.0f} {lost:6d} {cpu:8.2f} {client:8.2f}"
+            f" {p50:8.3f} {p99:8.3f}  {per_round}"
         )
     if "dnsmasq" in med:
         for name in med:
