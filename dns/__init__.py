@@ -7,5 +7,6 @@
     cache.py    the wire-answer cache and the upstream positive/negative cache (sans-IO)
     forward.py  the exchange with upstream servers (UDP, TCP after truncation, failover)
     server.py   DNSServer: UDP/TCP listeners wiring the above
+    batch.py    UDP served in batches: recvmmsg/sendmmsg through libc (ctypes)
     metrics.py  counters and their CoreDNS-named Prometheus collector
 """
