@@ -20,21 +20,21 @@ REPO = Path(__file__).resolve().parent.parent
 # scenario -> (title, main figure, unit, higher is better, extra figures shown)
 SCENARIOS: dict[str, tuple[str, str, str, bool, list[str]]] = {
     "tcp_keepalive": ("TCP keep-alive HTTP (wrk -t1 -c64, small response)", "rps", "req/s", True,
-                      ["p50_ms", "p99_ms", "cpu_util", "cpu_us_per_req"]),
+                      ["p50_ms", "p99_ms", "cpu_util", "cpu_us_per_req", "other_load"]),
     "tcp_newconn": ("TCP new connection per request (wrk, Connection: close)", "rps", "conn/s",
-                    True, ["p50_ms", "p99_ms", "cpu_util", "cpu_us_per_req"]),
+                    True, ["p50_ms", "p99_ms", "cpu_util", "cpu_us_per_req", "other_load"]),
     "tcp_bulk": ("TCP bulk (iperf3, one stream)", "gbit_s", "Gbit/s", True,
-                 ["cpu_s_per_gb", "cpu_util"]),
+                 ["cpu_s_per_gb", "cpu_util", "other_load"]),
     "udp_rr": ("UDP request/response (dnsperf -c8 -q200 through the proxy to dnsmasq)", "qps",
-               "req/s", True, ["avg_ms", "lost", "cpu_util", "cpu_us_per_req"]),
+               "req/s", True, ["avg_ms", "lost", "cpu_util", "cpu_us_per_req", "other_load"]),
     "dns_cluster": ("DNS cluster names, saturation (dnsperf -c8 -q200)", "qps", "queries/s", True,
-                    ["avg_ms", "lost", "cpu_util", "cpu_us_per_req"]),
+                    ["avg_ms", "lost", "cpu_util", "cpu_us_per_req", "other_load"]),
     "dns_forward": ("DNS forwarded names, warm cache, saturation", "qps", "queries/s", True,
-                    ["avg_ms", "lost", "cpu_util", "cpu_us_per_req"]),
+                    ["avg_ms", "lost", "cpu_util", "cpu_us_per_req", "other_load"]),
     "dns_cluster_latency": ("DNS cluster names, latency at a fixed rate", "p99_ms", "ms p99",
-                            False, ["offered_qps", "p50_ms", "cpu_util"]),
+                            False, ["offered_qps", "p50_ms", "cpu_util", "other_load"]),
     "dns_forward_latency": ("DNS forwarded names, latency at a fixed rate", "p99_ms", "ms p99",
-                            False, ["offered_qps", "p50_ms", "cpu_util"]),
+                            False, ["offered_qps", "p50_ms", "cpu_util", "other_load"]),
 }
 REFERENCE = {"tcp_keepalive": "direct", "tcp_newconn": "direct", "tcp_bulk": "direct",
              "udp_rr": "direct", "dns_cluster": "dnsmasq", "dns_forward": "dnsmasq",
@@ -243,10 +243,14 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], tgt: list[dict[st
             out += [f"### {load_name}: {p.get('samples', 0)} samples, busy "
                     f"{100 * p.get('busy', 0):.0f}% of the time; folded stacks "
                     f"`{p.get('folded', '')}`", "", "| self % | function |", "|---:|---|"]
-            out += [f"| {pct:.1f} | `{fn}` |" for fn, pct in p["top_self"][:12]]
+            out += [f"| {pct:.1f} | `{fn}` |" for fn, pct in p["top_self"][:10]]
             out += ["", "| inclusive % | function |", "|---:|---|"]
-            out += [f"| {pct:.1f} | `{fn}` |" for fn, pct in p["top_total"][:12]]
+            out += [f"| {pct:.1f} | `{fn}` |" for fn, pct in p["top_total"][:10]]
+            out += ["", "| self % | source line |", "|---:|---|"]
+            out += [f"| {pct:.1f} | `{fn}` |" for fn, pct in p.get("top_lines", [])[:8]]
             out.append("")
+        out += ["Self time of `Runner.run` is time spent in uvloop/libuv's C code (system calls "
+                "and the loop itself), below any Python callback.", ""]
     if results.get("errors"):
         out += ["## Errors", ""]
         for k, v in results["errors"].items():

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import load
 from .contenders import Contender
-from .lab import BenchError
+from .lab import CLK_TCK, BenchError
 
 Sample = dict[str, Any]
 
@@ -30,17 +30,36 @@ class Settings:
     log: Callable[[str], None] = print
 
 
-def _measure(c: Contender, fn: Callable[[], dict[str, Any]]) -> Sample:
+def cpu_busy(cpus: str) -> float:
+    """Seconds the CPUs in `cpus` (a taskset list like "1" or "0,1") spent not idle, from
+    /proc/stat (all processes and interrupts, not only ours)."""
+    wanted = {f"cpu{c.strip()}" for c in cpus.split(",")}
+    busy = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            parts = line.split()
+            if parts and parts[0] in wanted:
+                ticks = [int(x) for x in parts[1:]]
+                busy += sum(ticks) - ticks[3] - ticks[4]  # minus idle and iowait
+    return busy / CLK_TCK
+
+
+def _measure(c: Contender, fn: Callable[[], dict[str, Any]], subject_cpu: str) -> Sample:
     cpu0 = c.proc.cpu_seconds() if c.proc else None
+    busy0 = cpu_busy(subject_cpu)
     t0 = time.monotonic()
     figures = fn()
     wall = time.monotonic() - t0
+    subject_busy = (cpu_busy(subject_cpu) - busy0) / wall
+    figures["subject_cpu_busy"] = subject_busy
     if c.proc is not None and cpu0 is not None:
         if not c.proc.alive():
             raise BenchError(f"{c.name} exited during the run:\n{c.proc.tail()}")
         cpu = c.proc.cpu_seconds() - cpu0
         figures["cpu_s"] = cpu
         figures["cpu_util"] = cpu / wall
+        # What else ran on the contender's CPU meanwhile (other work on a shared machine).
+        figures["other_load"] = max(0.0, subject_busy - cpu / wall)
         done = figures.get("requests") or figures.get("completed")
         if done:
             figures["cpu_us_per_req"] = cpu / done * 1e6
@@ -86,7 +105,7 @@ def proxy_scenarios(contenders: list[Contender], s: Settings, udp_queries: Path,
                     continue
                 key = f"{scenario}/{c.name}"
                 try:
-                    fig = _measure(c, lambda c=c, fn=fn: fn(c))  # type: ignore[misc]
+                    fig = _measure(c, lambda c=c, fn=fn: fn(c), s.subject_cpu)  # type: ignore[misc]
                 except BenchError as e:
                     errors[key] = str(e)
                     s.log(f"  {key}: FAILED {str(e).splitlines()[0]}")
@@ -115,7 +134,7 @@ def dns_scenarios(contenders: list[Contender], s: Settings, cluster_q: Path, for
                 host, port = c.targets["dns"]
                 try:
                     fig = _measure(c, lambda h=host, p=port, q=qfile: load.dnsperf(  # type: ignore[misc]
-                        h, p, q, s.load_cpu, s.seconds))
+                        h, p, q, s.load_cpu, s.seconds), s.subject_cpu)
                 except BenchError as e:
                     errors[key] = str(e)
                     s.log(f"  {key}: FAILED {str(e).splitlines()[0]}")
@@ -139,7 +158,7 @@ def dns_scenarios(contenders: list[Contender], s: Settings, cluster_q: Path, for
                 host, port = c.targets["dns"]
                 try:
                     fig = _measure(c, lambda h=host, p=port, q=qfile, r=rate: load.dnsperf(  # type: ignore[misc]
-                        h, p, q, s.load_cpu, s.latency_seconds, rate=r))
+                        h, p, q, s.load_cpu, s.latency_seconds, rate=r), s.subject_cpu)
                 except BenchError as e:
                     errors[key] = str(e)
                     s.log(f"  {key}: FAILED {str(e).splitlines()[0]}")
@@ -151,6 +170,6 @@ def dns_scenarios(contenders: list[Contender], s: Settings, cluster_q: Path, for
 
 
 def _brief(fig: dict[str, Any]) -> str:
-    keys = ("rps", "gbit_s", "qps", "p50_ms", "p99_ms", "cpu_util", "cpu_s_per_gb", "lost",
-            "socket_errors")
+    keys = ("rps", "gbit_s", "qps", "p50_ms", "p99_ms", "cpu_util", "other_load", "cpu_s_per_gb",
+            "lost", "socket_errors")
     return " ".join(f"{k}={fig[k]:.4g}" for k in keys if isinstance(fig.get(k), float | int))
