@@ -45,11 +45,13 @@ def _fold(path: Path) -> tuple[int, list[tuple[str, float]], list[tuple[str, flo
     if not samples:
         return 0, [], [], []
 
-    def pct(c: Counter[str], k: int, cap: float = 101.0) -> list[tuple[str, float]]:
-        return [(f, 100 * v / samples) for f, v in c.most_common() if 100 * v / samples < cap][:k]
+    def pct(c: Counter[str], k: int, cap: int | None = None) -> list[tuple[str, float]]:
+        return [(f, 100 * v / samples) for f, v in c.most_common()
+                if cap is None or v < cap][:k]
 
-    # Inclusive: leave out the frames every sample has (the daemon's entry chain).
-    return samples, pct(self_c, 25), pct(total_c, 30, cap=98.0), pct(line_c, 25)
+    # Inclusive: leave out the daemon's entry chain (the frames nearly every sample has).
+    root = max(total_c.values())
+    return samples, pct(self_c, 25), pct(total_c, 30, cap=int(root * 0.98)), pct(line_c, 25)
 
 
 def _function(frame: str) -> str:
