@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: needs root (it creates a network namespace)", file=sys.stderr)
         return 2
     # SIGTERM ends the run like Ctrl-C does: through the finally below, stopping everything.
+    # SIGINT too, explicitly: a shell starts background jobs with SIGINT ignored.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     started = datetime.datetime.now(datetime.UTC)
     machine = report.machine_info(args)
     workdir = Path(tempfile.mkdtemp(prefix="kubeshim-bench-"))
