@@ -23,7 +23,7 @@ from typing import Any
 from .contenders import PYTHON, REPO, UPSTREAM_DNS, loopback_vip
 from .lab import POD_IP, BenchError, Lab, Proc, dns_query, wait_tcp
 from .load import percentile
-from .scenarios import Settings
+from .scenarios import Settings, cpu_busy
 from .workload import (
     NAMESPACE,
     PROBE_DNS,
@@ -161,14 +161,22 @@ def control_plane(lab: Lab, services: int, changes: int, s: Settings) -> dict[st
               f"{result['last_listener_s']:.2f} s, all served {result['ready_s']:.2f} s, "
               f"RSS {result['rss_bytes'] / 2**20:.0f} MiB")
         client = FakeAPI(pki / "ca.crt")
-        result["change_tcp"] = _stats(_tcp_changes(client, ks, changes))
-        result["change_dns"] = _stats(_dns_changes(client, ks, changes))
+        for what, run in (("change_tcp", _tcp_changes), ("change_dns", _dns_changes)):
+            busy0, cpu0, t1 = cpu_busy(s.subject_cpu), ks.cpu_seconds(), time.monotonic()
+            lat = run(client, ks, changes)
+            wall = time.monotonic() - t1
+            cpu = (ks.cpu_seconds() - cpu0) / wall
+            result[what] = _stats(lat)
+            result[what]["raw_ms"] = [round(x * 1e3, 3) for x in lat]
+            result[what]["cpu_util"] = cpu
+            result[what]["other_load"] = max(0.0, (cpu_busy(s.subject_cpu) - busy0) / wall - cpu)
         result["rss_after_changes_bytes"] = ks.rss_bytes()
         result["cpu_s_total"] = ks.cpu_seconds()
         for what in ("change_tcp", "change_dns"):
             st = result[what]
             s.log(f"  {services} services {what}: p50 {st['p50_ms']:.2f} ms, "
-                  f"p99 {st['p99_ms']:.2f} ms, max {st['max_ms']:.2f} ms (n={st['n']})")
+                  f"p99 {st['p99_ms']:.2f} ms, max {st['max_ms']:.2f} ms (n={st['n']}), "
+                  f"other load on its CPU {st['other_load']:.2f}")
         return result
     finally:
         for p in reversed(procs):

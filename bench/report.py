@@ -220,8 +220,8 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], tgt: list[dict[st
                 "| Services | first full state s | DNS / last listener / probe forwards s "
                 "| RSS MiB "
                 "| change->data plane p50 / p99 / max ms | change->DNS p50 / p99 / max ms "
-                "| changes |",
-                "|---:|---:|---:|---:|---|---|---:|"]
+                "| changes | other load on its CPU (data / DNS) |",
+                "|---:|---:|---:|---:|---|---|---:|---|"]
         for c in results["control"]:
             t, d = c.get("change_tcp", {}), c.get("change_dns", {})
             out.append(
@@ -229,7 +229,8 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], tgt: list[dict[st
                 f"{_fmt(c.get('last_listener_s'))} / {_fmt(c.get('proxy_s'))} | "
                 f"{_fmt(c.get('rss_bytes', 0) / 2**20)} | {_fmt(t.get('p50_ms'))} / "
                 f"{_fmt(t.get('p99_ms'))} / {_fmt(t.get('max_ms'))} | {_fmt(d.get('p50_ms'))} / "
-                f"{_fmt(d.get('p99_ms'))} / {_fmt(d.get('max_ms'))} | {t.get('n', 0)} |")
+                f"{_fmt(d.get('p99_ms'))} / {_fmt(d.get('max_ms'))} | {t.get('n', 0)} | "
+                f"{_fmt(t.get('other_load'))} / {_fmt(d.get('other_load'))} |")
         out += ["", "Change latency is measured from the moment the fake API server wrote the "
                 "watch event (its CLOCK_MONOTONIC) to the first new connection reaching the new "
                 "endpoint / the first DNS answer carrying the new address, polled in a tight "
