@@ -154,10 +154,10 @@ class BatchedUDP:
             msg.msg_namelen = SOCKADDR
             msg.msg_iov = iovs + i * _IOV
             msg.msg_iovlen = 1
-        # recvmmsg overwrites name lengths and sendmmsg needs reply lengths: each round starts
-        # from these pristine copies.
-        self._hdrs_template = bytes(self._hdrs)
-        self._iovs_template = bytes(self._iovs)
+        # recvmmsg overwrites name lengths and sendmmsg needs reply lengths: after each round
+        # the entries it used are restored from these pristine copies.
+        self._hdrs_template = memoryview(bytes(self._hdrs))
+        self._iovs_template = memoryview(bytes(self._iovs))
         loop.add_reader(self.fd, self._on_readable)
 
     # --- transport surface (what the server and forwarded replies use) ---------------------------
@@ -201,44 +201,52 @@ class BatchedUDP:
     # --- serving ------------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        server = self.server
-        answer = server.answer
-        slots, hdrs, iovs = self._slots, self._hdrs, self._iovs
-        memmove = ctypes.memmove
-        u32, size_t = _U32, _SIZE
+        hdrs, iovs = self._hdrs, self._iovs
         for _ in range(ROUNDS):
-            memmove(self._hdrs_at, self._hdrs_template, len(hdrs))
-            memmove(self._iovs_at, self._iovs_template, len(iovs))
             n = self._recvmmsg(self.fd, self._hdrs_at, BATCH, socket.MSG_DONTWAIT, None)
             if n <= 0:
                 return  # EAGAIN (drained), or an error queued by ICMP: nothing to read now
-            server.metrics.requests_udp += n
-            self.batches += 1
-            if n > self.largest_batch:
-                self.largest_batch = n
-            ready = 0  # replies gathered at the front of the header array
-            for i in range(n):
-                at = i * SLOT
-                out = answer(slots[at : at + u32.unpack_from(hdrs, i * _HDR + _LEN_AT)[0]], False)
-                if out.__class__ is bytes:
-                    size = len(out)  # type: ignore[arg-type]
-                    if size > SLOT:
-                        self.sendto(out, self._address(i))  # type: ignore[arg-type]
-                        continue
-                    slots[at : at + size] = out  # type: ignore[index]
-                    size_t.pack_into(iovs, i * _IOV + _IOV_LEN_AT, size)
-                    if i != ready:
-                        # An earlier datagram got no reply here: move this header up; it still
-                        # points at its own slot and address.
-                        h = i * _HDR
-                        hdrs[ready * _HDR : ready * _HDR + _HDR] = hdrs[h : h + _HDR]
-                    ready += 1
-                elif out is not None:
-                    self._slow(out, self._address(i))  # type: ignore[arg-type]
-            if ready:
-                self._send_ready(ready)
+            try:
+                self._answer_batch(n)
+            finally:
+                # Back to pristine for the next recvmmsg. Slice copies, not ctypes.memmove:
+                # a foreign call costs more than these bytes.
+                hdrs[: n * _HDR] = self._hdrs_template[: n * _HDR]
+                iovs[: n * _IOV] = self._iovs_template[: n * _IOV]
             if n < BATCH:
                 return
+
+    def _answer_batch(self, n: int) -> None:
+        """Answer the n datagrams recvmmsg stored; send the ready replies with one sendmmsg."""
+        server = self.server
+        server.metrics.requests_udp += n
+        self.batches += 1
+        if n > self.largest_batch:
+            self.largest_batch = n
+        answer = server.answer
+        slots, hdrs, iovs = self._slots, self._hdrs, self._iovs
+        u32, size_t = _U32, _SIZE
+        ready = 0  # replies gathered at the front of the header array
+        for i in range(n):
+            at = i * SLOT
+            out = answer(slots[at : at + u32.unpack_from(hdrs, i * _HDR + _LEN_AT)[0]], False)
+            if out.__class__ is bytes:
+                size = len(out)  # type: ignore[arg-type]
+                if size > SLOT:
+                    self.sendto(out, self._address(i))  # type: ignore[arg-type]
+                    continue
+                slots[at : at + size] = out  # type: ignore[index]
+                size_t.pack_into(iovs, i * _IOV + _IOV_LEN_AT, size)
+                if i != ready:
+                    # An earlier datagram got no reply here: move this header up; it still
+                    # points at its own slot and address.
+                    h = i * _HDR
+                    hdrs[ready * _HDR : ready * _HDR + _HDR] = hdrs[h : h + _HDR]
+                ready += 1
+            elif out is not None:
+                self._slow(out, self._address(i))  # type: ignore[arg-type]
+        if ready:
+            self._send_ready(ready)
 
     def _slow(self, query: Query, addr: Any) -> None:
         server = self.server
