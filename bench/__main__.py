@@ -169,7 +169,11 @@ def run_parts(lab: Lab, args: argparse.Namespace, results: dict[str, Any]) -> No
         for n in args.scales:
             log(f"control plane: {n} Services x 10 endpoints through the fake API server")
             try:
-                results["control"].append(control_plane(lab, n, args.changes, s))
+                profile = "profile" in args.only and n == max(args.scales)
+                res = control_plane(lab, n, args.changes, s, profile=profile)
+                if "profile" in res:
+                    results["profile"][f"endpoint_changes_{n}"] = res.pop("profile")
+                results["control"].append(res)
             except BenchError as e:
                 results["errors"][f"control/{n}"] = str(e)
                 log(f"control plane {n} failed: {str(e).splitlines()[0]}")

@@ -122,7 +122,8 @@ def _stats(lat: list[float]) -> dict[str, float]:
             "min_ms": min(ms) if ms else float("nan")}
 
 
-def control_plane(lab: Lab, services: int, changes: int, s: Settings) -> dict[str, Any]:
+def control_plane(lab: Lab, services: int, changes: int, s: Settings,
+                  profile: bool = False) -> dict[str, Any]:
     d = lab.workdir / f"control-{services}"
     d.mkdir(exist_ok=True)
     objects = scale_objects(services) + probe_objects(0)
@@ -170,6 +171,17 @@ def control_plane(lab: Lab, services: int, changes: int, s: Settings) -> dict[st
             result[what]["raw_ms"] = [round(x * 1e3, 3) for x in lat]
             result[what]["cpu_util"] = cpu
             result[what]["other_load"] = max(0.0, (cpu_busy(s.subject_cpu) - busy0) / wall - cpu)
+        if profile:
+            # After the measured changes, so py-spy does not disturb them.
+            from .profile import finish, record
+
+            folded = lab.workdir / f"profile-changes-{services}.folded"
+            spy = record(ks.pid, 6.0, folded)
+            t_end = time.monotonic() + 6.0
+            while time.monotonic() < t_end:
+                _tcp_changes(client, ks, 10, first=changes + 1)
+                _dns_changes(client, ks, 10, first=changes + 1)
+            result["profile"] = finish(spy, folded, 6.0)
         result["rss_after_changes_bytes"] = ks.rss_bytes()
         result["cpu_s_total"] = ks.cpu_seconds()
         for what in ("change_tcp", "change_dns"):
@@ -250,10 +262,10 @@ def _changed(client: FakeAPI, obj: dict[str, Any], seen: Any, ks: Proc,
     return max(0.0, t_seen - sent[0])
 
 
-def _tcp_changes(client: FakeAPI, ks: Proc, n: int) -> list[float]:
+def _tcp_changes(client: FakeAPI, ks: Proc, n: int, first: int = 1) -> list[float]:
     vip, port = loopback_vip(PROBE_TCP[1]), PROBE_TCP[2]
     lat = []
-    for g in range(1, n + 1):
+    for g in range(first, first + n):
         obj = endpoint_slice(PROBE_TCP[0], [POD_IP], [("http", PROBE_PORTS[g % 2], "TCP")])
         want = IDS[g % 2]
         lat.append(_changed(client, obj, lambda w=want: _tcp_id(vip, port) == w, ks))  # type: ignore[misc]
@@ -261,11 +273,11 @@ def _tcp_changes(client: FakeAPI, ks: Proc, n: int) -> list[float]:
     return lat
 
 
-def _dns_changes(client: FakeAPI, ks: Proc, n: int) -> list[float]:
+def _dns_changes(client: FakeAPI, ks: Proc, n: int, first: int = 1) -> list[float]:
     poller = _DNSPoller()
     qname = f"{PROBE_DNS}.{NAMESPACE}.svc.{ZONE}"
     lat = []
-    for g in range(1, n + 1):
+    for g in range(first, first + n):
         ip = probe_dns_ip(g)
         obj = endpoint_slice(PROBE_DNS, [ip], [("http", 8080, "TCP")])
         want = socket.inet_aton(ip)

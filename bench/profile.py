@@ -66,6 +66,28 @@ def _short(frame: str) -> str:
     return re.sub(r"\(/[^()]*?/(cluster|proxy|dns|kubeshim|bench|asyncio)/", r"(\1/", frame)
 
 
+def record(pid: int, seconds: float, folded: Path) -> subprocess.Popen[str]:
+    """Start py-spy on `pid` for `seconds`; the caller drives the load, then calls finish()."""
+    return subprocess.Popen(
+        ["py-spy", "record", "--pid", str(pid), "--rate", str(RATE), "--nonblocking",
+         "--format", "raw", "--output", str(folded), "--duration", f"{int(seconds) + 1}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish(spy: subprocess.Popen[str], folded: Path, seconds: float) -> dict[str, Any]:
+    try:
+        _, err = spy.communicate(timeout=seconds + 30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        _, err = spy.communicate()
+    if not folded.exists():
+        return {"error": f"py-spy wrote nothing: {err.strip()[-300:]}"}
+    samples, top_self, top_total, top_lines = _fold(folded)
+    return {"samples": samples, "busy": samples / (RATE * (int(seconds) + 1)),
+            "top_self": top_self, "top_total": top_total, "top_lines": top_lines,
+            "folded_text": folded.read_text(errors="replace")}
+
+
 def profile_kubeshim(lab: Lab, ks: Contender, s: Settings, cluster_q: Path,
                      forward_q: Path) -> dict[str, Any]:
     assert ks.proc is not None
@@ -86,28 +108,17 @@ def profile_kubeshim(lab: Lab, ks: Contender, s: Settings, cluster_q: Path,
     result: dict[str, Any] = {}
     for name, fn in loads.items():
         folded = lab.workdir / f"profile-{name}.folded"
-        spy = subprocess.Popen(
-            ["py-spy", "record", "--pid", str(ks.proc.pid), "--rate", str(RATE), "--nonblocking",
-             "--format", "raw", "--output", str(folded), "--duration", f"{int(seconds) + 1}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        spy = record(ks.proc.pid, seconds, folded)
         try:
             figures = fn()
         except BenchError as e:
             figures = {"error": str(e)}
-        finally:
-            try:
-                _, err = spy.communicate(timeout=seconds + 30)
-            except subprocess.TimeoutExpired:
-                spy.kill()
-                _, err = spy.communicate()
-        if not folded.exists():
-            result[name] = {"error": f"py-spy wrote nothing: {err.strip()[-300:]}"}
+        result[name] = finish(spy, folded, seconds)
+        if "error" in result[name]:
             continue
-        samples, top_self, top_total, top_lines = _fold(folded)
-        result[name] = {"samples": samples, "busy": samples / (RATE * (int(seconds) + 1)),
-                        "top_self": top_self, "top_total": top_total, "top_lines": top_lines,
-                        "folded_text": folded.read_text(errors="replace"),
-                        "load": {k: v for k, v in figures.items() if isinstance(v, int | float)}}
+        result[name]["load"] = {k: v for k, v in figures.items() if isinstance(v, int | float)}
+        top_self = result[name]["top_self"]
+        samples = result[name]["samples"]
         s.log(f"  profile {name}: {samples} samples; top self: "
               + ", ".join(f"{f.split(' (')[0]} {p:.0f}%" for f, p in top_self[:4]))
     return result
