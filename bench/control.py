@@ -176,12 +176,13 @@ def control_plane(lab: Lab, services: int, changes: int, s: Settings,
             from .profile import finish, record
 
             folded = lab.workdir / f"profile-changes-{services}.folded"
-            spy = record(ks.pid, 6.0, folded)
-            t_end = time.monotonic() + 6.0
+            seconds = min(6.0, max(3.0, s.seconds))
+            spy = record(ks.pid, seconds, folded)
+            t_end = time.monotonic() + seconds
             while time.monotonic() < t_end:
                 _tcp_changes(client, ks, 10, first=changes + 1)
                 _dns_changes(client, ks, 10, first=changes + 1)
-            result["profile"] = finish(spy, folded, 6.0)
+            result["profile"] = finish(spy, folded, seconds)
         result["rss_after_changes_bytes"] = ks.rss_bytes()
         result["cpu_s_total"] = ks.cpu_seconds()
         for what in ("change_tcp", "change_dns"):

@@ -91,7 +91,7 @@ def finish(spy: subprocess.Popen[str], folded: Path, seconds: float) -> dict[str
 def profile_kubeshim(lab: Lab, ks: Contender, s: Settings, cluster_q: Path,
                      forward_q: Path) -> dict[str, Any]:
     assert ks.proc is not None
-    seconds = max(4.0, s.seconds)
+    seconds = max(2.0, s.seconds)
     loads = {
         "tcp_keepalive": lambda: load.wrk(f"http://{ks.targets['http'][0]}:"
                                           f"{ks.targets['http'][1]}/", s.load_cpu, seconds,

@@ -114,7 +114,7 @@ def proxy_scenarios(contenders: list[Contender], s: Settings, udp_queries: Path,
                     fig["cpu_s_per_gb"] = fig["cpu_s"] / (fig["bytes"] / 1e9)
                 samples.append({"scenario": scenario, "contender": c.name, "rep": rep, **fig})
                 s.log(f"  rep {rep + 1}/{s.reps} {key}: " + _brief(fig))
-                time.sleep(0.5)
+                time.sleep(0.3)
 
 
 def dns_scenarios(contenders: list[Contender], s: Settings, cluster_q: Path, forward_q: Path,
