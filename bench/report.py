@@ -129,6 +129,23 @@ def targets(summary: dict[str, Any], control: list[dict[str, Any]]) -> list[dict
         a, b = _get(summary, scn, "kubeshim", key), _get(summary, scn, other, key)
         return a / b if a is not None and b else None
 
+    def why(scn: str, other: str) -> str:
+        """The evidence for what limited a ratio: who saturated their CPU, who was disturbed."""
+        parts = []
+        for who in ("kubeshim", other):
+            d = summary.get(scn, {}).get(who, {})
+            if d.get("cpu_util") is not None:
+                parts.append(f"{who} CPU {d['cpu_util']:.2f}"
+                             + (f" (+{d['other_load']:.2f} other)"
+                                if (d.get("other_load") or 0) > 0.1 else ""))
+            elif d:
+                parts.append(f"{who}: no process CPU (kernel)" if other != "direct"
+                             else "direct: no proxy")
+        d = summary.get(scn, {}).get("kubeshim", {})
+        if d.get("load_cpu_busy") is not None:
+            parts.append(f"load CPU {d['load_cpu_busy']:.2f} during kubeshim's samples")
+        return "; ".join(parts)
+
     rows = [
         ("DNS cluster-name queries/s vs dnsmasq", ratio("dns_cluster", "qps", "dnsmasq"),
          ">=", 2.5, "x"),
@@ -144,6 +161,10 @@ def targets(summary: dict[str, Any], control: list[dict[str, Any]]) -> list[dict
         ("UDP req/resp vs direct", ratio("udp_rr", "qps", "direct"), ">=", 0.9, "x"),
         ("UDP req/resp vs nginx stream", ratio("udp_rr", "qps", "nginx-stream"), ">=", 2.0, "x"),
     ]
+    evidence = [why("dns_cluster", "dnsmasq"), why("dns_cluster_latency", "dnsmasq"),
+                why("tcp_keepalive", "haproxy"), why("tcp_newconn", "haproxy"),
+                why("tcp_bulk", "direct"), why("tcp_bulk", "haproxy"), why("udp_rr", "direct"),
+                why("udp_rr", "nginx-stream")]
     big = max(control, key=lambda c: c["services"], default=None)
     if big is not None:
         rows.append((f"endpoint change -> data plane p99, {big['services']} services",
@@ -151,12 +172,20 @@ def targets(summary: dict[str, Any], control: list[dict[str, Any]]) -> list[dict
         rows.append((f"endpoint change -> DNS p99, {big['services']} services (no target)",
                      big.get("change_dns", {}).get("p99_ms"), "", None, " ms"))
     out = []
-    for name, value, op, goal, unit in rows:
+    for i, (name, value, op, goal, unit) in enumerate(rows):
         met = None
         if value is not None and goal is not None:
             met = {">=": value >= goal, "<=": value <= goal, "<": value < goal}[op]
+        if i < len(evidence):
+            note = evidence[i]
+        elif big is not None:
+            d = big.get("change_tcp" if i == len(evidence) else "change_dns", {})
+            note = (f"kubeshim CPU {d.get('cpu_util', 0):.2f} (+{d.get('other_load', 0):.2f} "
+                    f"other); max {_fmt(d.get('max_ms'))} ms of {d.get('n', 0)}")
+        else:
+            note = ""
         out.append({"target": name, "value": value, "goal": f"{op} {goal}{unit}" if goal else "",
-                    "unit": unit, "met": met})
+                    "unit": unit, "met": met, "evidence": note})
     return out
 
 
@@ -186,11 +215,16 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], tgt: list[dict[st
               "loadavg_at_start", "placement", "haproxy", "nginx", "dnsmasq", "iperf3", "wrk",
               "dnsperf", "nftables"):
         out.append(f"| {k} | {m.get(k, '?')} |")
-    out += ["", "## Targets", "", "| target | kubeshim | goal | met |", "|---|---|---|---|"]
+    out += ["", "## Targets", "",
+            "Evidence: each side's CPU use during the samples (1.00 = its CPU saturated; "
+            "`other` = other work on that CPU). Below 1.00 the limit was elsewhere, usually "
+            "the load CPU (client + backend), whose busy share is shown too.", "",
+            "| target | kubeshim | goal | met | evidence |", "|---|---|---|---|---|"]
     for t in tgt:
         met = {True: "yes", False: "**no**", None: "–"}[t["met"]]
         unit = t["unit"] if t["value"] is not None else ""
-        out.append(f"| {t['target']} | {_fmt(t['value'])}{unit} | {t['goal']} | {met} |")
+        out.append(f"| {t['target']} | {_fmt(t['value'])}{unit} | {t['goal']} | {met} | "
+                   f"{t.get('evidence', '')} |")
     out += ["", f"![charts]({png})", ""]
     for scn, (title, key, unit, higher, extras) in SCENARIOS.items():
         per = summary.get(scn)

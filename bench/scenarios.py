@@ -44,14 +44,17 @@ def cpu_busy(cpus: str) -> float:
     return busy / CLK_TCK
 
 
-def _measure(c: Contender, fn: Callable[[], dict[str, Any]], subject_cpu: str) -> Sample:
+def _measure(c: Contender, fn: Callable[[], dict[str, Any]], subject_cpu: str,
+             load_cpu: str) -> Sample:
     cpu0 = c.proc.cpu_seconds() if c.proc else None
-    busy0 = cpu_busy(subject_cpu)
+    busy0, load0 = cpu_busy(subject_cpu), cpu_busy(load_cpu)
     t0 = time.monotonic()
     figures = fn()
     wall = time.monotonic() - t0
     subject_busy = (cpu_busy(subject_cpu) - busy0) / wall
     figures["subject_cpu_busy"] = subject_busy
+    # Near 1.0: the client/backend CPU was the bottleneck, not the contender.
+    figures["load_cpu_busy"] = (cpu_busy(load_cpu) - load0) / wall
     if c.proc is not None and cpu0 is not None:
         if not c.proc.alive():
             raise BenchError(f"{c.name} exited during the run:\n{c.proc.tail()}")
@@ -105,7 +108,7 @@ def proxy_scenarios(contenders: list[Contender], s: Settings, udp_queries: Path,
                     continue
                 key = f"{scenario}/{c.name}"
                 try:
-                    fig = _measure(c, lambda c=c, fn=fn: fn(c), s.subject_cpu)  # type: ignore[misc]
+                    fig = _measure(c, lambda c=c, fn=fn: fn(c), s.subject_cpu, s.load_cpu)  # type: ignore[misc]
                 except BenchError as e:
                     errors[key] = str(e)
                     s.log(f"  {key}: FAILED {str(e).splitlines()[0]}")
@@ -134,7 +137,7 @@ def dns_scenarios(contenders: list[Contender], s: Settings, cluster_q: Path, for
                 host, port = c.targets["dns"]
                 try:
                     fig = _measure(c, lambda h=host, p=port, q=qfile: load.dnsperf(  # type: ignore[misc]
-                        h, p, q, s.load_cpu, s.seconds), s.subject_cpu)
+                        h, p, q, s.load_cpu, s.seconds), s.subject_cpu, s.load_cpu)
                 except BenchError as e:
                     errors[key] = str(e)
                     s.log(f"  {key}: FAILED {str(e).splitlines()[0]}")
@@ -158,7 +161,7 @@ def dns_scenarios(contenders: list[Contender], s: Settings, cluster_q: Path, for
                 host, port = c.targets["dns"]
                 try:
                     fig = _measure(c, lambda h=host, p=port, q=qfile, r=rate: load.dnsperf(  # type: ignore[misc]
-                        h, p, q, s.load_cpu, s.latency_seconds, rate=r), s.subject_cpu)
+                        h, p, q, s.load_cpu, s.latency_seconds, rate=r), s.subject_cpu, s.load_cpu)
                 except BenchError as e:
                     errors[key] = str(e)
                     s.log(f"  {key}: FAILED {str(e).splitlines()[0]}")
