@@ -61,9 +61,9 @@ class _MMsgHdr(ctypes.Structure):
 
 _HDR = ctypes.sizeof(_MMsgHdr)
 _IOV = ctypes.sizeof(_IOVec)
-_LEN_AT = _MMsgHdr.msg_len.offset  # type: ignore[attr-defined]
-_NAMELEN_AT = _MsgHdr.msg_namelen.offset  # type: ignore[attr-defined]
-_IOV_LEN_AT = _IOVec.iov_len.offset  # type: ignore[attr-defined]
+_LEN_AT = _MMsgHdr.msg_len.offset
+_NAMELEN_AT = _MsgHdr.msg_namelen.offset
+_IOV_LEN_AT = _IOVec.iov_len.offset
 _U32 = struct.Struct("@I")
 _SIZE = struct.Struct("@N")  # size_t
 _PTR = struct.Struct("@P")
@@ -147,9 +147,9 @@ class BatchedUDP:
         iov_array = self._views[2]
         hdr_array = self._views[3]
         for i in range(BATCH):
-            iov_array[i].iov_base = slots + i * SLOT  # type: ignore[index]
-            iov_array[i].iov_len = SLOT  # type: ignore[index]
-            msg = hdr_array[i].msg_hdr  # type: ignore[index]
+            iov_array[i].iov_base = slots + i * SLOT
+            iov_array[i].iov_len = SLOT
+            msg = hdr_array[i].msg_hdr
             msg.msg_name = names + i * SOCKADDR
             msg.msg_namelen = SOCKADDR
             msg.msg_iov = iovs + i * _IOV
@@ -231,11 +231,11 @@ class BatchedUDP:
             at = i * SLOT
             out = answer(slots[at : at + u32.unpack_from(hdrs, i * _HDR + _LEN_AT)[0]], False)
             if out.__class__ is bytes:
-                size = len(out)  # type: ignore[arg-type]
+                size = len(out)
                 if size > SLOT:
-                    self.sendto(out, self._address(i))  # type: ignore[arg-type]
+                    self.sendto(out, self._address(i))
                     continue
-                slots[at : at + size] = out  # type: ignore[index]
+                slots[at : at + size] = out
                 size_t.pack_into(iovs, i * _IOV + _IOV_LEN_AT, size)
                 if i != ready:
                     # An earlier datagram got no reply here: move this header up; it still
