@@ -44,13 +44,34 @@ def cpu_busy(cpus: str) -> float:
     return busy / CLK_TCK
 
 
+def tcp_counters() -> dict[str, int]:
+    """This namespace's TCP retransmission counters (/proc/net/snmp, /proc/net/netstat)."""
+    out: dict[str, int] = {}
+    for path, table, keys in (("/proc/net/snmp", "Tcp:", ("RetransSegs",)),
+                              ("/proc/net/netstat", "TcpExt:", ("TCPSynRetrans",))):
+        try:
+            text = Path(path).read_text()
+            lines = [ln.split() for ln in text.splitlines() if ln.startswith(table)]
+        except OSError:
+            continue
+        if len(lines) >= 2:
+            row = dict(zip(lines[0][1:], lines[1][1:], strict=False))
+            for k in keys:
+                if k in row:
+                    out[k] = int(row[k])
+    return out
+
+
 def _measure(c: Contender, fn: Callable[[], dict[str, Any]], subject_cpu: str,
              load_cpu: str) -> Sample:
     cpu0 = c.proc.cpu_seconds() if c.proc else None
-    busy0, load0 = cpu_busy(subject_cpu), cpu_busy(load_cpu)
+    busy0, load0, tcp0 = cpu_busy(subject_cpu), cpu_busy(load_cpu), tcp_counters()
     t0 = time.monotonic()
     figures = fn()
     wall = time.monotonic() - t0
+    tcp1 = tcp_counters()
+    figures["tcp_retrans"] = float(tcp1.get("RetransSegs", 0) - tcp0.get("RetransSegs", 0))
+    figures["syn_retrans"] = float(tcp1.get("TCPSynRetrans", 0) - tcp0.get("TCPSynRetrans", 0))
     subject_busy = (cpu_busy(subject_cpu) - busy0) / wall
     figures["subject_cpu_busy"] = subject_busy
     # Near 1.0: the client/backend CPU was the bottleneck, not the contender.
@@ -174,5 +195,5 @@ def dns_scenarios(contenders: list[Contender], s: Settings, cluster_q: Path, for
 
 def _brief(fig: dict[str, Any]) -> str:
     keys = ("rps", "gbit_s", "qps", "p50_ms", "p99_ms", "cpu_util", "other_load", "cpu_s_per_gb",
-            "lost", "socket_errors")
+            "lost", "socket_errors", "syn_retrans")
     return " ".join(f"{k}={fig[k]:.4g}" for k in keys if isinstance(fig.get(k), float | int))
