@@ -7,9 +7,11 @@ ones with one sendmmsg pays the per-syscall cost once per batch instead of once 
 The arrays are allocated once per socket: BATCH message headers, each with one iovec over its
 own 64 KiB slot (a whole UDP payload, so a datagram is never cut short) and its own
 sockaddr_storage. A reply is written over its query in the same slot and goes back to the
-address recvmmsg stored there: no address is decoded on the answered path. Replies that are not
-ready at once (forwarded names) and the rest of a partial sendmmsg go through `sendto`, which
-queues behind EAGAIN and drains when the socket is writable.
+address recvmmsg stored there: no address is decoded on the answered path. A query whose exact
+bytes were answered before is served in the loop itself (`DNSServer.answer`'s first level: the
+stored reply goes after the query's id, already in place); every other goes through `answer`.
+Replies that are not ready at once (forwarded names) and the rest of a partial sendmmsg go
+through `sendto`, which queues behind EAGAIN and drains when the socket is writable.
 
 Python's socket module has neither call, so they come from libc through ctypes; `available()`
 says whether they exist here (else the server keeps its DatagramProtocol path).
