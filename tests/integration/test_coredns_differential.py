@@ -212,7 +212,7 @@ def ask(port: int, name: str, qtype: str) -> Answer:
                   frozenset(_rr(r) for r in reply.auth))
 
 
-NODATA = ("NOERROR", frozenset())
+NODATA: tuple[str, frozenset[tuple[str, str, str]]] = ("NOERROR", frozenset())
 SOA_ONLY = frozenset({("cluster.local.", "SOA",
                       "ns.dns.cluster.local. hostmaster.cluster.local. 7200 1800 86400 30")})
 EXTERNAL_NAMES = (f"ext.{NS}.svc.{ZONE}", f"ext-in.{NS}.svc.{ZONE}")
