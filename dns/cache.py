@@ -1,4 +1,5 @@
-"""The two DNS caches: packed cluster answers, and upstream answers with negative caching.
+"""The DNS caches: packed cluster answers, upstream answers with negative caching, and the
+packed form of those upstream answers for the hot path.
 
 `AnswerCache` keeps the packed reply of a cluster question under `wire.AnswerKey` and the names
 of the state it came from, so a Service change drops exactly the answers it touches (no TTL:
@@ -9,17 +10,22 @@ entries in separate bounded stores, keyed by (lower-cased name, type, class, DO 
 original TTLs stored with the time of storing and decremented on a hit; the clock is injected.
 Negative answers live min(SOA TTL, SOA minimum) (RFC 2308 section 5); negative answers
 without an SOA, truncated answers and failures are not kept (RFC 2308 section 5, 7.1).
+
+`RelayedAnswers` keeps the packed reply kubeshim sent for a forwarded question under the same
+`AnswerKey`, until the `UpstreamCache` entry it came from expires; a hit rewrites the TTL fields
+in place (counted down, like CoreDNS's cache), so a warm forwarded name costs no parse or pack.
 """
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from .wire import AnswerKey
+from .wire import AnswerKey, ttl_offsets
 
 CacheKey = AnswerKey | bytes
 
@@ -75,6 +81,53 @@ class AnswerCache:
 
 UpstreamKey = tuple[str, int, int, bool]
 
+_TTL = struct.Struct("!I")
+
+
+class RelayedAnswers:
+    """Packed forwarded replies per question shape; TTLs counted down on a hit; full = cleared."""
+
+    def __init__(self, capacity: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.capacity = max(1, capacity)
+        self.clock = clock
+        # key -> (packet, stored at, expires at, TTL offsets, TTLs when stored, rcode, kind)
+        self.entries: dict[
+            AnswerKey, tuple[bytes, float, float, list[int], list[int], int, str]
+        ] = {}
+
+    def get(self, key: AnswerKey) -> tuple[bytes, int, str] | None:
+        """(reply packet, rcode, "success" or "denial"), or None when absent or expired."""
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        packet, stored_at, expires_at, offsets, ttls, rcode, kind = entry
+        now = self.clock()
+        if now >= expires_at:
+            del self.entries[key]
+            return None
+        spent = int(now - stored_at)
+        if spent == 0:
+            return packet, rcode, kind
+        out = bytearray(packet)
+        for offset, ttl in zip(offsets, ttls, strict=True):
+            _TTL.pack_into(out, offset, max(0, ttl - spent))
+        return bytes(out), rcode, kind
+
+    def put(
+        self, key: AnswerKey, packet: bytes, expires_at: float, rcode: int, kind: str
+    ) -> None:
+        if len(self.entries) >= self.capacity:
+            self.entries.clear()
+        offsets = ttl_offsets(packet)
+        ttls = [_TTL.unpack_from(packet, o)[0] for o in offsets]
+        self.entries[key] = (packet, self.clock(), expires_at, offsets, ttls, rcode, kind)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
 
 @dataclass(slots=True)
 class _Stored:
@@ -123,6 +176,14 @@ class UpstreamCache:
             self.hits[kind] += 1
             return entry.reply
         self.misses += 1
+        return None
+
+    def expires_at(self, key: UpstreamKey) -> tuple[float, str] | None:
+        """When the entry under `key` expires (clock time) and its kind, if it is stored."""
+        for kind, store in (("success", self.positive), ("denial", self.negative)):
+            entry = store.get(key)
+            if entry is not None:
+                return entry.stored_at + entry.ttl, kind
         return None
 
     def put(self, key: UpstreamKey, reply: DNSRecord) -> int:

@@ -34,7 +34,7 @@ from cluster.state import ClusterState, ServiceChange
 
 from . import batch
 from .batch import BatchedUDP
-from .cache import AnswerCache, UpstreamCache
+from .cache import AnswerCache, RelayedAnswers, UpstreamCache
 from .config import DNSConfig
 from .forward import Forwarder, UpstreamError
 from .metrics import DNSMetrics
@@ -62,6 +62,7 @@ class DNSServer:
             config.upstream_negative_cache_size,
             config.upstream_max_ttl,
         )
+        self.relayed = RelayedAnswers(config.upstream_cache_size)
         self.metrics = DNSMetrics()
         self.forwarder = Forwarder(
             config.upstreams, config.upstream_timeout, self.upstream_cache, self.metrics
@@ -211,6 +212,15 @@ class DNSServer:
                 if not tcp:
                     self.answers.put(data[2:], reply[2:], entry[1], entry[2])
                 return reply
+            # A forwarded name answered before and still fresh upstream (never a cluster
+            # name: those are not forwarded, so the two stores cannot disagree).
+            relayed = self.relayed.get(found[0])
+            if relayed is not None:
+                packet, rcode, kind = relayed
+                self.upstream_cache.hits[kind] += 1
+                self.metrics.rcodes[rcode] += 1
+                qend = found[1]
+                return data[:2] + packet[2:12] + data[12:qend] + packet[qend:]
         self.answer_misses += 1
         try:
             return self._answer_full(data, tcp, found)
@@ -238,6 +248,7 @@ class DNSServer:
             return parsed
         resolution = self.records.resolve(parsed.record)
         if resolution is None:
+            parsed.key = found
             return parsed
         if resolution.chase is not None:
             parsed.partial, parsed.chase = resolution.reply, resolution.chase
@@ -294,9 +305,28 @@ class DNSServer:
             reply = DNSRecord(DNSHeader(id=query.id, qr=1, rd=request.header.rd, ra=1), q=request.q)
             reply.header.rcode = RCODE.SERVFAIL
         packet = finish(reply, query, query.size_limit(tcp, max_udp), max_udp)
+        self._keep_relayed(query, packet, reply.header.rcode)
         self.metrics.rcodes[reply.header.rcode] += 1
         self.metrics.duration.observe(time.perf_counter() - started)
         return packet
+
+    def _keep_relayed(self, query: Query, packet: bytes, rcode: int) -> None:
+        """Keep the packed reply while the upstream answer it carries is cached.
+
+        Reverse names are left out: a PTR forwarded today may be a ClusterIP's tomorrow, and
+        only the cluster store is invalidated by state changes.
+        """
+        if query.key is None or packet[2] & 0x02:  # not a plain query, or truncated
+            return
+        q = query.record.q
+        name = str(q.qname).lower()
+        if name.endswith(("in-addr.arpa.", "ip6.arpa.")):
+            return
+        stored = self.upstream_cache.expires_at(
+            UpstreamCache.key(name, q.qtype, q.qclass, query.edns.do if query.edns else False)
+        )
+        if stored is not None:
+            self.relayed.put(query.key[0], packet, stored[0], rcode, stored[1])
 
     async def _chase(self, query: Query, reply: DNSRecord, target: str, tcp: bool) -> bytes:
         """Complete a cluster CNAME (ExternalName) with the target's records of the asked type.

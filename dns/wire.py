@@ -92,6 +92,8 @@ class Query:
     # Set when a cluster answer ends in a CNAME to chase: the reply so far and the target.
     partial: DNSRecord | None = None
     chase: str | None = None
+    # The wire-cache key of a plain query and where its question name ends (question_key).
+    key: tuple[AnswerKey, int] | None = None
 
     def size_limit(self, tcp: bool, max_udp: int) -> int:
         if tcp:
@@ -133,6 +135,36 @@ def parse_query(data: bytes, max_udp: int) -> Query | bytes | None:
         reply.add_ar(EDNS0(ext_rcode=BADVERS >> 4, udp_len=max_udp))
         return bytes(reply.pack())
     return Query(qid, record, edns)
+
+
+def ttl_offsets(packet: bytes) -> list[int]:
+    """Offsets of the TTL field of every record but OPT in a well-formed packed reply.
+
+    Walks the sections without decoding names: a label run ends at a zero byte or at a
+    compression pointer (two bytes, RFC 1035 4.1.4).
+    """
+    _id, _flags, qd, an, ns, ar = HEADER.unpack_from(packet)
+    i = HEADER.size
+
+    def skip_name(i: int) -> int:
+        while True:
+            length = packet[i]
+            if length == 0:
+                return i + 1
+            if length & 0xC0 == 0xC0:
+                return i + 2
+            i += length + 1
+
+    for _ in range(qd):
+        i = skip_name(i) + 4
+    offsets = []
+    for _ in range(an + ns + ar):
+        i = skip_name(i)
+        rtype = packet[i] << 8 | packet[i + 1]
+        if rtype != QTYPE.OPT:
+            offsets.append(i + 4)
+        i += 10 + (packet[i + 8] << 8 | packet[i + 9])
+    return offsets
 
 
 def error_reply(qid: int, flags: int, rcode: int) -> bytes:

@@ -164,6 +164,8 @@ async def test_positive_answers_cached_with_ttl_counting_down(
     again = await dig(p, "WWW.example")
     assert again.answer[0][0] == "WWW.example." and again.answer[0][1] in (58, 59)
     assert upstream.udp["www.example"] == 1
+    # The repeat was served from the packed relayed reply, not re-packed from the record.
+    assert len(server.relayed) == 1 and server.upstream_cache.hits["success"] >= 1
 
 
 async def test_truncated_upstream_answer_is_fetched_over_tcp(

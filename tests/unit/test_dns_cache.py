@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dnslib import QTYPE, RCODE, RR, SOA, A, DNSHeader, DNSRecord
 
-from dns.cache import AnswerCache, UpstreamCache
+from dns.cache import AnswerCache, RelayedAnswers, UpstreamCache
+from dns.wire import question_key, ttl_offsets
 
 
 class Clock:
@@ -112,3 +113,47 @@ def test_stores_are_bounded_oldest_out() -> None:
     for name in ("n1", "n2"):
         cache.put(cache.key(name, 1, 1, False), upstream_reply(name, RCODE.NXDOMAIN))
     assert [k[0] for k in cache.negative] == ["n2"]
+
+
+def _relayed_reply() -> bytes:
+    q = DNSRecord.question("www.example.org", "A")
+    reply = q.reply()
+    reply.add_answer(RR("www.example.org", QTYPE.A, rdata=A("192.0.2.1"), ttl=60))
+    reply.add_answer(RR("www.example.org", QTYPE.A, rdata=A("192.0.2.2"), ttl=30))
+    reply.add_auth(RR("example.org", QTYPE.SOA, rdata=SOA("ns.example.org", "h.example.org",
+                                                            (1, 2, 3, 4, 5)), ttl=300))
+    return bytes(reply.pack())
+
+
+def test_ttl_offsets_point_at_every_record_ttl() -> None:
+    packet = _relayed_reply()
+    parsed = DNSRecord.parse(packet)
+    offsets = ttl_offsets(packet)
+    assert [int.from_bytes(packet[o : o + 4], "big") for o in offsets] == [60, 30, 300]
+    assert len(offsets) == len(parsed.rr) + len(parsed.auth)
+
+
+def test_relayed_answers_count_ttls_down_and_expire() -> None:
+    now = [100.0]
+    cache = RelayedAnswers(10, clock=lambda: now[0])
+    packet = _relayed_reply()
+    found = question_key(bytes(DNSRecord.question("www.example.org", "A").pack()), False, 1232)
+    assert found is not None
+    cache.put(found[0], packet, expires_at=130.0, rcode=RCODE.NOERROR, kind="success")
+    assert cache.get(found[0]) == (packet, RCODE.NOERROR, "success")  # same second: as stored
+    now[0] = 112.5
+    hit = cache.get(found[0])
+    assert hit is not None
+    assert [r.ttl for r in (*DNSRecord.parse(hit[0]).rr, *DNSRecord.parse(hit[0]).auth)] == [
+        48, 18, 288]
+    now[0] = 130.0
+    assert cache.get(found[0]) is None and len(cache) == 0  # expired with its upstream entry
+
+
+def test_relayed_answers_clear_when_full() -> None:
+    cache = RelayedAnswers(2)
+    packet = _relayed_reply()
+    keys = [(b"k%d" % i, b"\x00\x01\x00\x01", 1, 512, 0, False) for i in range(3)]
+    for key in keys:
+        cache.put(key, packet, expires_at=1e12, rcode=0, kind="success")  # type: ignore[arg-type]
+    assert len(cache) == 1 and cache.get(keys[2]) is not None  # type: ignore[arg-type]
