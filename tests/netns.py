@@ -78,7 +78,8 @@ class Netns:
         flag = "-ltnH" if proto == "tcp" else "-lunH"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = self.run(["ss", flag, f"src {host}:{port}" if host else f"sport = :{port}"]).stdout
+            where = f"src {host}:{port}" if host else f"sport = :{port}"
+            out = self.run(["ss", flag, where]).stdout
             if out.strip():
                 return
             time.sleep(0.05)
