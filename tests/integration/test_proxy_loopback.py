@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import shutil
@@ -88,6 +89,29 @@ def web(port: int, **spec: Any) -> Any:
 
 def web_slice(port: int, *eps: dict[str, Any]) -> Any:
     return endpoint_slice("web", eps, [{"name": "http", "port": port, "protocol": "TCP"}])
+
+
+@contextlib.asynccontextmanager
+async def udp_service_proxier(**config: Any) -> AsyncIterator[Proxier]:
+    """A loopback Proxier of its own (config as given) serving one UDP Service, port 5353,
+    backed by one name server at BACKEND[0]."""
+    state = ClusterState()
+    proxier = Proxier(state, ProxyConfig(vip_mode="loopback", **config,
+                                         nodeport_addresses=["127.0.0.1/32"]),
+                      registry=CollectorRegistry())
+    await proxier.start()
+    port = free_port(BACKEND[0], socket.SOCK_DGRAM)
+    backend = await udp_name_server(BACKEND[0], port, "pod-0")
+    svc = service("dns", CLUSTER_IP, [{"name": "dns", "port": 5353, "protocol": "UDP"}])
+    eps = [{"name": "dns", "port": port, "protocol": "UDP"}]
+    try:
+        state.replace("Service", [svc])
+        state.replace("EndpointSlice", [endpoint_slice("dns", [endpoint(BACKEND[0])], eps)])
+        await asyncio.sleep(0.1)
+        yield proxier
+    finally:
+        await proxier.stop(0.1)
+        backend.close()
 
 
 async def ask(ip: str, port: int, send: bytes = b"") -> bytes:
@@ -362,19 +386,7 @@ async def test_idle_tcp_connection_is_closed() -> None:
 
 
 async def test_udp_flow_table_is_bounded() -> None:
-    state = ClusterState()
-    proxier = Proxier(state, ProxyConfig(vip_mode="loopback", udp_max_flows=2,
-                                         nodeport_addresses=["127.0.0.1/32"]),
-                      registry=CollectorRegistry())
-    await proxier.start()
-    port = free_port(BACKEND[0], socket.SOCK_DGRAM)
-    backend = await udp_name_server(BACKEND[0], port, "pod-0")
-    svc = service("dns", CLUSTER_IP, [{"name": "dns", "port": 5353, "protocol": "UDP"}])
-    eps = [{"name": "dns", "port": port, "protocol": "UDP"}]
-    try:
-        state.replace("Service", [svc])
-        state.replace("EndpointSlice", [endpoint_slice("dns", [endpoint(BACKEND[0])], eps)])
-        await asyncio.sleep(0.1)
+    async with udp_service_proxier(udp_max_flows=2) as proxier:
         socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
         for s in socks:
             s.settimeout(3)
@@ -386,9 +398,6 @@ async def test_udp_flow_table_is_bounded() -> None:
         assert proxier.status()["udpFlows"] == 2
         assert port_status["errors"] == {"udp_flow_evicted": 1}
         assert port_status["connectionsTotal"] == 3
-    finally:
-        await proxier.stop(0.1)
-        backend.close()
 
 
 async def test_address_claimed_twice_is_reported(env: Env) -> None:
@@ -570,19 +579,7 @@ async def test_renamed_port_keeps_its_socket(env: Env) -> None:
 
 
 async def test_udp_flow_expires_after_udp_timeout() -> None:
-    state = ClusterState()
-    proxier = Proxier(state, ProxyConfig(vip_mode="loopback", udp_timeout=0.2,
-                                         nodeport_addresses=["127.0.0.1/32"]),
-                      registry=CollectorRegistry())
-    await proxier.start()
-    port = free_port(BACKEND[0], socket.SOCK_DGRAM)
-    backend = await udp_name_server(BACKEND[0], port, "pod-0")
-    svc = service("dns", CLUSTER_IP, [{"name": "dns", "port": 5353, "protocol": "UDP"}])
-    eps = [{"name": "dns", "port": port, "protocol": "UDP"}]
-    try:
-        state.replace("Service", [svc])
-        state.replace("EndpointSlice", [endpoint_slice("dns", [endpoint(BACKEND[0])], eps)])
-        await asyncio.sleep(0.1)
+    async with udp_service_proxier(udp_timeout=0.2) as proxier:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(3)
             s.connect((proxier.vip_address(CLUSTER_IP), 5353))
@@ -595,9 +592,6 @@ async def test_udp_flow_expires_after_udp_timeout() -> None:
             assert proxier.status()["udpFlows"] == 0
             await asyncio.to_thread(s.send, b"q")  # a new flow is made on demand
             assert await asyncio.to_thread(s.recv, 100) == b"pod-0:q"
-    finally:
-        await proxier.stop(0.1)
-        backend.close()
 
 
 async def test_ipv6_cluster_ip_in_loopback_mode_is_reported(env: Env) -> None:
