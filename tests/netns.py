@@ -16,6 +16,7 @@ assigned in the root namespace. Names carry the pid, so parallel runs never coll
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -110,6 +111,31 @@ class Netns:
         path = Path("/etc/netns") / self.name
         path.mkdir(parents=True, exist_ok=True)
         (path / "resolv.conf").write_text(text)
+
+
+class LiveConnection:
+    """socat in a namespace holding one TCP connection to `address` (host:port) open, to check
+    that established connections survive what the test does next."""
+
+    def __init__(self, ns: Netns, address: str, *socat_options: str) -> None:
+        self.proc = ns.popen(["socat", *socat_options, "-", f"TCP:{address}"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def echo(self, text: str, timeout: float = 3.0) -> str:
+        """Send one line and return the line read back ("" if none within `timeout`)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(text.encode() + b"\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        return self.proc.stdout.readline().decode().strip() if ready else ""
+
+    def close(self, wait: float | None = None) -> None:
+        """EOF on stdin: socat half-closes and the peer closes its side; optionally wait for
+        socat to exit."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        if wait is not None:
+            self.proc.wait(wait)
 
 
 class Lab:

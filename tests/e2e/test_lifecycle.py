@@ -11,7 +11,6 @@ Needs root (network namespaces); everything is torn down by the Lab, even on fai
 from __future__ import annotations
 
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns import NODE_IP, Lab, Netns
+from tests.netns import NODE_IP, Lab, LiveConnection, Netns
 
 pytestmark = pytest.mark.e2e
 
@@ -143,23 +142,9 @@ def connects(client: Netns) -> bool:
     return client.run(["nc", "-z", "-w", "2", CLUSTER_IP, str(PORT)], check=False).returncode == 0
 
 
-class LiveConnection:
-    """socat in the client namespace holding one TCP connection through the ClusterIP."""
-
-    def __init__(self, client: Netns) -> None:
-        self.proc = client.popen(["socat", "-t", "0.5", "-", f"TCP:{CLUSTER_IP}:{PORT}"],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-    def echo(self, text: str, timeout: float = 3.0) -> str:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(text.encode() + b"\n")
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        return self.proc.stdout.readline().decode().strip() if ready else ""
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()  # EOF: socat half-closes; the echo server closes its side
+def live_connection(client: Netns) -> LiveConnection:
+    """One TCP connection through the ClusterIP; socat lingers 0.5 s after a half-close."""
+    return LiveConnection(client, f"{CLUSTER_IP}:{PORT}", "-t", "0.5")
 
 
 @pytest.fixture
@@ -178,7 +163,7 @@ def test_sigterm_drains_live_connections_and_removes_vips(lab: Any) -> None:
     lab, client, tmp = lab
     daemon = Kubeshim(lab, tmp, 1)
     daemon.wait_serving(client)
-    live = LiveConnection(client)
+    live = live_connection(client)
     assert live.echo("before") == "before"
     deadline = time.monotonic() + 10
     while health_check(client) != 200:
@@ -216,7 +201,7 @@ def test_the_drain_deadline_ends_stuck_connections(lab: Any) -> None:
     lab, client, tmp = lab
     daemon = Kubeshim(lab, tmp, 1)
     daemon.wait_serving(client)
-    live = LiveConnection(client)
+    live = live_connection(client)
     assert live.echo("hello") == "hello"
     sent = time.monotonic()
     daemon.signal(signal.SIGTERM)
@@ -240,7 +225,7 @@ def test_restart_after_a_crash_cleans_stale_addresses(lab: Any) -> None:
     second = Kubeshim(lab, tmp, 2)
     second.wait_serving(client)
     assert sorted(vips(lab.node)) == [CLUSTER_IP, "10.96.0.11"], "a stale address stays"
-    live = LiveConnection(client)
+    live = live_connection(client)
     assert live.echo("again") == "again"
     live.close()
     answer = client.run(["dig", f"@{NODE_IP}", "+short", "+tries=1", "+time=2",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns import Netns, require_root
+from tests.netns import LiveConnection, Netns, require_root
 from tests.peers.bridge import APIBridge
 from tests.peers.cluster import ControlPlane
 
@@ -179,26 +178,6 @@ def count(log: str, event: str) -> int:
     return sum(1 for line in log.splitlines() if event in line)
 
 
-class LiveConnection:
-    """socat in the namespace holding one TCP connection to `address`."""
-
-    def __init__(self, ns: Netns, address: str) -> None:
-        self.proc = ns.popen(["socat", "-", f"TCP:{address}"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-    def echo(self, text: str, timeout: float = 3.0) -> str:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(text.encode() + b"\n")
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        return self.proc.stdout.readline().decode().strip() if ready else ""
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(5)
-
-
 # --- tests -----------------------------------------------------------------------------------
 
 
@@ -263,7 +242,7 @@ def test_apiserver_restart_keeps_connections_and_resumes_the_watch(
         assert fresh.stdout.strip() == "after"
         assert live.echo("after") == "after"
     finally:
-        live.close()
+        live.close(wait=5)
         cp.kubectl("delete", "service", echo, later)
         cp.kubectl("delete", "endpointslice", f"{echo}-1", f"{later}-1")
     log = daemon.text()
