@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from cluster.model import decode
 from cluster.state import ClusterState, EventType, WatchEvent
 from dns.config import DNSConfig
 from dns.metrics import DNSCollector
 from dns.server import DNSServer
+from tests.objects import endpoint_slice, service
+from tests.objects import synced_state as state_of
 
 pytestmark = pytest.mark.skipif(shutil.which("dig") is None, reason="needs dig (dnsutils)")
 
@@ -24,35 +25,6 @@ Z = "cluster.local"
 
 
 # --- cluster objects ---------------------------------------------------------------------------
-
-
-def service(name: str, ns: str = "default", ip: str | None = "10.96.0.10", **spec: Any) -> Any:
-    body: dict[str, Any] = {"ports": [{"name": "http", "port": 80}]}
-    if ip is not None:
-        body["clusterIP"] = ip
-    body.update(spec)
-    return decode("Service", {"metadata": {"name": name, "namespace": ns}, "spec": body})
-
-
-def endpoint_slice(
-    svc: str,
-    endpoints: list[dict[str, Any]],
-    ns: str = "default",
-    ports: list[dict[str, Any]] | None = None,
-) -> Any:
-    return decode(
-        "EndpointSlice",
-        {
-            "metadata": {
-                "name": f"{svc}-1",
-                "namespace": ns,
-                "labels": {"kubernetes.io/service-name": svc},
-            },
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 8080}] if ports is None else ports,
-            "endpoints": endpoints,
-        },
-    )
 
 
 def objects() -> list[Any]:
@@ -81,11 +53,7 @@ def objects() -> list[Any]:
 
 
 def synced_state() -> ClusterState:
-    state = ClusterState()
-    objs = objects()
-    state.replace("Service", [o for o in objs if o.kind == "Service"])
-    state.replace("EndpointSlice", [o for o in objs if o.kind == "EndpointSlice"])
-    return state
+    return state_of(*objects())
 
 
 # --- dig -------------------------------------------------------------------------------------

@@ -2,55 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from cluster.model import decode
 from cluster.state import ClusterState, EventType, WatchEvent
 from dns.config import DNSConfig
 from dns.records import ClusterRecords
+from tests.objects import endpoint_slice, service, synced_state
 
 ZONE = "cluster.local"
-
-
-def service(name: str, ns: str = "default", ip: str | None = "10.96.0.10", **spec: Any) -> Any:
-    body: dict[str, Any] = {"ports": [{"name": "http", "port": 80}]}
-    if ip is not None:
-        body["clusterIP"] = ip
-    body.update(spec)
-    return decode("Service", {"metadata": {"name": name, "namespace": ns}, "spec": body})
-
-
-def endpoint_slice(
-    svc: str,
-    endpoints: list[dict[str, Any]],
-    ns: str = "default",
-    ports: list[dict[str, Any]] | None = None,
-    name: str | None = None,
-    address_type: str = "IPv4",
-) -> Any:
-    return decode(
-        "EndpointSlice",
-        {
-            "metadata": {
-                "name": name or f"{svc}-1",
-                "namespace": ns,
-                "labels": {"kubernetes.io/service-name": svc},
-            },
-            "addressType": address_type,
-            "ports": [{"name": "http", "port": 8080}] if ports is None else ports,
-            "endpoints": endpoints,
-        },
-    )
-
-
-def synced_state(*objects: Any) -> ClusterState:
-    state = ClusterState()
-    state.replace("Service", [o for o in objects if o.kind == "Service"])
-    state.replace("EndpointSlice", [o for o in objects if o.kind == "EndpointSlice"])
-    return state
 
 
 def ask(records: ClusterRecords, name: str, qtype: str = "A") -> DNSRecord:
