@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -490,7 +489,22 @@ async def test_object_turning_invalid_keeps_last_valid_version_until_deleted(
 
 
 # --- against the real kube-apiserver (tests/peers) ---------------------------------------------
-# The session's control plane (tests/peers/fixtures.py) is shared: objects get unique names.
+
+
+@pytest.fixture(scope="module")
+def real_apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """etcd + kube-apiserver built by tests/peers/build.sh, with deploy/rbac.yaml applied."""
+    from tests.peers.cluster import ControlPlane, Peers
+    from tests.peers.fixtures import require_peers
+
+    peers = Peers.find()
+    require_peers(peers, "etcd", "kube_apiserver", "kubectl")
+    cp = ControlPlane(tmp_path_factory.mktemp("apiserver"), peers)
+    cp.start()
+    try:
+        yield cp
+    finally:
+        cp.stop()
 
 
 async def kubectl(cp: Any, *args: str, manifest: Any = None) -> None:
@@ -510,27 +524,26 @@ def real_slice(name: str, svc: str, ips: list[str]) -> dict[str, Any]:
 
 
 @pytest.mark.peers
-async def test_real_apiserver_list_watch_and_rbac(control_plane, run_source, caplog) -> None:
-    cp = control_plane
-    rw = f"rw-{os.getpid()}"
+async def test_real_apiserver_list_watch_and_rbac(real_apiserver, run_source, caplog) -> None:
+    cp = real_apiserver
     await kubectl(
         cp,
         "apply",
         "-f",
         "-",
-        manifest=[real_service(rw), real_slice(f"{rw}-1", rw, ["10.244.0.1"])],
+        manifest=[real_service("rw"), real_slice("rw-1", "rw", ["10.244.0.1"])],
     )
     # The kubeshim identity of deploy/rbac.yaml, TLS verified against the cluster CA.
     r = run_source(await kubeconfig_config(cp.kubeshim_kubeconfig))
-    await wait_for(lambda: endpoints(r.state, rw) == ["10.244.0.1"], what="initial list")
+    await wait_for(lambda: endpoints(r.state, "rw") == ["10.244.0.1"], what="initial list")
     await kubectl(
-        cp, "apply", "-f", "-", manifest=[real_slice(f"{rw}-1", rw, ["10.244.0.1", "10.244.0.2"])]
+        cp, "apply", "-f", "-", manifest=[real_slice("rw-1", "rw", ["10.244.0.1", "10.244.0.2"])]
     )
-    await wait_for(lambda: endpoints(r.state, rw) == ["10.244.0.1", "10.244.0.2"])
-    await kubectl(cp, "delete", "endpointslice", f"{rw}-1", "-n", "default")
-    await wait_for(lambda: endpoints(r.state, rw) == [])
-    await kubectl(cp, "delete", "service", rw, "-n", "default")
-    await wait_for(lambda: key(rw) not in r.state.services)
+    await wait_for(lambda: endpoints(r.state, "rw") == ["10.244.0.1", "10.244.0.2"])
+    await kubectl(cp, "delete", "endpointslice", "rw-1", "-n", "default")
+    await wait_for(lambda: endpoints(r.state, "rw") == [])
+    await kubectl(cp, "delete", "service", "rw", "-n", "default")
+    await wait_for(lambda: key("rw") not in r.state.services)
     # An identity without the role: the real authorizer's message, surfaced, retried.
     denied = run_source(await kubeconfig_config(cp.norole_kubeconfig))
     await wait_for(lambda: 'cannot list resource "services" in API group ""' in log_text(caplog))
@@ -540,13 +553,12 @@ async def test_real_apiserver_list_watch_and_rbac(control_plane, run_source, cap
 
 @pytest.mark.peers
 async def test_real_apiserver_restart_and_compaction_relist(
-    control_plane, run_source, caplog
+    real_apiserver, run_source, caplog
 ) -> None:
-    cp = control_plane
-    rc = f"rc-{os.getpid()}"
-    await kubectl(cp, "apply", "-f", "-", manifest=[real_service(rc)])
+    cp = real_apiserver
+    await kubectl(cp, "apply", "-f", "-", manifest=[real_service("rc")])
     r = run_source(await kubeconfig_config(cp.kubeshim_kubeconfig))
-    await wait_for(lambda: r.state.synced and key(rc) in r.state.services)
+    await wait_for(lambda: r.state.synced and key("rc") in r.state.services)
     # Only slices change: the Services watch stays at its listed resourceVersion, which the
     # compaction below makes too old to resume from.
     await kubectl(
@@ -554,11 +566,11 @@ async def test_real_apiserver_restart_and_compaction_relist(
         "apply",
         "-f",
         "-",
-        manifest=[real_slice(f"{rc}-{i}", rc, [f"10.244.1.{i}"]) for i in range(1, 4)],
+        manifest=[real_slice(f"rc-{i}", "rc", [f"10.244.1.{i}"]) for i in range(1, 4)],
     )
-    await wait_for(lambda: len(endpoints(r.state, rc)) == 3)
+    await wait_for(lambda: len(endpoints(r.state, "rc")) == 3)
     await asyncio.to_thread(cp.expire_history)  # compact etcd, restart kube-apiserver
     await wait_for(lambda: "resource version expired, relisting" in log_text(caplog), 30)
-    await kubectl(cp, "apply", "-f", "-", manifest=[real_service(f"{rc}-after")])
-    await wait_for(lambda: key(f"{rc}-after") in r.state.services, 30, what="watch after relist")
-    assert len(endpoints(r.state, rc)) == 3
+    await kubectl(cp, "apply", "-f", "-", manifest=[real_service("rc-after")])
+    await wait_for(lambda: key("rc-after") in r.state.services, 30, what="watch after relist")
+    assert len(endpoints(r.state, "rc")) == 3
