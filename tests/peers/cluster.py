@@ -31,6 +31,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -142,13 +143,18 @@ class Process:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        # PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, so it is only
+        # armed from the main thread: a restart from a worker thread (asyncio.to_thread) must
+        # not take the process down when that worker exits. Such a child is still ended by
+        # pid when the control plane stops.
+        main = threading.current_thread() is threading.main_thread()
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent if main else None,
             )
 
     @property
