@@ -32,11 +32,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cluster.model import decode  # noqa: E402
-from cluster.state import ClusterState  # noqa: E402
-from dns.batch import BatchedUDP  # noqa: E402
-from dns.config import DNSConfig  # noqa: E402
-from dns.server import DNSServer  # noqa: E402
+from kubeshim.cluster.model import decode  # noqa: E402
+from kubeshim.cluster.state import ClusterState  # noqa: E402
+from kubeshim.dns.batch import BatchedUDP  # noqa: E402
+from kubeshim.dns.config import DNSConfig  # noqa: E402
+from kubeshim.dns.server import DNSServer  # noqa: E402
 
 ZONE = "cluster.local"
 HEADLESS = 10  # headless Services hl-0.. with 3 ready endpoints each

@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
-from cluster.model import NamespacedName  # noqa: E402
-from cluster.state import ClusterState, EventType, WatchEvent  # noqa: E402
-from proxy.config import ProxyConfig  # noqa: E402
-from proxy.proxier import Proxier  # noqa: E402
+from kubeshim.cluster.model import NamespacedName  # noqa: E402
+from kubeshim.cluster.state import ClusterState, EventType, WatchEvent  # noqa: E402
+from kubeshim.proxy.config import ProxyConfig  # noqa: E402
+from kubeshim.proxy.proxier import Proxier  # noqa: E402
 from tests.proxy_helpers import endpoint, endpoint_slice, name_server, service  # noqa: E402
 
 BACKENDS = ("127.0.1.1", "127.0.1.2")

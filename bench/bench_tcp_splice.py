@@ -143,9 +143,9 @@ def run_proxier(ready: Any) -> None:
     import uvloop
     from prometheus_client import CollectorRegistry
 
-    from cluster.state import ClusterState
-    from proxy.config import ProxyConfig
-    from proxy.proxier import Proxier
+    from kubeshim.cluster.state import ClusterState
+    from kubeshim.proxy.config import ProxyConfig
+    from kubeshim.proxy.proxier import Proxier
     from tests.proxy_helpers import endpoint, endpoint_slice, service
 
     async def main() -> None:
@@ -190,7 +190,7 @@ def main() -> None:
     try:
         ready.wait(10)
         time.sleep(0.3)
-        from proxy.vip import LoopbackMapper
+        from kubeshim.proxy.vip import LoopbackMapper
 
         vip = LoopbackMapper().address(CLUSTER_IP)
         targets = {"direct": SERVER, "protocol": (vip, 5201), "splice": SPLICE_LISTEN}

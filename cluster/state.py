@@ -17,7 +17,7 @@ from typing import Literal
 
 import msgspec
 
-from .model import (
+from kubeshim.cluster.model import (
     LABEL_HEADLESS,
     LABEL_SERVICE_PROXY_NAME,
     EndpointSlice,

@@ -31,8 +31,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .server import DNSServer
-    from .wire import Query
+    from kubeshim.dns.server import DNSServer
+    from kubeshim.dns.wire import Query
 
 BATCH = 64  # datagrams per recvmmsg / sendmmsg
 ROUNDS = 8  # batches read per wakeup before other callbacks get their turn

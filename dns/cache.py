@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from .wire import AnswerKey, ttl_offsets
+from kubeshim.dns.wire import AnswerKey, ttl_offsets
 
 CacheKey = AnswerKey | bytes
 

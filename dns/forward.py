@@ -16,10 +16,9 @@ import time
 import asyncio_dgram
 from dnslib import EDNS0, RCODE, DNSHeader, DNSQuestion, DNSRecord
 
-from cluster.log import get_logger
-
-from .cache import UpstreamCache, UpstreamKey
-from .metrics import DNSMetrics
+from kubeshim.cluster.log import get_logger
+from kubeshim.dns.cache import UpstreamCache, UpstreamKey
+from kubeshim.dns.metrics import DNSMetrics
 
 log = get_logger("dns")
 

@@ -22,7 +22,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .server import DNSServer
+    from kubeshim.dns.server import DNSServer
 
 # CoreDNS's request duration buckets (plugin/pkg/metrics/vars: 0.00025 .. 8.192 s doubling).
 DURATION_BUCKETS = tuple(0.00025 * 2**i for i in range(16))

@@ -37,11 +37,10 @@ from dataclasses import dataclass, field
 
 from dnslib import AAAA, CNAME, PTR, QTYPE, RCODE, RR, SOA, SRV, TXT, A, DNSHeader, DNSRecord
 
-from cluster.model import NamespacedName
-from cluster.state import ClusterState, ServiceChange, ServiceInfo
-
-from .config import DNSConfig
-from .names import (
+from kubeshim.cluster.model import NamespacedName
+from kubeshim.cluster.state import ClusterState, ServiceChange, ServiceInfo
+from kubeshim.dns.config import DNSConfig
+from kubeshim.dns.names import (
     ClusterName,
     NameKind,
     dashed,

@@ -29,17 +29,16 @@ from typing import Any
 
 from dnslib import RCODE, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
-from cluster.log import get_logger
-from cluster.state import ClusterState, ServiceChange
-
-from . import batch
-from .batch import BatchedUDP
-from .cache import AnswerCache, RelayedAnswers, UpstreamCache
-from .config import DNSConfig
-from .forward import Forwarder, UpstreamError
-from .metrics import DNSMetrics
-from .records import ClusterRecords
-from .wire import AnswerKey, Query, error_reply, finish, parse_query, question_key
+from kubeshim.cluster.log import get_logger
+from kubeshim.cluster.state import ClusterState, ServiceChange
+from kubeshim.dns import batch
+from kubeshim.dns.batch import BatchedUDP
+from kubeshim.dns.cache import AnswerCache, RelayedAnswers, UpstreamCache
+from kubeshim.dns.config import DNSConfig
+from kubeshim.dns.forward import Forwarder, UpstreamError
+from kubeshim.dns.metrics import DNSMetrics
+from kubeshim.dns.records import ClusterRecords
+from kubeshim.dns.wire import AnswerKey, Query, error_reply, finish, parse_query, question_key
 
 log = get_logger("dns")
 

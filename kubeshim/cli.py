@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cluster import log as logs
-
-from .config import (
+from kubeshim.cluster import log as logs
+from kubeshim.config import (
     ConfigError,
     Options,
     expand_nodeport_addresses,
@@ -150,20 +149,19 @@ def options_from_args(args: argparse.Namespace) -> Options:
 def _run(opts: Options) -> int:
     import uvloop
 
-    from .daemon import Daemon
+    from kubeshim.daemon import Daemon
 
     return uvloop.run(Daemon(opts).run())
 
 
 def _state(opts: Options, output: str, vip_mode: str | None) -> int:
-    from cluster.state import ClusterState
-
-    from .sources import make_source
-    from .statusview import print_state, state_as_json
+    from kubeshim.cluster.state import ClusterState
+    from kubeshim.sources import make_source
+    from kubeshim.statusview import print_state, state_as_json
 
     state = ClusterState(proxy_name=opts.proxy_name)
     if opts.manifests is not None:
-        from cluster.sources.manifests import ManifestSource
+        from kubeshim.cluster.sources.manifests import ManifestSource
 
         ManifestSource(opts.manifests, state).load_once()
     else:
@@ -189,7 +187,7 @@ def _status(address: str, output: str) -> int:
     import urllib.error
     import urllib.request
 
-    from .statusview import print_status
+    from kubeshim.statusview import print_status
 
     host, port = parse_host_port(address)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/status"

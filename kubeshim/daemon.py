@@ -16,13 +16,12 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
-from cluster.log import get_logger
-from cluster.state import ClusterState
-
-from .config import Options, default_vip_mode, resolv_conf_nameservers
-from .healthcheck import ServiceHealthServer
-from .ops import Health, build_apps, serve
-from .sources import make_source
+from kubeshim.cluster.log import get_logger
+from kubeshim.cluster.state import ClusterState
+from kubeshim.config import Options, default_vip_mode, resolv_conf_nameservers
+from kubeshim.healthcheck import ServiceHealthServer
+from kubeshim.ops import Health, build_apps, serve
+from kubeshim.sources import make_source
 
 log = get_logger("daemon")
 
@@ -44,8 +43,8 @@ class Daemon:
     # --- wiring -------------------------------------------------------------------------
 
     def _build_proxier(self) -> Any:
-        from proxy.config import ProxyConfig
-        from proxy.proxier import Proxier
+        from kubeshim.proxy.config import ProxyConfig
+        from kubeshim.proxy.proxier import Proxier
 
         o = self.opts
         config = ProxyConfig(
@@ -60,8 +59,8 @@ class Daemon:
         return Proxier(self.state, config)
 
     def _build_dns(self) -> Any:
-        from dns.config import DNSConfig
-        from dns.server import DNSServer
+        from kubeshim.dns.config import DNSConfig
+        from kubeshim.dns.server import DNSServer
 
         o = self.opts
         binds = o.dns_binds or [("0.0.0.0", 53) if default_vip_mode() == "interface"
@@ -117,7 +116,7 @@ class Daemon:
         for app, address, what in ((healthz_app, o.healthz_bind_address, "healthz"),
                                    (metrics_app, o.metrics_bind_address, "metrics")):
             if address:
-                from .config import parse_host_port
+                from kubeshim.config import parse_host_port
 
                 host, port = parse_host_port(address)
                 if port and (runner := await serve(app, host, port, what)) is not None:
@@ -133,7 +132,7 @@ class Daemon:
         if o.dns:
             self.dns = self._build_dns()
             await self.dns.start()
-            from dns.metrics import DNSCollector
+            from kubeshim.dns.metrics import DNSCollector
 
             dns_metrics = DNSCollector(self.dns)
             REGISTRY.register(dns_metrics)  # CoreDNS's metric names on /metrics

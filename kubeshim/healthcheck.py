@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
-from cluster.log import get_logger
-from cluster.model import NamespacedName
-from cluster.state import ClusterState, ServiceChange, ServiceInfo
+from kubeshim.cluster.log import get_logger
+from kubeshim.cluster.model import NamespacedName
+from kubeshim.cluster.state import ClusterState, ServiceChange, ServiceInfo
 
 log = get_logger("healthcheck")
 
@@ -69,7 +69,7 @@ def listen_hosts(nodeport_addresses: Sequence[str], exclude_ifname: str = "") ->
         for c in nodeport_addresses if c != "primary"
     ):
         return None
-    from proxy.vip import nodeport_addresses as select
+    from kubeshim.proxy.vip import nodeport_addresses as select
 
     return select(list(nodeport_addresses), exclude_ifname)
 

@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.exposition import choose_encoder
 
-from cluster.log import get_logger
+from kubeshim.cluster.log import get_logger
 
 log = get_logger("ops")
 

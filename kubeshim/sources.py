@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from cluster.state import ClusterState
-
-from .config import ConfigError, Options
+from kubeshim.cluster.state import ClusterState
+from kubeshim.config import ConfigError, Options
 
 
 class Source(Protocol):
@@ -21,8 +20,8 @@ class _APISourceLauncher:
         self.state = state
 
     async def run(self) -> None:
-        from cluster.sources.api import APISource
-        from cluster.sources.kubeconfig import in_cluster_config, kubeconfig_config
+        from kubeshim.cluster.sources.api import APISource
+        from kubeshim.cluster.sources.kubeconfig import in_cluster_config, kubeconfig_config
 
         if self.opts.in_cluster:
             client = in_cluster_config()
@@ -36,7 +35,7 @@ def make_source(opts: Options, state: ClusterState) -> Source:
     if len(chosen) > 1:
         raise ConfigError("choose one source: --manifests DIR, --kubeconfig FILE or --in-cluster")
     if opts.manifests is not None:
-        from cluster.sources.manifests import ManifestSource
+        from kubeshim.cluster.sources.manifests import ManifestSource
 
         if not opts.manifests.exists():
             raise ConfigError(f"--manifests {opts.manifests}: no such file or directory")

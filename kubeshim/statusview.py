@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from cluster.state import ClusterState, EndpointInfo, ServiceInfo
+from kubeshim.cluster.state import ClusterState, EndpointInfo, ServiceInfo
 
 
 def _endpoint_state(ep: EndpointInfo) -> str:
@@ -59,7 +59,7 @@ def _service_json(info: ServiceInfo, vip: Callable[[str], str] | None) -> dict[s
 def _vip_function(vip_mode: str | None) -> Callable[[str], str] | None:
     if vip_mode != "loopback":
         return None
-    from proxy.vip import LoopbackMapper
+    from kubeshim.proxy.vip import LoopbackMapper
 
     mapper = LoopbackMapper()
     return mapper.address

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Collection, Mapping, Sequence
 
-from cluster.state import EndpointInfo
+from kubeshim.cluster.state import EndpointInfo
 
 Clock = Callable[[], float]
 EndpointKey = tuple[str, int]

@@ -11,8 +11,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from cluster.model import ServicePortName
-from cluster.state import ServiceInfo
+from kubeshim.cluster.model import ServicePortName
+from kubeshim.cluster.state import ServiceInfo
 
 ListenerKind = Literal["ClusterIP", "NodePort", "ExternalIP", "LoadBalancer"]
 

@@ -18,18 +18,23 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from cluster.log import get_logger
-from cluster.model import NamespacedName, ServicePortName
-from cluster.state import ClusterState, EndpointInfo, ServiceChange, ServiceInfo
-
-from .balancer import Clock
-from .config import ProxyConfig
-from .listeners import ListenerKey, ListenerSpec, desired_listeners, diff_listeners, vips_of
-from .metrics import PortCounters, ProxyMetrics
-from .table import PortTable, ip_family
-from .tcp import ClientSide, TcpFrontend, listen_socket
-from .udp import UdpFrontend, bind_socket
-from .vip import (
+from kubeshim.cluster.log import get_logger
+from kubeshim.cluster.model import NamespacedName, ServicePortName
+from kubeshim.cluster.state import ClusterState, EndpointInfo, ServiceChange, ServiceInfo
+from kubeshim.proxy.balancer import Clock
+from kubeshim.proxy.config import ProxyConfig
+from kubeshim.proxy.listeners import (
+    ListenerKey,
+    ListenerSpec,
+    desired_listeners,
+    diff_listeners,
+    vips_of,
+)
+from kubeshim.proxy.metrics import PortCounters, ProxyMetrics
+from kubeshim.proxy.table import PortTable, ip_family
+from kubeshim.proxy.tcp import ClientSide, TcpFrontend, listen_socket
+from kubeshim.proxy.udp import UdpFrontend, bind_socket
+from kubeshim.proxy.vip import (
     InterfaceVips,
     LoopbackMapper,
     NetlinkWorker,

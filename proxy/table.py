@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from cluster.model import Service
-from cluster.state import EndpointInfo, ServicePortInfo
-
-from .balancer import AffinityTable, Clock, EndpointKey, make_balancer
-from .metrics import PortCounters
-from .topology import Categorized, PortPolicy, categorize_endpoints
+from kubeshim.cluster.model import Service
+from kubeshim.cluster.state import EndpointInfo, ServicePortInfo
+from kubeshim.proxy.balancer import AffinityTable, Clock, EndpointKey, make_balancer
+from kubeshim.proxy.metrics import PortCounters
+from kubeshim.proxy.topology import Categorized, PortPolicy, categorize_endpoints
 
 
 def ip_family(ip: str) -> int:

@@ -16,11 +16,10 @@ import socket
 import struct
 from typing import Any
 
-from cluster.state import EndpointInfo
-
-from .config import ProxyConfig
-from .metrics import CONNECT_FAILED, CONNECT_TIMEOUT, NO_ENDPOINTS, UPSTREAM_RESET
-from .table import PortTable
+from kubeshim.cluster.state import EndpointInfo
+from kubeshim.proxy.config import ProxyConfig
+from kubeshim.proxy.metrics import CONNECT_FAILED, CONNECT_TIMEOUT, NO_ENDPOINTS, UPSTREAM_RESET
+from kubeshim.proxy.table import PortTable
 
 # Per-direction write buffer marks: reading from the peer pauses above HIGH, resumes below LOW.
 WRITE_HIGH_WATER = 256 * 1024

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cluster.state import EndpointInfo
+from kubeshim.cluster.state import EndpointInfo
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,12 +14,11 @@ import socket
 from collections.abc import Collection
 from typing import Any
 
-from cluster.state import EndpointInfo
-
-from .balancer import EndpointKey
-from .config import ProxyConfig
-from .metrics import NO_ENDPOINTS, UDP_FLOW_EVICTED, UDP_SEND_FAILED
-from .table import PortTable
+from kubeshim.cluster.state import EndpointInfo
+from kubeshim.proxy.balancer import EndpointKey
+from kubeshim.proxy.config import ProxyConfig
+from kubeshim.proxy.metrics import NO_ENDPOINTS, UDP_FLOW_EVICTED, UDP_SEND_FAILED
+from kubeshim.proxy.table import PortTable
 
 MAX_DATAGRAM = 65535
 # Replies read per readiness callback before yielding to the loop.

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from cluster.log import get_logger
+from kubeshim.cluster.log import get_logger
 
 log = get_logger("proxy")
 

@@ -13,6 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+# Daemons and tools the tests start (`python -m kubeshim`, the `kubeshim` script) import this
+# tree too, whatever their working directory and whichever checkout is installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 logging.getLogger("kubeshim").setLevel(logging.DEBUG)
 

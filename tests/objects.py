@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cluster.model import decode
-from cluster.state import ClusterState
+from kubeshim.cluster.model import decode
+from kubeshim.cluster.state import ClusterState
 
 
 def service(name: str, ns: str = "default", ip: str | None = "10.96.0.10", **spec: Any) -> Any:

@@ -7,7 +7,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from cluster.model import EndpointSlice, Service, decode
+from kubeshim.cluster.model import EndpointSlice, Service, decode
 
 EndpointSpec = tuple[str, dict[str, Any]]  # (ip, extra fields: ready, serving, terminating, node)
 

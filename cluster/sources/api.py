@@ -32,10 +32,18 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from ..log import get_logger
-from ..model import EndpointSlice, InvalidObject, KubeObject, ObjectMeta, Service, decode, validate
-from ..state import ClusterState, EventType, Kind, WatchEvent
-from .kubeconfig import ClientConfig
+from kubeshim.cluster.log import get_logger
+from kubeshim.cluster.model import (
+    EndpointSlice,
+    InvalidObject,
+    KubeObject,
+    ObjectMeta,
+    Service,
+    decode,
+    validate,
+)
+from kubeshim.cluster.sources.kubeconfig import ClientConfig
+from kubeshim.cluster.state import ClusterState, EventType, Kind, WatchEvent
 
 log = get_logger("sources")
 

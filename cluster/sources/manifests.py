@@ -31,9 +31,9 @@ from typing import Any
 import msgspec
 import yaml
 
-from ..log import get_logger
-from ..model import InvalidObject, KubeObject, NamespacedName, decode
-from ..state import ClusterState, EventType, Kind, WatchEvent
+from kubeshim.cluster.log import get_logger
+from kubeshim.cluster.model import InvalidObject, KubeObject, NamespacedName, decode
+from kubeshim.cluster.state import ClusterState, EventType, Kind, WatchEvent
 
 log = get_logger("sources")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dns import batch
+from kubeshim.dns import batch
 from tests.netns import Netns, require_root
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,9 +25,9 @@ import asyncio, json, socket, sys, time
 import uvloop
 from dnslib import DNSRecord
 from tests.integration.test_dns_server import synced_state
-from dns.batch import BatchedUDP
-from dns.config import DNSConfig
-from dns.server import DNSServer
+from kubeshim.dns.batch import BatchedUDP
+from kubeshim.dns.config import DNSConfig
+from kubeshim.dns.server import DNSServer
 
 async def main(udp_batch: bool, refused_port: int) -> None:
     config = DNSConfig(binds=[("127.0.0.1", 0)], upstreams=[], udp_batch=udp_batch)

@@ -13,16 +13,16 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.model import NamespacedName
-from cluster.sources.api import APISource
-from cluster.sources.kubeconfig import (
+from kubeshim.cluster.model import NamespacedName
+from kubeshim.cluster.sources.api import APISource
+from kubeshim.cluster.sources.kubeconfig import (
     ClientConfig,
     ConfigError,
     in_cluster_config,
     kubeconfig_config,
     load_client_config,
 )
-from cluster.state import ClusterState, ServiceChange
+from kubeshim.cluster.state import ClusterState, ServiceChange
 from tests.fakeapi import PKI, FakeAPIServer, make_pki
 
 TOKEN = "test-token"
@@ -467,7 +467,7 @@ async def test_load_client_config_prefers_explicit_kubeconfig_then_in_cluster(
     )
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.port))
-    monkeypatch.setattr("cluster.sources.kubeconfig.SERVICE_ACCOUNT_DIR", tmp_path / "sa")
+    monkeypatch.setattr("kubeshim.cluster.sources.kubeconfig.SERVICE_ACCOUNT_DIR", tmp_path / "sa")
     assert (await load_client_config(kc)).source.startswith(f"kubeconfig {kc}")
     with pytest.raises(ConfigError, match="service account file missing"):
         await load_client_config()  # in a Pod: the service account, here absent

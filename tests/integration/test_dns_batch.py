@@ -15,10 +15,10 @@ import pytest
 from dnslib import EDNS0, QTYPE, RCODE, DNSRecord
 from test_dns_server import synced_state
 
-from dns import batch
-from dns.batch import BatchedUDP
-from dns.config import DNSConfig
-from dns.server import DNSServer
+from kubeshim.dns import batch
+from kubeshim.dns.batch import BatchedUDP
+from kubeshim.dns.config import DNSConfig
+from kubeshim.dns.server import DNSServer
 
 pytestmark = pytest.mark.skipif(not batch.available(), reason="libc without recvmmsg/sendmmsg")
 

@@ -21,9 +21,9 @@ import pytest
 from dnslib import QTYPE, RCODE, RR, SOA, A, DNSRecord
 from test_dns_server import dig, service  # same directory (rootdir-relative imports)
 
-from cluster.state import ClusterState
-from dns.config import DNSConfig
-from dns.server import DNSServer
+from kubeshim.cluster.state import ClusterState
+from kubeshim.dns.config import DNSConfig
+from kubeshim.dns.server import DNSServer
 
 pytestmark = pytest.mark.skipif(shutil.which("dig") is None, reason="needs dig (dnsutils)")
 

@@ -18,8 +18,8 @@ from dnslib import DNSRecord
 from scapy.layers.dns import DNS, DNSQR, DNSRR, DNSRROPT
 from test_dns_server import dig, synced_state
 
-from dns.config import DNSConfig
-from dns.server import DNSServer
+from kubeshim.dns.config import DNSConfig
+from kubeshim.dns.server import DNSServer
 
 pytestmark = pytest.mark.skipif(shutil.which("dig") is None, reason="needs dig (dnsutils)")
 

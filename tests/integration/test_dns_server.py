@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from cluster.state import ClusterState, EventType, WatchEvent
-from dns.config import DNSConfig
-from dns.metrics import DNSCollector
-from dns.server import DNSServer
+from kubeshim.cluster.state import ClusterState, EventType, WatchEvent
+from kubeshim.dns.config import DNSConfig
+from kubeshim.dns.metrics import DNSCollector
+from kubeshim.dns.server import DNSServer
 from tests.objects import endpoint_slice, service
 from tests.objects import synced_state as state_of
 

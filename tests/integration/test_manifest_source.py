@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.model import NamespacedName
-from cluster.sources.manifests import ManifestSource
-from cluster.state import ClusterState, ServiceChange
+from kubeshim.cluster.model import NamespacedName
+from kubeshim.cluster.sources.manifests import ManifestSource
+from kubeshim.cluster.state import ClusterState, ServiceChange
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "manifests"
 

@@ -20,8 +20,8 @@ import jsonschema
 import pytest
 import yaml
 
-from cluster.model import decode
 from kubeshim.cli import build_parser, options_from_args
+from kubeshim.cluster.model import decode
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_GO = "github.com/compose-spec/compose-go/v2"

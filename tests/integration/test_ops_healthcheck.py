@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from cluster.model import decode
-from cluster.state import ClusterState, EventType, WatchEvent
+from kubeshim.cluster.model import decode
+from kubeshim.cluster.state import ClusterState, EventType, WatchEvent
 from kubeshim.healthcheck import ServiceHealthServer, wanted_health_check
 
 NODE = "node-a"

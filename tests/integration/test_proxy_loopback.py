@@ -19,9 +19,9 @@ import pytest
 import uvloop
 from prometheus_client import CollectorRegistry, generate_latest
 
-from cluster.state import ClusterState
-from proxy.config import ProxyConfig
-from proxy.proxier import Proxier
+from kubeshim.cluster.state import ClusterState
+from kubeshim.proxy.config import ProxyConfig
+from kubeshim.proxy.proxier import Proxier
 from tests.proxy_helpers import (
     endpoint,
     endpoint_slice,
@@ -448,9 +448,9 @@ PRIVILEGED = r"""
 import asyncio, json, sys
 sys.path.insert(0, sys.argv[1])
 from prometheus_client import CollectorRegistry
-from cluster.state import ClusterState
-from proxy.config import ProxyConfig
-from proxy.proxier import Proxier
+from kubeshim.cluster.state import ClusterState
+from kubeshim.proxy.config import ProxyConfig
+from kubeshim.proxy.proxier import Proxier
 from tests.proxy_helpers import endpoint, endpoint_slice, service
 
 async def main():

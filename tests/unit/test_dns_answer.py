@@ -6,10 +6,10 @@ from __future__ import annotations
 from dnslib import EDNS0, DNSRecord
 from test_dns_records import endpoint_slice, service, synced_state
 
-from cluster.state import ClusterState, EventType, WatchEvent
-from dns.config import DNSConfig
-from dns.server import DNSServer
-from dns.wire import Query
+from kubeshim.cluster.state import ClusterState, EventType, WatchEvent
+from kubeshim.dns.config import DNSConfig
+from kubeshim.dns.server import DNSServer
+from kubeshim.dns.wire import Query
 
 NAME = "web.default.svc.cluster.local"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dnslib import QTYPE, RCODE, RR, SOA, A, DNSHeader, DNSRecord
 
-from dns.cache import AnswerCache, RelayedAnswers, UpstreamCache
-from dns.wire import question_key, ttl_offsets
+from kubeshim.dns.cache import AnswerCache, RelayedAnswers, UpstreamCache
+from kubeshim.dns.wire import question_key, ttl_offsets
 
 
 class Clock:

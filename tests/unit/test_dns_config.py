@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dns.config import DNSConfig, resolv_conf_nameservers
+from kubeshim.dns.config import DNSConfig, resolv_conf_nameservers
 
 
 def test_nameservers_from_resolv_conf(tmp_path: Path) -> None:

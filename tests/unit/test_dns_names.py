@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from dns.names import (
+from kubeshim.dns.names import (
     ClusterName,
     NameKind,
     dashed,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from cluster.state import ClusterState, EventType, WatchEvent
-from dns.config import DNSConfig
-from dns.records import ClusterRecords
+from kubeshim.cluster.state import ClusterState, EventType, WatchEvent
+from kubeshim.dns.config import DNSConfig
+from kubeshim.dns.records import ClusterRecords
 from tests.objects import endpoint_slice, service, synced_state
 
 ZONE = "cluster.local"

@@ -6,7 +6,7 @@ import struct
 
 from dnslib import EDNS0, QTYPE, RCODE, RR, A, DNSRecord
 
-from dns.wire import error_reply, finish, parse_query, question_key
+from kubeshim.dns.wire import error_reply, finish, parse_query, question_key
 
 
 def query(

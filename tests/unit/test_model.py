@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from cluster.model import (
+from kubeshim.cluster.model import (
     DEFAULT_AFFINITY_TIMEOUT,
     Endpoint,
     EndpointSlice,

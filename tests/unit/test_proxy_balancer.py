@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from cluster.state import EndpointInfo
-from proxy.balancer import (
+from kubeshim.cluster.state import EndpointInfo
+from kubeshim.proxy.balancer import (
     AffinityTable,
     Balancer,
     LeastConnectionsBalancer,

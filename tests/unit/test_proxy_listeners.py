@@ -6,10 +6,10 @@ import ipaddress
 
 import pytest
 
-from cluster.state import build_service_info
-from proxy.listeners import ListenerKey, desired_listeners, diff_listeners, vips_of
-from proxy.table import PortTable
-from proxy.vip import LoopbackMapper, VipError
+from kubeshim.cluster.state import build_service_info
+from kubeshim.proxy.listeners import ListenerKey, desired_listeners, diff_listeners, vips_of
+from kubeshim.proxy.table import PortTable
+from kubeshim.proxy.vip import LoopbackMapper, VipError
 from tests.proxy_helpers import endpoint, endpoint_slice, service
 
 MAPPER = LoopbackMapper()

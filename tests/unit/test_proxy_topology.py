@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.state import EndpointInfo
-from proxy.topology import PortPolicy, categorize_endpoints
+from kubeshim.cluster.state import EndpointInfo
+from kubeshim.proxy.topology import PortPolicy, categorize_endpoints
 
 NODE = "node-a"
 

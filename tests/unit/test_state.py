@@ -7,8 +7,14 @@ from typing import Any
 
 import pytest
 
-from cluster.model import EndpointSlice, NamespacedName, Service, decode
-from cluster.state import ClusterState, EventType, ServiceChange, WatchEvent, build_service_info
+from kubeshim.cluster.model import EndpointSlice, NamespacedName, Service, decode
+from kubeshim.cluster.state import (
+    ClusterState,
+    EventType,
+    ServiceChange,
+    WatchEvent,
+    build_service_info,
+)
 
 WEB = NamespacedName("default", "web")
 
