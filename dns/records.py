@@ -144,10 +144,6 @@ class ClusterRecords:
 
     # --- resolving ----------------------------------------------------------------------------
 
-    def is_ours(self, qname: str) -> bool:
-        """True for names in the cluster zone (never forwarded)."""
-        return split_zone(qname, self.zone) is not None
-
     def resolve(self, request: DNSRecord) -> Resolution | None:
         """Answer `request` if its name is ours; None means forward it upstream."""
         q = request.q

@@ -181,10 +181,6 @@ class DNSServer:
     def _on_changes(self, changes: Sequence[ServiceChange]) -> None:
         self.answers.invalidate(self.records.apply(changes))
 
-    def invalidate_all(self) -> None:
-        """Forget every cached cluster answer (e.g. when the address map changed)."""
-        self.answers.clear()
-
     # --- answering ----------------------------------------------------------------------------
 
     def answer(self, data: bytes, tcp: bool) -> bytes | Query | None:

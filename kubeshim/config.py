@@ -13,11 +13,13 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypeGuard, TypeVar, get_args, get_type_hints
 
+import msgspec
 import yaml
 
 KUBE_PROXY_API = "kubeproxy.config.k8s.io/v1alpha1"
+_T = TypeVar("_T")
 
 
 class ConfigError(ValueError):
@@ -99,54 +101,197 @@ def resolv_conf_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, i
 
 # --- the KubeProxyConfiguration file ------------------------------------------------------
 
-_DUR = "duration"  # a Go duration string: metav1.Duration decodes only from a string
-_NUM = "number"
-_MAP = "map"
-_LIST = "list"
+# A Go duration ("30s", "15m0s"): metav1.Duration decodes only from a string.
+Duration = Annotated[str, msgspec.Meta(description="duration")]
 
-# Every field of kubeproxy.config.k8s.io/v1alpha1 KubeProxyConfiguration (k8s.io/kube-proxy
-# config/v1alpha1/types.go, with componentbase ClientConnectionConfiguration and logsapi
-# LoggingConfiguration). kube-proxy decodes its file strictly, so a field outside this tree is
-# an error here too, not something silently dropped.
-_SCHEMA: dict[str, Any] = {
-    "featureGates": _MAP,
-    "clientConnection": {"kubeconfig": str, "acceptContentTypes": str, "contentType": str,
-                         "qps": _NUM, "burst": int},
-    "logging": {"format": str, "flushFrequency": object, "verbosity": int, "vmodule": _LIST,
-                "options": _MAP},
-    "hostnameOverride": str,
-    "bindAddress": str,
-    "healthzBindAddress": str,
-    "metricsBindAddress": str,
-    "bindAddressHardFail": bool,
-    "enableProfiling": bool,
-    "showHiddenMetricsForVersion": str,
-    "mode": str,
-    "iptables": {"masqueradeBit": int, "masqueradeAll": bool, "localhostNodePorts": bool,
-                 "snatNodeInternalIP": bool, "syncPeriod": _DUR, "minSyncPeriod": _DUR},
-    "ipvs": {"syncPeriod": _DUR, "minSyncPeriod": _DUR, "scheduler": str, "excludeCIDRs": _LIST,
-             "strictARP": bool, "tcpTimeout": _DUR, "tcpFinTimeout": _DUR, "udpTimeout": _DUR},
-    "nftables": {"masqueradeBit": int, "masqueradeAll": bool, "syncPeriod": _DUR,
-                 "minSyncPeriod": _DUR},
-    "winkernel": {"networkName": str, "sourceVip": str, "enableDSR": bool,
-                  "rootHnsEndpointName": str, "forwardHealthCheckVip": bool},
-    "detectLocalMode": str,
-    "detectLocal": {"bridgeInterface": str, "interfaceNamePrefix": str},
-    "clusterCIDR": str,
-    "nodePortAddresses": _LIST,
-    "oomScoreAdj": int,
-    "conntrack": {"maxPerCore": int, "min": int, "tcpEstablishedTimeout": _DUR,
-                  "tcpCloseWaitTimeout": _DUR, "tcpBeLiberal": bool, "udpTimeout": _DUR,
-                  "udpStreamTimeout": _DUR},
-    "configSyncPeriod": _DUR,
-    "portRange": str,
-    "windowsRunAsService": bool,
+
+class _Section(msgspec.Struct, rename="camel", forbid_unknown_fields=True, omit_defaults=True):
+    """A part of the file. kube-proxy decodes strictly, so an unknown field is an error here
+    too; every field may be null, which means "not set", as in Go's JSON decoding."""
+
+
+class ClientConnection(_Section):
+    kubeconfig: str | None = None
+    accept_content_types: str | None = None
+    content_type: str | None = None
+    qps: float | None = None
+    burst: int | None = None
+
+
+class Logging(_Section):
+    format: str | None = None
+    flush_frequency: Any = None
+    verbosity: int | None = None
+    vmodule: list[Any] | None = None
+    options: dict[str, Any] | None = None
+
+
+class IPTables(_Section):
+    masquerade_bit: int | None = None
+    masquerade_all: bool | None = None
+    localhost_node_ports: bool | None = None
+    snat_node_internal_ip: bool | None = msgspec.field(default=None, name="snatNodeInternalIP")
+    sync_period: Duration | None = None
+    min_sync_period: Duration | None = None
+
+
+class IPVS(_Section):
+    sync_period: Duration | None = None
+    min_sync_period: Duration | None = None
+    scheduler: str | None = None
+    exclude_cidrs: list[Any] | None = msgspec.field(default=None, name="excludeCIDRs")
+    strict_arp: bool | None = msgspec.field(default=None, name="strictARP")
+    tcp_timeout: Duration | None = None
+    tcp_fin_timeout: Duration | None = None
+    udp_timeout: Duration | None = None
+
+
+class NFTables(_Section):
+    masquerade_bit: int | None = None
+    masquerade_all: bool | None = None
+    sync_period: Duration | None = None
+    min_sync_period: Duration | None = None
+
+
+class WinKernel(_Section):
+    network_name: str | None = None
+    source_vip: str | None = None
+    enable_dsr: bool | None = msgspec.field(default=None, name="enableDSR")
+    root_hns_endpoint_name: str | None = None
+    forward_health_check_vip: bool | None = None
+
+
+class DetectLocal(_Section):
+    bridge_interface: str | None = None
+    interface_name_prefix: str | None = None
+
+
+class Conntrack(_Section):
+    max_per_core: int | None = None
+    min: int | None = None
+    tcp_established_timeout: Duration | None = None
+    tcp_close_wait_timeout: Duration | None = None
+    tcp_be_liberal: bool | None = None
+    udp_timeout: Duration | None = None
+    udp_stream_timeout: Duration | None = None
+
+
+class DNSSection(_Section):
+    """kubeshim's own `dns:` section."""
+
+    enabled: bool | None = None
+    cluster_domain: str | None = None
+    binds: list[Any] | None = None
+    upstreams: list[Any] | None = None
+    ttl: int | None = None
+    negative_ttl: int | None = msgspec.field(default=None, name="negativeTTL")
+    pod_records: str | None = None
+    cache_size: int | None = None
+    upstream_cache_size: int | None = None
+    upstream_max_ttl: int | None = msgspec.field(default=None, name="upstreamMaxTTL")
+    reverse_cidrs: list[Any] | None = msgspec.field(default=None, name="reverseCIDRs")
+
+
+class KubeProxyConfiguration(_Section):
+    """Every field of kubeproxy.config.k8s.io/v1alpha1 KubeProxyConfiguration (k8s.io/kube-proxy
+    config/v1alpha1/types.go, with componentbase's ClientConnectionConfiguration and logsapi's
+    LoggingConfiguration), plus kubeshim's `dns:` section."""
+
+    kind: str | None = None
+    api_version: str | None = None
+    feature_gates: dict[str, Any] | None = None
+    client_connection: ClientConnection | None = None
+    logging: Logging | None = None
+    hostname_override: str | None = None
+    bind_address: str | None = None
+    healthz_bind_address: str | None = None
+    metrics_bind_address: str | None = None
+    bind_address_hard_fail: bool | None = None
+    enable_profiling: bool | None = None
+    show_hidden_metrics_for_version: str | None = None
+    mode: str | None = None
+    iptables: IPTables | None = None
+    ipvs: IPVS | None = None
+    nftables: NFTables | None = None
+    winkernel: WinKernel | None = None
+    detect_local_mode: str | None = None
+    detect_local: DetectLocal | None = None
+    cluster_cidr: str | None = msgspec.field(default=None, name="clusterCIDR")
+    node_port_addresses: list[Any] | None = None
+    oom_score_adj: int | None = None
+    conntrack: Conntrack | None = None
+    config_sync_period: Duration | None = None
+    port_range: str | None = None
+    windows_run_as_service: bool | None = None
     # The user-space mode's idle timeout for UDP flows, dropped from the file with that mode
     # (Kubernetes 1.26). kubeshim is a user-space proxy, so it still reads it.
-    "udpIdleTimeout": _DUR,
-    # kubeshim's own section (cluster DNS), see _DNS_SCHEMA.
-    "dns": _MAP,
-}
+    udp_idle_timeout: Duration | None = None
+    dns: DNSSection | None = None
+
+
+def _durations(struct: type[msgspec.Struct], prefix: str = "") -> set[str]:
+    """The file paths ("conntrack.udpTimeout") of the Duration fields, for error messages."""
+    out: set[str] = set()
+    hints = get_type_hints(struct, include_extras=True)
+    for f in msgspec.structs.fields(struct):
+        hint = hints[f.name]
+        path = prefix + f.encode_name
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if hint is Duration or Duration in args:
+            out.add(path)
+        for arg in args:
+            if isinstance(arg, type) and issubclass(arg, msgspec.Struct):
+                out |= _durations(arg, path + ".")
+    return out
+
+
+_DURATION_FIELDS = _durations(KubeProxyConfiguration)
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "bool": "true or false",
+               "float": "a number", "object": "a mapping", "array": "a list"}
+_MSGSPEC_ERROR = re.compile(r"(?:Expected `(?P<want>[^`]+)`, got `\w+`|Object contains unknown "
+                            r"field `(?P<unknown>[^`]+)`)(?: - at `\$(?P<at>[^`]*)`)?")
+
+
+def _decode_errors(doc: dict[str, Any]) -> tuple[KubeProxyConfiguration | None, list[str]]:
+    """Decode `doc`, naming every wrong field (field by field: msgspec stops at the first)."""
+    try:
+        return msgspec.convert(doc, KubeProxyConfiguration), []
+    except msgspec.ValidationError:
+        pass
+    fields = {f.encode_name: f for f in msgspec.structs.fields(KubeProxyConfiguration)}
+    errors: list[str] = []
+    for key, value in doc.items():
+        if key not in fields:
+            errors.append(f"{key}: unknown field")
+            continue
+        try:
+            msgspec.convert({key: value}, KubeProxyConfiguration)
+        except msgspec.ValidationError as e:
+            errors.append(_describe(str(e), doc))
+    return None, errors
+
+
+def _describe(message: str, doc: dict[str, Any]) -> str:
+    """msgspec's "Expected `int`, got `str` - at `$.dns.ttl`" -> "dns.ttl: expected an integer,
+    got '30'", in the words kubeshim's messages have always used."""
+    m = _MSGSPEC_ERROR.search(message)
+    if m is None:
+        return message
+    path = [p for p in re.split(r"\.|\[(\d+)\]", m["at"] or "") if p]
+    if m["unknown"] is not None:
+        name = ".".join([*path, m["unknown"]])
+        if path == ["dns"]:
+            return f"{name}: unknown field (known: {', '.join(_DNS_FIELDS)})"
+        return f"{name}: unknown field"
+    value: Any = doc
+    for part in path:
+        value = value[int(part)] if isinstance(value, list) else value.get(part)
+    name = ".".join(path)
+    if name in _DURATION_FIELDS:
+        return f"{name}: expected a duration string like 30s or 15m0s, got {value!r}"
+    want = m["want"].removesuffix(" | null")
+    return f"{name}: expected {_TYPE_WORDS.get(want, want)}, got {value!r}"
+
 
 # Fields kubeshim reads from the file; everything else that is set is reported as ignored.
 _HONOURED = {
@@ -179,19 +324,13 @@ _IGNORED_REASONS = {
     "portRange": "no user-space port range is allocated",
 }
 
-# kubeshim's `dns:` section: field -> (Options attribute, expected type).
-_DNS_SCHEMA: dict[str, tuple[str, Any]] = {
-    "enabled": ("dns", bool),
-    "clusterDomain": ("cluster_domain", str),
-    "binds": ("dns_binds", _LIST),
-    "upstreams": ("upstreams", _LIST),
-    "ttl": ("dns_ttl", int),
-    "negativeTTL": ("dns_negative_ttl", int),
-    "podRecords": ("pod_records", str),
-    "cacheSize": ("dns_cache_size", int),
-    "upstreamCacheSize": ("dns_upstream_cache_size", int),
-    "upstreamMaxTTL": ("dns_upstream_max_ttl", int),
-    "reverseCIDRs": ("dns_reverse_cidrs", _LIST),
+# kubeshim's `dns:` section: file field -> Options attribute.
+_DNS_FIELDS: dict[str, str] = {
+    "enabled": "dns", "clusterDomain": "cluster_domain", "binds": "dns_binds",
+    "upstreams": "upstreams", "ttl": "dns_ttl", "negativeTTL": "dns_negative_ttl",
+    "podRecords": "pod_records", "cacheSize": "dns_cache_size",
+    "upstreamCacheSize": "dns_upstream_cache_size", "upstreamMaxTTL": "dns_upstream_max_ttl",
+    "reverseCIDRs": "dns_reverse_cidrs",
 }
 POD_RECORDS = ("disabled", "insecure", "verified")
 
@@ -199,48 +338,7 @@ POD_RECORDS = ("disabled", "insecure", "verified")
 _NODEPORT_KEYWORDS = {"localhost": ["127.0.0.0/8", "::1/128"], "all": ["0.0.0.0/0", "::/0"]}
 
 
-def _type_name(expected: Any) -> str:
-    return {str: "a string", int: "an integer", bool: "true or false", _DUR: "a duration string "
-            "like 30s or 15m0s", _NUM: "a number", _MAP: "a mapping", _LIST: "a list"}.get(
-        expected, str(expected))
-
-
-def _type_ok(value: Any, expected: Any) -> bool:
-    if value is None or expected is object:
-        return True  # null is "not set", as in Go's JSON decoding
-    if expected is bool:
-        return isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if expected == _NUM:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if expected == _DUR or expected is str:
-        return isinstance(value, str)
-    if expected == _MAP:
-        return isinstance(value, dict)
-    if expected == _LIST:
-        return isinstance(value, list)
-    return False
-
-
-def _check_fields(node: dict[str, Any], schema: dict[str, Any], prefix: str,
-                  errors: list[str]) -> None:
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if key not in schema:
-            errors.append(f"{name}: unknown field")
-        elif isinstance(schema[key], dict):
-            if value is None:
-                continue
-            if not isinstance(value, dict):
-                errors.append(f"{name}: expected a mapping, got {value!r}")
-            else:
-                _check_fields(value, schema[key], name + ".", errors)
-        elif not _type_ok(value, schema[key]):
-            errors.append(f"{name}: expected {_type_name(schema[key])}, got {value!r}")
-
-
-def _is_set(value: Any) -> bool:
+def _is_set(value: _T | None) -> TypeGuard[_T]:
     """Go's zero values count as not set (a file written by kube-proxy lists every field)."""
     return value not in (None, "", 0, False, {}, [], "0s")
 
@@ -265,24 +363,20 @@ def load_config_file(path: Path, opts: Options) -> None:
             f"{path}: expected kind KubeProxyConfiguration, apiVersion {KUBE_PROXY_API}; "
             f"got kind {kind!r}, apiVersion {api!r}"
         )
-    body = {k: v for k, v in doc.items() if k not in ("kind", "apiVersion")}
-    errors: list[str] = []
-    _check_fields(body, _SCHEMA, "", errors)
+    cfg, errors = _decode_errors(doc)
     new = replace(opts, ignored=list(opts.ignored))
-    if not errors:
-        _apply(body, new, errors)
+    if cfg is not None:
+        _apply(cfg, doc, new, errors)
     if errors:
         raise ConfigError(f"{path}: " + "; ".join(errors))
     for name, value in vars(new).items():
         setattr(opts, name, value)
 
 
-def _apply(doc: dict[str, Any], opts: Options, errors: list[str]) -> None:
-    def get(*keys: str) -> Any:
-        node: Any = doc
-        for key in keys:
-            node = node.get(key) if isinstance(node, dict) else None
-        return node
+def _apply(cfg: KubeProxyConfiguration, doc: dict[str, Any], opts: Options,
+           errors: list[str]) -> None:
+    """Map the honoured fields of a decoded file onto `opts`; `doc` is the file as read, for
+    the report of fields that do not apply."""
 
     def dur(name: str, value: str) -> float | None:
         try:
@@ -295,10 +389,10 @@ def _apply(doc: dict[str, Any], opts: Options, errors: list[str]) -> None:
             return None
         return seconds
 
-    if _is_set(v := get("hostnameOverride")):
+    if _is_set(v := cfg.hostname_override):
         # kube-proxy trims and lower-cases the node name (pkg/proxy/util nodeName).
-        opts.hostname_override = str(v).strip().lower()
-    if _is_set(v := get("bindAddress")):
+        opts.hostname_override = v.strip().lower()
+    if _is_set(v := cfg.bind_address):
         # Not a socket address: kube-proxy's idea of the node's primary IP (types.go).
         try:
             ip = ipaddress.ip_address(v)
@@ -311,9 +405,10 @@ def _apply(doc: dict[str, Any], opts: Options, errors: list[str]) -> None:
                 # kube-proxy's defaults follow the family of bindAddress.
                 opts.healthz_bind_address = "[::]:10256"
                 opts.metrics_bind_address = "[::1]:10249"
-    for field_name, attr in (("healthzBindAddress", "healthz_bind_address"),
-                             ("metricsBindAddress", "metrics_bind_address")):
-        if _is_set(v := get(field_name)):
+    for field_name, v in (("healthzBindAddress", cfg.healthz_bind_address),
+                          ("metricsBindAddress", cfg.metrics_bind_address)):
+        if _is_set(v):
+            attr = "healthz_bind_address" if field_name[0] == "h" else "metrics_bind_address"
             try:
                 host, port = parse_host_port(v)
                 ipaddress.ip_address(host)
@@ -321,35 +416,40 @@ def _apply(doc: dict[str, Any], opts: Options, errors: list[str]) -> None:
                 errors.append(f"{field_name}: {e if isinstance(e, ConfigError) else 'not IP:PORT'}")
             else:
                 setattr(opts, attr, v)
-    if _is_set(v := get("clusterCIDR")):
-        opts.cluster_cidrs = [c.strip() for c in v.split(",") if c.strip()]
+    if _is_set(cidrs := cfg.cluster_cidr):
+        opts.cluster_cidrs = [c.strip() for c in cidrs.split(",") if c.strip()]
         errors += [f"clusterCIDR: {e}" for e in _bad_cidrs(opts.cluster_cidrs)]
-    if (v := get("nodePortAddresses")) is not None:
+    if (addresses := cfg.node_port_addresses) is not None:
         try:
-            opts.nodeport_addresses = expand_nodeport_addresses([str(a) for a in v], opts.node_ip)
+            opts.nodeport_addresses = expand_nodeport_addresses([str(a) for a in addresses],
+                                                                opts.node_ip)
         except ConfigError as e:
             errors.append(f"nodePortAddresses: {e}")
-    if _is_set(v := get("clientConnection", "kubeconfig")):
+    if cfg.client_connection and _is_set(v := cfg.client_connection.kubeconfig):
         opts.kubeconfig = Path(v)
-    for name in ("conntrack.tcpEstablishedTimeout",):
-        if _is_set(v := get(*name.split("."))) and (t := dur(name, v)) is not None:
-            opts.tcp_idle_timeout = t
-    for name in ("udpIdleTimeout", "conntrack.udpTimeout"):
-        if _is_set(v := get(*name.split("."))) and (t := dur(name, v)) is not None:
+    conntrack = cfg.conntrack or Conntrack()
+    if _is_set(v := conntrack.tcp_established_timeout) and (
+            t := dur("conntrack.tcpEstablishedTimeout", v)) is not None:
+        opts.tcp_idle_timeout = t
+    for name, v in (("udpIdleTimeout", cfg.udp_idle_timeout),
+                    ("conntrack.udpTimeout", conntrack.udp_timeout)):
+        if _is_set(v) and (t := dur(name, v)) is not None:
             opts.udp_timeout = t
-    if (v := get("logging", "verbosity")) is not None:
-        if v < 0:
-            errors.append(f"logging.verbosity: {v} is negative")
+    if cfg.logging and (verbosity := cfg.logging.verbosity) is not None:
+        if verbosity < 0:
+            errors.append(f"logging.verbosity: {verbosity} is negative")
         # klog's -v: 4 and up is debug output; below that kube-proxy logs steady-state info.
-        opts.log_level = "debug" if v >= 4 else "info"
-    for name in ("configSyncPeriod", "iptables.syncPeriod", "nftables.syncPeriod"):
-        if _is_set(v := get(*name.split("."))):
+        opts.log_level = "debug" if verbosity >= 4 else "info"
+    for name, v in (("configSyncPeriod", cfg.config_sync_period),
+                    ("iptables.syncPeriod", (cfg.iptables or IPTables()).sync_period),
+                    ("nftables.syncPeriod", (cfg.nftables or NFTables()).sync_period)):
+        if _is_set(v):
             dur(name, v)  # still checked: a malformed file is an error even where unused
-    if (v := get("dns")) is not None:
-        _apply_dns(v, opts, errors)
+    if cfg.dns is not None:
+        _apply_dns(cfg.dns, opts, errors)
 
     reported: set[str] = set()
-    for key, value in _leaves(doc):
+    for key, value in _leaves({k: v for k, v in doc.items() if k not in ("kind", "apiVersion")}):
         if not _is_set(value) or any(key == h or key.startswith(h + ".") for h in _HONOURED):
             continue
         if key in ("logging.options", "logging.flushFrequency", "logging.format") and (
@@ -394,16 +494,10 @@ def _bad_cidrs(values: list[str]) -> list[str]:
     return bad
 
 
-def _apply_dns(section: dict[str, Any], opts: Options, errors: list[str]) -> None:
-    for key, value in section.items():
-        if key not in _DNS_SCHEMA:
-            errors.append(f"dns.{key}: unknown field (known: {', '.join(_DNS_SCHEMA)})")
-            continue
-        attr, expected = _DNS_SCHEMA[key]
+def _apply_dns(section: DNSSection, opts: Options, errors: list[str]) -> None:
+    for f in msgspec.structs.fields(DNSSection):
+        key, value = f.encode_name, getattr(section, f.name)
         if value is None:
-            continue
-        if not _type_ok(value, expected):
-            errors.append(f"dns.{key}: expected {_type_name(expected)}, got {value!r}")
             continue
         try:
             if key in ("binds", "upstreams"):
@@ -418,12 +512,12 @@ def _apply_dns(section: dict[str, Any], opts: Options, errors: list[str]) -> Non
                     raise ConfigError("must not be empty")
             elif key == "podRecords" and value not in POD_RECORDS:
                 raise ConfigError(f"{value!r} is not one of {', '.join(POD_RECORDS)}")
-            elif expected is int and value < 0:
+            elif isinstance(value, int) and not isinstance(value, bool) and value < 0:
                 raise ConfigError(f"{value} is negative")
         except ConfigError as e:
             errors.append(f"dns.{key}: {e}")
             continue
-        setattr(opts, attr, value)
+        setattr(opts, _DNS_FIELDS[key], value)
 
 
 def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:

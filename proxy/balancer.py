@@ -16,14 +16,8 @@ Clock = Callable[[], float]
 EndpointKey = tuple[str, int]
 
 
-def endpoint_key(ep: EndpointInfo) -> EndpointKey:
-    return (ep.ip, ep.port)
-
-
 class Balancer:
     """Round robin: each new connection takes the next endpoint in order (the default)."""
-
-    name = "round-robin"
 
     def __init__(self) -> None:
         self._next = 0
@@ -46,8 +40,6 @@ class Balancer:
 class RandomBalancer(Balancer):
     """Uniformly random, like kube-proxy's iptables/nftables probability rules."""
 
-    name = "random"
-
     def __init__(self, rng: random.Random | None = None) -> None:
         super().__init__()
         self._rng = rng or random.Random()
@@ -64,8 +56,6 @@ class RandomBalancer(Balancer):
 
 class LeastConnectionsBalancer(Balancer):
     """The endpoint with the fewest active connections; ties go round robin (IPVS lc)."""
-
-    name = "least-connections"
 
     def choose(
         self,
@@ -148,7 +138,3 @@ class AffinityTable:
         for ip in gone:
             del self._entries[ip]
         return len(gone)
-
-    def snapshot(self) -> dict[str, tuple[str, float]]:
-        now = self._clock()
-        return {ip: (ep.address, round(exp - now, 1)) for ip, (ep, exp) in self._entries.items()}

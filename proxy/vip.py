@@ -36,7 +36,7 @@ def _iproute() -> Any:
     """An IPRoute for the calling thread. pyroute2's sync API drives its own asyncio loop, which
     cannot nest inside a running loop and cannot be uvloop (no AF_NETLINK there): netlink work
     runs on `NetlinkWorker`'s thread with a plain selector loop."""
-    from pyroute2 import IPRoute  # type: ignore[import-untyped]
+    from pyroute2 import IPRoute
 
     loop = getattr(_thread, "loop", None)
     if loop is None:
@@ -99,7 +99,7 @@ class InterfaceVips:
         """Create the interface if missing (dummy, else port-less bridge); drop stale addresses.
 
         This and the other methods run on the NetlinkWorker thread."""
-        from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+        from pyroute2.netlink.exceptions import NetlinkError
 
         self._ipr = _iproute()
         found = self._ipr.link_lookup(ifname=self.ifname)

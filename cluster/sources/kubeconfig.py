@@ -52,10 +52,6 @@ class ClientConfig:
     tls_server_name: str | None = None
 
 
-async def _no_authorization() -> None:
-    return None
-
-
 def ssl_context(
     *,
     ca_file: str | None = None,
@@ -215,9 +211,3 @@ async def load_client_config(
         return in_cluster_config()
     return await kubeconfig_config(kubeconfig, context)
 
-
-def plain_http_config(server: str) -> ClientConfig:
-    """An unauthenticated http:// server (e.g. `kubectl proxy`)."""
-    return ClientConfig(
-        server=server.rstrip("/"), ssl=None, authorization=_no_authorization, source=server
-    )

@@ -1,4 +1,4 @@
-"""The tree stays lint-clean (ruff) and the sans-IO cores type-check under mypy --strict."""
+"""The tree stays lint-clean (ruff) and every product module type-checks under mypy --strict."""
 
 from __future__ import annotations
 
@@ -14,6 +14,6 @@ def test_ruff_finds_nothing() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_mypy_strict_on_the_sans_io_cores() -> None:
+def test_mypy_strict_on_every_product_module() -> None:
     proc = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
