@@ -27,6 +27,7 @@ from kubeshim.cluster.model import (
     ServicePort,
     ServicePortName,
 )
+from kubeshim.cluster.netaddr import join_host_port
 
 Kind = Literal["Service", "EndpointSlice"]
 
@@ -61,7 +62,7 @@ class EndpointInfo(msgspec.Struct, frozen=True, gc=False):
 
     @property
     def address(self) -> str:
-        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+        return join_host_port(self.ip, self.port)
 
 
 class ServicePortInfo(msgspec.Struct, frozen=True):

@@ -17,6 +17,7 @@ import asyncio_dgram
 from dnslib import EDNS0, RCODE, DNSHeader, DNSQuestion, DNSRecord
 
 from kubeshim.cluster.log import get_logger
+from kubeshim.cluster.netaddr import join_host_port
 from kubeshim.dns.cache import UpstreamCache, UpstreamKey
 from kubeshim.dns.metrics import DNSMetrics
 
@@ -76,7 +77,7 @@ class Forwarder:
             raise UpstreamError("no upstream servers configured")
         last_error = "no answer"
         for host, port in self.upstreams:
-            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            address = join_host_port(host, port)
             stats = self.metrics.upstream(address)
             qid = secrets.randbits(16)
             query = DNSRecord(DNSHeader(id=qid, rd=1), q=question)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from dnslib import AAAA, CNAME, PTR, QTYPE, RCODE, RR, SOA, SRV, TXT, A, DNSHeader, DNSRecord
 
 from kubeshim.cluster.model import NamespacedName
+from kubeshim.cluster.netaddr import ip_family
 from kubeshim.cluster.state import ClusterState, ServiceChange, ServiceInfo
 from kubeshim.dns.config import DNSConfig
 from kubeshim.dns.names import (
@@ -365,7 +366,7 @@ def _records_for(targets: list[_Target], qtype: int, owner: object, ttl: int) ->
             if t.ip in seen:
                 continue
             seen.add(t.ip)
-            if qtype == QTYPE.ANY or (qtype == QTYPE.AAAA) == (":" in t.ip):
+            if qtype == QTYPE.ANY or (qtype == QTYPE.AAAA) == (ip_family(t.ip) == 6):
                 rrs.append(_address_rr(owner, t.ip, ttl))
         return _RRs(rrs)
     if qtype == QTYPE.SRV:
@@ -390,7 +391,7 @@ def _records_for(targets: list[_Target], qtype: int, owner: object, ttl: int) ->
 
 
 def _address_rr(owner: object, ip: str, ttl: int) -> RR:
-    if ":" in ip:
+    if ip_family(ip) == 6:
         return RR(owner, QTYPE.AAAA, rdata=AAAA(ip), ttl=ttl)
     return RR(owner, QTYPE.A, rdata=A(ip), ttl=ttl)
 

@@ -30,6 +30,7 @@ from typing import Any
 from dnslib import RCODE, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
 from kubeshim.cluster.log import get_logger
+from kubeshim.cluster.netaddr import join_host_port, socket_family
 from kubeshim.cluster.state import ClusterState, ServiceChange
 from kubeshim.dns import batch
 from kubeshim.dns.batch import BatchedUDP
@@ -90,8 +91,8 @@ class DNSServer:
         log.info(
             "dns serving",
             zone=self.config.zone,
-            listen=",".join(_fmt(h, p) for h, p in self.addresses),
-            upstreams=",".join(_fmt(h, p) for h, p in self.config.upstreams) or "none",
+            listen=",".join(join_host_port(h, p) for h, p in self.addresses),
+            upstreams=",".join(join_host_port(h, p) for h, p in self.config.upstreams) or "none",
         )
 
     def _without_self(self, upstreams: list[tuple[str, int]]) -> list[tuple[str, int]]:
@@ -105,7 +106,8 @@ class DNSServer:
                 for bhost, bport in self.config.binds
             )
             if ours:
-                log.warning("upstream skipped: it is this server", upstream=_fmt(host, port))
+                log.warning("upstream skipped: it is this server",
+                            upstream=join_host_port(host, port))
             else:
                 kept.append((host, port))
         return kept
@@ -161,8 +163,8 @@ class DNSServer:
         """What the DNS server serves and how its caches do (for `kubeshim status`)."""
         return {
             "zone": self.config.zone,
-            "listen": [_fmt(h, p) for h, p in self.addresses],
-            "upstreams": [_fmt(h, p) for h, p in self.config.upstreams],
+            "listen": [join_host_port(h, p) for h, p in self.addresses],
+            "upstreams": [join_host_port(h, p) for h, p in self.config.upstreams],
             "answerCache": {
                 "entries": len(self.answers),
                 "hits": self.answer_hits,
@@ -486,7 +488,7 @@ def _in_client_case(records: list[RR], qname: DNSLabel) -> list[RR]:
 
 def _is_local(host: str) -> bool:
     """True when `host` is an address of this network namespace (it can be bound)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = socket_family(host)
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as s:
             s.bind((host, 0))
@@ -494,6 +496,3 @@ def _is_local(host: str) -> bool:
     except OSError:
         return False
 
-
-def _fmt(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from kubeshim.cluster import log as logs
+from kubeshim.cluster.errors import ConfigError
 from kubeshim.config import (
-    ConfigError,
     Options,
     expand_nodeport_addresses,
     load_config_file,

@@ -18,12 +18,10 @@ from typing import Annotated, Any, TypeGuard, TypeVar, get_args, get_type_hints
 import msgspec
 import yaml
 
+from kubeshim.cluster.errors import ConfigError
+
 KUBE_PROXY_API = "kubeproxy.config.k8s.io/v1alpha1"
 _T = TypeVar("_T")
-
-
-class ConfigError(ValueError):
-    """A configuration file or flag that cannot be used; the message names it."""
 
 
 @dataclass
@@ -84,19 +82,6 @@ def parse_host_port(value: str, default_port: int | None = None) -> tuple[str, i
     if not 0 <= int(port) <= 65535:
         raise ConfigError(f"{value!r}: port out of range")
     return host or "0.0.0.0", int(port)
-
-
-def resolv_conf_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
-    """The node's nameservers: the default upstreams (CoreDNS's `forward . /etc/resolv.conf`)."""
-    servers: list[tuple[str, int]] = []
-    try:
-        for line in Path(path).read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 2 and parts[0] == "nameserver":
-                servers.append((parts[1].split("%")[0], 53))
-    except OSError:
-        pass
-    return servers
 
 
 # --- the KubeProxyConfiguration file ------------------------------------------------------

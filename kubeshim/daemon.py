@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 
 from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.state import ClusterState
-from kubeshim.config import Options, default_vip_mode, resolv_conf_nameservers
+from kubeshim.config import Options, default_vip_mode
 from kubeshim.healthcheck import ServiceHealthServer
 from kubeshim.ops import Health, build_apps, serve
 from kubeshim.sources import make_source
@@ -59,7 +59,7 @@ class Daemon:
         return Proxier(self.state, config)
 
     def _build_dns(self) -> Any:
-        from kubeshim.dns.config import DNSConfig
+        from kubeshim.dns.config import DNSConfig, resolv_conf_nameservers
         from kubeshim.dns.server import DNSServer
 
         o = self.opts

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from kubeshim.cluster.errors import ConfigError
 from kubeshim.cluster.state import ClusterState
-from kubeshim.config import ConfigError, Options
+from kubeshim.config import Options
 
 
 class Source(Protocol):
@@ -21,12 +22,10 @@ class _APISourceLauncher:
 
     async def run(self) -> None:
         from kubeshim.cluster.sources.api import APISource
-        from kubeshim.cluster.sources.kubeconfig import in_cluster_config, kubeconfig_config
+        from kubeshim.cluster.sources.kubeconfig import load_client_config
 
-        if self.opts.in_cluster:
-            client = in_cluster_config()
-        else:
-            client = await kubeconfig_config(self.opts.kubeconfig, self.opts.context)
+        o = self.opts
+        client = await load_client_config(o.kubeconfig, o.context, in_cluster=o.in_cluster)
         await APISource(client, self.state).run()
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kubeshim.cluster.model import ServicePortName
+from kubeshim.cluster.netaddr import ip_family, join_host_port
 from kubeshim.cluster.state import ServiceInfo
 
 ListenerKind = Literal["ClusterIP", "NodePort", "ExternalIP", "LoadBalancer"]
@@ -24,8 +25,7 @@ class ListenerKey:
     port: int
 
     def __str__(self) -> str:
-        host = f"[{self.ip}]" if ":" in self.ip else self.ip
-        return f"{host}:{self.port}/{self.protocol}"
+        return f"{join_host_port(self.ip, self.port)}/{self.protocol}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,17 +37,12 @@ class ListenerSpec:
 
     @property
     def family(self) -> int:
-        return _family(self.service_ip)
+        return ip_family(self.service_ip)
 
     @property
     def external(self) -> bool:
         """Traffic from outside the cluster: externalTrafficPolicy applies."""
         return self.kind != "ClusterIP"
-
-
-def _family(ip: str) -> int:
-    # Addresses were validated when decoded; only IPv6 text has a colon.
-    return 6 if ":" in ip else 4
 
 
 def desired_listeners(
@@ -61,7 +56,7 @@ def desired_listeners(
     if not info.proxied:
         return out, problems
     svc = info.service
-    families = {_family(ip) for ip in svc.cluster_ips}
+    families = {ip_family(ip) for ip in svc.cluster_ips}
     external_ips = [("ExternalIP", ip) for ip in svc.spec.external_ips]
     external_ips += [("LoadBalancer", ip) for ip in svc.load_balancer_ips]
     for spi in info.ports:
@@ -80,11 +75,11 @@ def desired_listeners(
         for kind, ip in external_ips:
             # An address of a family the Service does not have is ignored, as kube-proxy's
             # per-family proxiers do.
-            if _family(ip) in families:
+            if ip_family(ip) in families:
                 add(kind, ip, sp.port)  # type: ignore[arg-type]
         if sp.node_port and svc.spec.type in ("NodePort", "LoadBalancer"):
             for ip in node_ips:
-                if _family(ip) in families:
+                if ip_family(ip) in families:
                     add("NodePort", ip, sp.node_port)
     return out, problems
 

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.model import NamespacedName, ServicePortName
+from kubeshim.cluster.netaddr import ip_family
 from kubeshim.cluster.state import ClusterState, EndpointInfo, ServiceChange, ServiceInfo
 from kubeshim.proxy.balancer import Clock
 from kubeshim.proxy.config import ProxyConfig
@@ -31,7 +32,7 @@ from kubeshim.proxy.listeners import (
     vips_of,
 )
 from kubeshim.proxy.metrics import PortCounters, ProxyMetrics
-from kubeshim.proxy.table import PortTable, ip_family
+from kubeshim.proxy.table import PortTable
 from kubeshim.proxy.tcp import ClientSide, TcpFrontend, listen_socket
 from kubeshim.proxy.udp import UdpFrontend, bind_socket
 from kubeshim.proxy.vip import (

@@ -10,14 +10,11 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from kubeshim.cluster.model import Service
+from kubeshim.cluster.netaddr import ip_family
 from kubeshim.cluster.state import EndpointInfo, ServicePortInfo
 from kubeshim.proxy.balancer import AffinityTable, Clock, EndpointKey, make_balancer
 from kubeshim.proxy.metrics import PortCounters
 from kubeshim.proxy.topology import Categorized, PortPolicy, categorize_endpoints
-
-
-def ip_family(ip: str) -> int:
-    return 6 if ":" in ip else 4
 
 
 def port_policy(svc: Service, spi: ServicePortInfo) -> PortPolicy:

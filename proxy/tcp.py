@@ -16,6 +16,7 @@ import socket
 import struct
 from typing import Any
 
+from kubeshim.cluster.netaddr import socket_family
 from kubeshim.cluster.state import EndpointInfo
 from kubeshim.proxy.config import ProxyConfig
 from kubeshim.proxy.metrics import CONNECT_FAILED, CONNECT_TIMEOUT, NO_ENDPOINTS, UPSTREAM_RESET
@@ -274,7 +275,7 @@ class UpstreamSide(asyncio.Protocol):
 
 def listen_socket(ip: str, port: int, backlog: int) -> socket.socket:
     """A bound, listening TCP socket; raises OSError (EADDRINUSE, EADDRNOTAVAIL, EACCES)."""
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    family = socket_family(ip)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

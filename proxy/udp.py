@@ -14,6 +14,7 @@ import socket
 from collections.abc import Collection
 from typing import Any
 
+from kubeshim.cluster.netaddr import socket_family
 from kubeshim.cluster.state import EndpointInfo
 from kubeshim.proxy.balancer import EndpointKey
 from kubeshim.proxy.config import ProxyConfig
@@ -110,7 +111,7 @@ class UdpFrontend(asyncio.DatagramProtocol):
         if len(self.flows) >= self.config.udp_max_flows:
             table.counters.error(UDP_FLOW_EVICTED)
             self.drop(next(iter(self.flows.values())))
-        family = socket.AF_INET6 if ":" in ep.ip else socket.AF_INET
+        family = socket_family(ep.ip)
         sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.setblocking(False)
         try:
@@ -157,7 +158,7 @@ class UdpFrontend(asyncio.DatagramProtocol):
 
 
 def bind_socket(ip: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    family = socket_family(ip)
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         if family == socket.AF_INET6:

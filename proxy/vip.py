@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from kubeshim.cluster.log import get_logger
+from kubeshim.cluster.netaddr import ip_family
 
 log = get_logger("proxy")
 
@@ -134,7 +135,7 @@ class InterfaceVips:
 
         if ip in self.assigned:
             return
-        v6 = ":" in ip
+        v6 = ip_family(ip) == 6
         try:
             # IFA_F_NODAD (0x02): no duplicate address detection, so a v6 VIP is bindable at once.
             self._ipr.addr("add", index=self._index, address=ip, prefixlen=128 if v6 else 32,
@@ -150,7 +151,7 @@ class InterfaceVips:
         if ip not in self.assigned:
             return
         self.assigned.discard(ip)
-        v6 = ":" in ip
+        v6 = ip_family(ip) == 6
         try:
             self._ipr.addr("del", index=self._index, address=ip, prefixlen=128 if v6 else 32)
         except NetlinkError as e:

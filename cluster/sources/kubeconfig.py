@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kubeshim.cluster.errors import ConfigError
 from kubeshim.cluster.log import get_logger
+from kubeshim.cluster.netaddr import join_host_port
 
 if TYPE_CHECKING:
     from kubernetes_asyncio.config.kube_config import KubeConfigLoader
@@ -33,10 +35,6 @@ TOKEN_REFRESH_SECONDS = 60.0
 log = get_logger("sources")
 
 Authorization = Callable[[], Awaitable[str | None]]
-
-
-class ConfigError(Exception):
-    """The cluster connection cannot be configured; the message says what is missing."""
 
 
 @dataclass(frozen=True)
@@ -112,10 +110,8 @@ def in_cluster_config(
     for f in (token, ca):
         if not f.is_file():
             raise ConfigError(f"in-cluster service account file missing: {f}")
-    if ":" in host:
-        host = f"[{host}]"
     return ClientConfig(
-        server=f"https://{host}:{port}",
+        server=f"https://{join_host_port(host, int(port))}",
         ssl=ssl_context(ca_file=str(ca)),
         authorization=_TokenFile(token),
         source=f"in-cluster service account token {token}",
@@ -204,10 +200,12 @@ async def kubeconfig_config(
 
 
 async def load_client_config(
-    kubeconfig: str | Path | None = None, context: str | None = None
+    kubeconfig: str | Path | None = None, context: str | None = None, in_cluster: bool = False
 ) -> ClientConfig:
-    """What kube-proxy does: an explicit kubeconfig wins, else in-cluster, else $KUBECONFIG."""
-    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+    """The one precedence rule, kube-proxy's: `in_cluster` asks for the service account; else an
+    explicit kubeconfig wins; else the service account inside a Pod (KUBERNETES_SERVICE_HOST
+    set); else $KUBECONFIG or ~/.kube/config. Raises ConfigError naming what is missing."""
+    if in_cluster or (kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST")):
         return in_cluster_config()
     return await kubeconfig_config(kubeconfig, context)
 

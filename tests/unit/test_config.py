@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from kubeshim.cli import build_parser, options_from_args
+from kubeshim.cluster.errors import ConfigError
 from kubeshim.config import (
-    ConfigError,
     Options,
     expand_nodeport_addresses,
     load_config_file,
