@@ -1,7 +1,7 @@
 # msgspec Struct subclasses inherit frozen=True from _Struct; mypy cannot see that through
 # dataclass_transform and reports each subclass as "non-frozen inherits frozen".
 # mypy: disable-error-code="misc"
-"""The Kubernetes objects kubeshim reads: v1 Service and discovery.k8s.io/v1 EndpointSlice.
+"""The Kubernetes objects kubeshim reads: v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Node.
 
 This module owns the wire model (the JSON/YAML shape the API server serves, decoded by msgspec
 straight into typed structs) and its validation. Only the fields a proxy and a DNS server need are
@@ -24,6 +24,11 @@ IPFamily = Literal["IPv4", "IPv6"]
 LABEL_SERVICE_NAME = "kubernetes.io/service-name"
 LABEL_SERVICE_PROXY_NAME = "service.kubernetes.io/service-proxy-name"
 LABEL_HEADLESS = "service.kubernetes.io/headless"
+LABEL_TOPOLOGY_ZONE = "topology.kubernetes.io/zone"
+
+# The taint the cluster autoscaler puts on a node it is about to delete; kube-proxy's /healthz
+# fails on such a node so load balancers drain it (pkg/proxy/healthcheck ToBeDeletedTaint).
+TAINT_TO_BE_DELETED = "ToBeDeletedByClusterAutoscaler"
 
 # The default ClientIP affinity timeout: 3 hours (core/v1 DefaultClientIPServiceAffinitySeconds).
 DEFAULT_AFFINITY_TIMEOUT = 10800
@@ -68,6 +73,8 @@ class ObjectMeta(_Struct):
     resource_version: str = ""
     uid: str = ""
     labels: dict[str, str] = {}
+    # Set when deletion was requested (an RFC 3339 time); the object lives on until finalized.
+    deletion_timestamp: str | None = None
 
     @property
     def key(self) -> NamespacedName:
@@ -108,6 +115,9 @@ class ServiceSpec(_Struct):
     external_traffic_policy: Literal["Cluster", "Local"] | None = None
     health_check_node_port: int = 0
     publish_not_ready_addresses: bool = False
+    # PreferClose, PreferSameZone, PreferSameNode: the EndpointSlice controller turns it into
+    # endpoint hints, and the proxy routes by those hints (proxy/topology.py).
+    traffic_distribution: str | None = None
 
 
 class LoadBalancerIngress(_Struct):
@@ -171,11 +181,19 @@ class Service(_Struct, kw_only=True):
         return self.spec.internal_traffic_policy == "Local"
 
     @property
-    def external_local(self) -> bool:
-        # Only types with external traffic have an external policy (core/v1 validation).
-        return self.spec.type in ("NodePort", "LoadBalancer") and (
-            self.spec.external_traffic_policy == "Local"
+    def externally_accessible(self) -> bool:
+        """pkg/api/v1/service ExternallyAccessible: NodePort and LoadBalancer Services, and
+        ClusterIP Services with externalIPs."""
+        spec = self.spec
+        return spec.type in ("NodePort", "LoadBalancer") or (
+            spec.type == "ClusterIP" and bool(spec.external_ips)
         )
+
+    @property
+    def external_local(self) -> bool:
+        # pkg/api/v1/service ExternalPolicyLocal: only an externally accessible Service has an
+        # external policy, and that includes a ClusterIP Service with externalIPs.
+        return self.externally_accessible and self.spec.external_traffic_policy == "Local"
 
 
 # --- discovery.k8s.io/v1 EndpointSlice ----------------------------------------------------
@@ -191,8 +209,13 @@ class ForZone(_Struct):
     name: str
 
 
+class ForNode(_Struct):
+    name: str
+
+
 class EndpointHints(_Struct):
     for_zones: list[ForZone] | None = None
+    for_nodes: list[ForNode] | None = None
 
 
 class ObjectReference(_Struct):
@@ -252,10 +275,47 @@ class EndpointSlice(_Struct, kw_only=True):
         return NamespacedName(self.metadata.namespace, name) if name else None
 
 
-KubeObject = Service | EndpointSlice
-KINDS: dict[str, type[Service] | type[EndpointSlice]] = {
+# --- v1 Node (only this node's own) ----------------------------------------------------------
+
+
+class Taint(_Struct):
+    key: str
+    effect: str = ""
+    value: str = ""
+
+
+class NodeSpec(_Struct):
+    taints: list[Taint] | None = None
+
+
+class Node(_Struct, kw_only=True):
+    metadata: ObjectMeta
+    spec: NodeSpec = NodeSpec()
+    kind: str = "Node"
+    api_version: str = "v1"
+
+    @property
+    def key(self) -> NamespacedName:
+        return self.metadata.key  # cluster-scoped: the namespace is empty
+
+    @property
+    def zone(self) -> str:
+        return self.metadata.labels.get(LABEL_TOPOLOGY_ZONE, "")
+
+    @property
+    def eligible(self) -> bool:
+        """kube-proxy's ProxyHealthServer.SyncNode: a node being deleted or tainted
+        ToBeDeletedByClusterAutoscaler is not eligible for load-balancer traffic."""
+        if self.metadata.deletion_timestamp:
+            return False
+        return not any(t.key == TAINT_TO_BE_DELETED for t in self.spec.taints or ())
+
+
+KubeObject = Service | EndpointSlice | Node
+KINDS: dict[str, type[Service] | type[EndpointSlice] | type[Node]] = {
     "Service": Service,
     "EndpointSlice": EndpointSlice,
+    "Node": Node,
 }
 
 
@@ -305,6 +365,9 @@ def validate(obj: KubeObject) -> None:
     """Semantic checks msgspec's types cannot express; raises InvalidObject."""
     if isinstance(obj, Service):
         _validate_service(obj)
+    elif isinstance(obj, Node):
+        if not obj.metadata.name:
+            _fail(obj, "metadata.name", "required")
     else:
         _validate_slice(obj)
 

@@ -5,6 +5,10 @@ nothing here touches a socket, a file or a clock. Sources feed it events (`apply
 lists (`replace`, for a list or a 410 relist); it merges each Service with its EndpointSlices
 into a `ServiceInfo` and reports what changed as `ServiceChange`s to its subscribers.
 
+It also holds this node's own Node object (`node_name`; other Nodes are ignored): its labels,
+taints and deletion state. A change to them goes to node subscribers (`subscribe_node`), which
+recompute what depends on the node (topology, health eligibility).
+
 Cost rule: an event touches one Service, so applying it recomputes that Service only.
 """
 
@@ -23,13 +27,17 @@ from kubeshim.cluster.model import (
     EndpointSlice,
     KubeObject,
     NamespacedName,
+    Node,
     Service,
     ServicePort,
     ServicePortName,
 )
 from kubeshim.cluster.netaddr import join_host_port
 
-Kind = Literal["Service", "EndpointSlice"]
+Kind = Literal["Service", "EndpointSlice", "Node"]
+# The kinds that must be listed in full before anything is served; the Node is optional (a
+# manifest folder may have none, an identity may not be allowed to read it).
+REQUIRED_KINDS: frozenset[Kind] = frozenset(("Service", "EndpointSlice"))
 
 
 class EventType(StrEnum):
@@ -59,6 +67,7 @@ class EndpointInfo(msgspec.Struct, frozen=True, gc=False):
     node_name: str | None = None
     zone: str | None = None
     zone_hints: frozenset[str] | None = None
+    node_hints: frozenset[str] | None = None
 
     @property
     def address(self) -> str:
@@ -100,6 +109,8 @@ class ServiceChange(msgspec.Struct, frozen=True):
 
 
 Subscriber = Callable[[Sequence[ServiceChange]], None]
+# Called with (previous, current) when this node's Node object changed; None means absent.
+NodeSubscriber = Callable[["Node | None", "Node | None"], None]
 
 
 @dataclass
@@ -107,6 +118,8 @@ class ClusterState:
     """The store both the proxy and the DNS server read. Not thread-safe; one event loop owns it."""
 
     proxy_name: str = "kubeshim"
+    # This node's name (--hostname-override): the one Node object the state keeps.
+    node_name: str = ""
     services: dict[NamespacedName, ServiceInfo] = field(default_factory=dict)
     # Bumped once per batch that changed anything; caches key their validity on it.
     generation: int = 0
@@ -115,26 +128,49 @@ class ClusterState:
     _slices_by_service: dict[NamespacedName, dict[str, EndpointSlice]] = field(
         default_factory=dict
     )
+    # This node's Node object, None until seen; `node_deleted` once it went away again.
+    node: Node | None = None
+    node_deleted: bool = False
     _synced: set[Kind] = field(default_factory=set)
     _subscribers: list[Subscriber] = field(default_factory=list)
+    _node_subscribers: list[NodeSubscriber] = field(default_factory=list)
 
     # --- reading ------------------------------------------------------------------------
 
     @property
     def synced(self) -> bool:
         """True once both Services and EndpointSlices have been listed in full."""
-        return len(self._synced) == 2
+        return self._synced >= REQUIRED_KINDS
+
+    @property
+    def node_zone(self) -> str:
+        """This node's topology.kubernetes.io/zone label ("" when unknown)."""
+        return self.node.zone if self.node is not None else ""
+
+    @property
+    def node_eligible(self) -> bool:
+        """Whether load balancers may send this node traffic (kube-proxy's nodeEligible):
+        eligible until its Node says otherwise (tainted ToBeDeletedByClusterAutoscaler, being
+        deleted) or is deleted; like kube-proxy, eligible while the Node is not yet known."""
+        if self.node is None:
+            return not self.node_deleted
+        return self.node.eligible
 
     def is_synced(self, kind: Kind) -> bool:
         return kind in self._synced
 
     def objects(self, kind: Kind) -> dict[NamespacedName, KubeObject]:
         """The raw objects of one kind currently held (for relists and `kubeshim state`)."""
+        if kind == "Node":
+            return {self.node.key: self.node} if self.node is not None else {}
         src = self._service_objects if kind == "Service" else self._slices
         return dict(src)
 
     def subscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.append(subscriber)
+
+    def subscribe_node(self, subscriber: NodeSubscriber) -> None:
+        self._node_subscribers.append(subscriber)
 
     # --- writing ------------------------------------------------------------------------
 
@@ -142,13 +178,20 @@ class ClusterState:
         """Apply watch events in order; notify subscribers once with the net changes."""
         touched: dict[NamespacedName, ServiceInfo | None] = {}
         services = self.services
+        node_before = self.node
         for event in events:
+            if isinstance(event.object, Node):
+                self._reduce_node(event.type, event.object)
+                continue
             for key in self._reduce(event.type, event.object):
                 if key not in touched:
                     touched[key] = services.get(key)
         # Each touched Service is rebuilt once per batch, however many of its objects changed.
         for key in touched:
             self._rebuild(key)
+        if self.node != node_before:
+            for node_subscriber in self._node_subscribers:
+                node_subscriber(node_before, self.node)
         return self._publish(touched)
 
     def replace(self, kind: Kind, objects: Iterable[KubeObject]) -> list[ServiceChange]:
@@ -157,7 +200,8 @@ class ClusterState:
         Objects that vanished are deleted, changed ones updated, equal ones left alone, so a
         relist that finds nothing new reports nothing.
         """
-        current = self._service_objects if kind == "Service" else self._slices
+        current = self.objects(kind) if kind == "Node" else (
+            self._service_objects if kind == "Service" else self._slices)
         incoming = {obj.key: obj for obj in objects}
         deleted, modified = EventType.DELETED, EventType.MODIFIED
         events = [WatchEvent(deleted, obj) for key, obj in current.items() if key not in incoming]
@@ -169,7 +213,17 @@ class ClusterState:
 
     # --- internals ----------------------------------------------------------------------
 
-    def _reduce(self, type: EventType, obj: KubeObject) -> list[NamespacedName]:
+    def _reduce_node(self, type: EventType, node: Node) -> None:
+        if not self.node_name or node.metadata.name != self.node_name:
+            return  # another node's object: nothing on this node depends on it
+        if type is EventType.DELETED:
+            self.node_deleted = self.node_deleted or self.node is not None
+            self.node = None
+        else:
+            self.node = node
+            self.node_deleted = False
+
+    def _reduce(self, type: EventType, obj: Service | EndpointSlice) -> list[NamespacedName]:
         """Update the raw stores; return the Services whose view may have changed."""
         key = obj.key
         if isinstance(obj, Service):
@@ -255,7 +309,9 @@ def _merge_endpoints(sp: ServicePort, slices: Sequence[EndpointSlice]) -> tuple[
             ip = ep.addresses[0]
             if (ip, number) in merged:
                 continue
-            zones = ep.hints.for_zones if ep.hints else None
+            hints = ep.hints
+            zones = hints.for_zones if hints else None
+            nodes = hints.for_nodes if hints else None
             cond = ep.conditions  # the defaults of Endpoint.ready/.serving/.terminating, inlined
             merged[(ip, number)] = EndpointInfo(
                 ip,
@@ -266,6 +322,7 @@ def _merge_endpoints(sp: ServicePort, slices: Sequence[EndpointSlice]) -> tuple[
                 ep.node_name,
                 ep.zone,
                 frozenset(z.name for z in zones) if zones else None,
+                frozenset(n.name for n in nodes) if nodes else None,
             )
     return tuple(merged.values())
 

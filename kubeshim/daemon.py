@@ -29,9 +29,10 @@ log = get_logger("daemon")
 class Daemon:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
-        self.state = ClusterState(proxy_name=opts.proxy_name)
+        self.state = ClusterState(proxy_name=opts.proxy_name, node_name=opts.hostname_override)
         # kube-proxy uses twice its sync period (default 30 s) as the health timeout.
-        self.health = Health(timeout=60.0, probe=self._health_probe)
+        self.health = Health(timeout=60.0, probe=self._health_probe,
+                             node_eligible=lambda: self.state.node_eligible)
         self._started_mono = time.monotonic()
         self.proxier: Any = None
         self.dns: Any = None
@@ -88,6 +89,7 @@ class Daemon:
         """What the daemon serves, for `kubeshim status` (GET /status on the metrics address)."""
         out: dict[str, Any] = {
             "node": self.opts.hostname_override,
+            "nodeObject": self._node_status(),
             "synced": self.state.synced,
             "generation": self.state.generation,
             "uptimeSeconds": round(time.time() - self.started, 1),
@@ -100,6 +102,21 @@ class Daemon:
         if self.service_health is not None:
             out["healthCheckNodePorts"] = self.service_health.status()
         return out
+
+    def _node_status(self) -> dict[str, Any] | None:
+        node = self.state.node
+        if node is None:
+            return {"deleted": True, "eligible": False} if self.state.node_deleted else None
+        return {"zone": node.zone or None, "eligible": node.eligible,
+                "deleting": bool(node.metadata.deletion_timestamp),
+                "taints": [t.key for t in node.spec.taints or ()]}
+
+    def _on_node(self, before: Any, after: Any) -> None:
+        node = self.state.node
+        log.info("node changed", node=self.state.node_name,
+                 zone=node.zone if node is not None else "-",
+                 eligible=self.state.node_eligible,
+                 deleted=self.state.node_deleted)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -139,6 +156,7 @@ class Daemon:
 
         source = make_source(o, self.state)
         self.state.subscribe(self._freeze_after_first_sync)
+        self.state.subscribe_node(self._on_node)
         source_task = asyncio.create_task(source.run(), name="source")
         stop_task = asyncio.create_task(self._stop.wait())
         done, _ = await asyncio.wait({source_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)

@@ -3,7 +3,9 @@
 Health follows kube-proxy's proxier health server (pkg/proxy/healthcheck/proxier_health.go):
 healthy unless a change has been queued for the data plane and has waited longer than the health
 timeout (kube-proxy: twice the sync period) without being applied. Both paths answer JSON with
-lastUpdated and currentTime, printed as Go prints a time.Time; /healthz adds nodeEligible. Each
+lastUpdated and currentTime, printed as Go prints a time.Time; /healthz adds nodeEligible and
+fails (503) while the node is not eligible (proxy_health.go healthzHandler: tainted
+ToBeDeletedByClusterAutoscaler or being deleted); /livez ignores the node. Each
 answer is counted in kubeproxy_proxy_healthz_total / kubeproxy_proxy_livez_total by code.
 
 The metrics address serves prometheus_client's default registry (process metrics included; the
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,6 +48,8 @@ class Health:
 
     timeout: float
     probe: Callable[[], tuple[float, float | None]]
+    # Whether this node may take load-balancer traffic (ClusterState.node_eligible).
+    node_eligible: Callable[[], bool] = field(default=lambda: True)
 
     def check(self) -> tuple[bool, float, float]:
         """(healthy, last_updated, now), the two times as wall-clock seconds (0: never)."""
@@ -80,9 +84,7 @@ def health_handler(health: Health, livez: bool) -> Handler:
 
     async def handle(_: web.Request) -> web.Response:
         healthy, last_updated, now = health.check()
-        # kubeshim does not watch its Node, so the node is always eligible (kube-proxy: not
-        # tainted ToBeDeletedByClusterAutoscaler and not being deleted).
-        node_eligible = True
+        node_eligible = health.node_eligible()
         if not livez:
             healthy = healthy and node_eligible
         if healthy:

@@ -1,8 +1,10 @@
-"""The API-server source: list + watch of Services and EndpointSlices into a ClusterState.
+"""The API-server source: list + watch of Services, EndpointSlices and this node's Node.
 
 This module owns the client side of the Kubernetes list/watch protocol (the shape of client-go's
 Reflector), one loop per kind, all namespaces, no label selector (DNS needs headless slices too;
-ClusterState decides what the proxy skips):
+ClusterState decides what the proxy skips). The Node is watched as kube-proxy watches it: only
+this node's own object, by the field selector metadata.name=<node name>. An identity that may
+not read Nodes gets one clear error and Services and EndpointSlices are served all the same.
 
 - list, paginated with `limit`/`continue`; a 410 on a continue token (the snapshot was compacted)
   restarts the list; the full result goes to `ClusterState.replace`, which emits the deletes of
@@ -37,6 +39,7 @@ from kubeshim.cluster.model import (
     EndpointSlice,
     InvalidObject,
     KubeObject,
+    Node,
     ObjectMeta,
     Service,
     decode,
@@ -64,6 +67,7 @@ RESOURCES: dict[Kind, Resource] = {
         "discovery.k8s.io",
         "endpointslices",
     ),
+    "Node": Resource("Node", "/api/v1/nodes", "", "nodes"),
 }
 
 
@@ -99,6 +103,11 @@ class _EndpointSliceList(msgspec.Struct):
     items: list[EndpointSlice] | None = None
 
 
+class _NodeList(msgspec.Struct):
+    metadata: _ListMeta = _ListMeta()
+    items: list[Node] | None = None
+
+
 class _Head(msgspec.Struct):
     """Just enough of any object to name it and know its resourceVersion."""
 
@@ -114,6 +123,7 @@ _raw_list = msgspec.json.Decoder(_RawList)
 _typed_list: dict[Kind, msgspec.json.Decoder[Any]] = {
     "Service": msgspec.json.Decoder(_ServiceList),
     "EndpointSlice": msgspec.json.Decoder(_EndpointSliceList),
+    "Node": msgspec.json.Decoder(_NodeList),
 }
 _event = msgspec.json.Decoder(_Event)
 _EVENT_TYPES = frozenset(EventType.__members__)
@@ -164,12 +174,14 @@ class APISource:
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
         connect_timeout: float = 10.0,
-        kinds: tuple[Kind, ...] = ("Service", "EndpointSlice"),
+        kinds: tuple[Kind, ...] | None = None,
     ) -> None:
-        """`watch_timeout`: timeoutSeconds asked of each watch (randomised up to 2x, like
-        client-go, so watches of many clients do not end together). `stall_timeout`: a watch
-        that sends no byte for this long is restarted; kube-apiserver sends a bookmark about
-        once a minute, so 120 s means two missed bookmarks.
+        """`kinds` defaults to Services and EndpointSlices, plus the Node named
+        `state.node_name` when that is set. `watch_timeout`: timeoutSeconds asked of each
+        watch (randomised up to 2x, like client-go, so watches of many clients do not end
+        together). `stall_timeout`: a watch that sends no byte for this long is restarted;
+        kube-apiserver sends a bookmark about once a minute, so 120 s means two missed
+        bookmarks.
         """
         self.client = client
         self.state = state
@@ -179,7 +191,14 @@ class APISource:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.connect_timeout = connect_timeout
+        if kinds is None:
+            kinds = ("Service", "EndpointSlice", "Node") if state.node_name else (
+                "Service", "EndpointSlice")
         self.kinds = kinds
+        # kube-proxy's node informer: fieldSelector=metadata.name=<node name>.
+        self._selectors: dict[Kind, dict[str, str]] = {
+            "Node": {"fieldSelector": f"metadata.name={state.node_name}"}}
+        self._forbidden_reported: set[Kind] = set()
         # The last resourceVersion applied per kind: where a reconnecting watch resumes.
         self.resource_versions: dict[Kind, str] = {}
         self._need_consistent_list: set[Kind] = set()
@@ -257,6 +276,24 @@ class APISource:
                 credentials=self.client.source,
                 message=e.message,
             )
+        elif e.code == 403 and res.kind == "Node":
+            # Nodes are optional: say it once, serve Services without topology and health
+            # eligibility, and keep retrying (RBAC may be fixed while running).
+            if res.kind not in self._forbidden_reported:
+                self._forbidden_reported.add(res.kind)
+                log.error(
+                    f'forbidden: cannot {verb} resource "nodes" in API group "" at the cluster '
+                    "scope; serving Services without this node's topology labels and taints "
+                    "(grant get/list/watch on nodes, see deploy/rbac.yaml)",
+                    verb=verb,
+                    resource=res.plural,
+                    node=self.state.node_name,
+                    server=self.client.server,
+                    credentials=self.client.source,
+                    message=e.message,
+                )
+            else:
+                log.debug("nodes still forbidden", verb=verb, node=self.state.node_name)
         elif e.code == 403:
             scope = (
                 f'cannot {verb} resource "{res.plural}" in API group "{res.group}"'
@@ -314,7 +351,7 @@ class APISource:
         # cache (resourceVersion=0, cheap for the server when every node lists at once); a
         # relist after 410 Gone asks for a consistent read (no resourceVersion), since the
         # cache was evidently behind. A continue page must not carry a resourceVersion.
-        first = {"limit": str(self.page_size)}
+        first = {"limit": str(self.page_size), **self._selectors.get(res.kind, {})}
         if res.kind not in self._need_consistent_list:
             first["resourceVersion"] = "0"
         objects: list[KubeObject] = []
@@ -336,7 +373,8 @@ class APISource:
                 meta = decode_list(res.kind, body, objects)
             if not meta.continue_:
                 break
-            params = {"limit": str(self.page_size), "continue": meta.continue_}
+            params = {"limit": str(self.page_size), "continue": meta.continue_,
+                      **self._selectors.get(res.kind, {})}
         with gc_paused():
             self.state.replace(res.kind, objects)
         count = len(objects)
@@ -347,6 +385,9 @@ class APISource:
         # serves). Replaced objects are still freed by reference counting.
         gc.freeze()
         self.resource_versions[res.kind] = meta.resource_version
+        if res.kind in self._forbidden_reported:
+            self._forbidden_reported.discard(res.kind)
+            log.info("nodes readable again", node=self.state.node_name)
         log.info(
             "listed",
             resource=res.plural,
@@ -364,6 +405,7 @@ class APISource:
             "resourceVersion": rv,
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(seconds),
+            **self._selectors.get(res.kind, {}),
         }
         timeout = aiohttp.ClientTimeout(sock_connect=self.connect_timeout)
         async with await self._get(session, res, params, timeout) as resp:
@@ -495,6 +537,8 @@ def _stub(kind: Kind, meta: ObjectMeta) -> KubeObject:
     meta = ObjectMeta(name=meta.name, namespace=meta.namespace)
     if kind == "Service":
         return Service(metadata=meta)
+    if kind == "Node":
+        return Node(metadata=meta)
     return EndpointSlice(metadata=meta, address_type="IPv4")
 
 

@@ -1,4 +1,4 @@
-"""The manifest-folder source: Services and EndpointSlices from YAML/JSON files, followed live.
+"""The manifest-folder source: Services, EndpointSlices and Nodes from YAML/JSON files, live.
 
 This module owns reading a folder (or one file) of manifests the way `kubectl apply -f DIR -R`
 would find them, and turning edits into ClusterState events:
@@ -7,7 +7,9 @@ would find them, and turning edits into ClusterState events:
   a ConfigMap volume's `..data` staging directory) and editor temp files (`x~`, `#x#`) are
   skipped. Symlinks are followed, so a ConfigMap volume's atomic `..data` swap is seen.
 - documents: multi-document YAML, JSON, `kind: List` and the typed lists kubectl prints
-  (`ServiceList`, `EndpointSliceList`, whose items may omit `kind`). Other kinds are ignored.
+  (`ServiceList`, `EndpointSliceList`, `NodeList`, whose items may omit `kind`). A Node is
+  optional; only the one named like this node (--hostname-override) is used, for its zone
+  label and taints. Other kinds are ignored.
 - following: a poll of (mtime, size, inode) every `poll_interval` seconds. Polling was chosen
   over inotify: it sees atomic renames, symlink swaps and edits in new subdirectories without
   watch bookkeeping, and costs one stat per file per tick (about 10 us each).
@@ -38,8 +40,9 @@ from kubeshim.cluster.state import ClusterState, EventType, Kind, WatchEvent
 log = get_logger("sources")
 
 SUFFIXES = (".yaml", ".yml", ".json")
-LIST_ITEM_KIND = {"ServiceList": "Service", "EndpointSliceList": "EndpointSlice", "List": None}
-KINDS: tuple[Kind, ...] = ("Service", "EndpointSlice")
+LIST_ITEM_KIND = {"ServiceList": "Service", "EndpointSliceList": "EndpointSlice",
+                  "NodeList": "Node", "List": None}
+KINDS: tuple[Kind, ...] = ("Service", "EndpointSlice", "Node")
 
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -156,8 +159,9 @@ class ManifestSource:
     def load_once(self) -> None:
         """Read everything and make both kinds synced (for `kubeshim state` and startup)."""
         self._scan()
-        # Slices first: a Service then appears once, with its endpoints, not twice.
-        for kind in ("EndpointSlice", "Service"):
+        # The Node and slices first: a Service then appears once, with its endpoints and
+        # this node's topology, not twice.
+        for kind in ("Node", "EndpointSlice", "Service"):
             self.state.replace(kind, [o for (k, _), o in self._merged.items() if k == kind])
         log.info(
             "manifests loaded",
