@@ -412,3 +412,22 @@ def test_service_views(
 )
 def test_ip_version(text: str, version: int) -> None:
     assert ip_version(text) == version
+
+
+@pytest.mark.parametrize("spec, accessible, local", [
+    ({"type": "ClusterIP"}, False, False),
+    ({"type": "ClusterIP", "externalTrafficPolicy": "Local"}, False, False),
+    ({"type": "ClusterIP", "externalIPs": ["192.0.2.1"], "externalTrafficPolicy": "Local"},
+     True, True),
+    ({"type": "ClusterIP", "externalIPs": ["192.0.2.1"]}, True, False),
+    ({"type": "NodePort", "externalTrafficPolicy": "Local"}, True, True),
+    ({"type": "LoadBalancer", "externalTrafficPolicy": "Cluster"}, True, False),
+    ({"type": "ExternalName", "externalName": "x.example", "externalIPs": ["192.0.2.1"],
+      "externalTrafficPolicy": "Local"}, False, False),
+], ids=["clusterip", "clusterip-local-without-externalips", "clusterip-externalips-local",
+        "clusterip-externalips-cluster", "nodeport-local", "lb-cluster", "externalname"])
+def test_external_policy_local_as_pkg_api_v1_service_util(
+        spec: dict[str, object], accessible: bool, local: bool) -> None:
+    svc = decode("Service", {"metadata": {"name": "s", "namespace": "d"}, "spec": spec})
+    assert isinstance(svc, Service)
+    assert (svc.externally_accessible, svc.external_local) == (accessible, local)
