@@ -191,10 +191,9 @@ class APISource:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.connect_timeout = connect_timeout
-        if kinds is None:
-            kinds = ("Service", "EndpointSlice", "Node") if state.node_name else (
-                "Service", "EndpointSlice")
-        self.kinds = kinds
+        default: tuple[Kind, ...] = ("Service", "EndpointSlice")
+        self.kinds: tuple[Kind, ...] = kinds if kinds is not None else (
+            (*default, "Node") if state.node_name else default)
         # kube-proxy's node informer: fieldSelector=metadata.name=<node name>.
         self._selectors: dict[Kind, dict[str, str]] = {
             "Node": {"fieldSelector": f"metadata.name={state.node_name}"}}
