@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--udp-timeout", "--conntrack-udp-timeout", type=_duration,
                     metavar="DURATION", help="UDP flow idle timeout, e.g. 30s (default 30)")
     px.add_argument("--tcp-idle-timeout", "--conntrack-tcp-timeout-established",
-                    type=_duration, metavar="DURATION", help="e.g. 24h (default 3600 s)")
+                    type=_duration, metavar="DURATION",
+                    help="idle close of a proxied TCP connection, e.g. 2h; 0 never "
+                         "(default 24h, as kube-proxy's conntrack)")
 
     dn = run.add_argument_group("dns")
     dn.add_argument("--no-dns", dest="dns", action="store_false", default=None, help="proxy only")

@@ -21,6 +21,7 @@ import yaml
 from kubeshim.cluster.errors import ConfigError
 
 KUBE_PROXY_API = "kubeproxy.config.k8s.io/v1alpha1"
+TCP_IDLE_TIMEOUT_DEFAULT = 86400.0  # kube-proxy's conntrack.tcpEstablishedTimeout: 24h
 _T = TypeVar("_T")
 
 
@@ -42,7 +43,9 @@ class Options:
     vip_interface: str = "kubeshim0"
     nodeport_addresses: list[str] = field(default_factory=list)
     balance: str = "round-robin"
-    tcp_idle_timeout: float = 3600.0
+    # kube-proxy's conntrack.tcpEstablishedTimeout default: an idle proxied connection lives
+    # 24 h (its conntrack entry's lifetime); 0 never closes one.
+    tcp_idle_timeout: float = TCP_IDLE_TIMEOUT_DEFAULT
     udp_timeout: float = 30.0
     # dns
     dns: bool = True

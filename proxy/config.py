@@ -20,8 +20,9 @@ class ProxyConfig:
     # kube-proxy's nodePortAddresses: CIDRs and/or "primary"; empty means every node address.
     nodeport_addresses: list[str] = field(default_factory=list)
     balance: BalancePolicy = "round-robin"
-    # A TCP connection with no traffic either way for this long is closed (0 = never).
-    tcp_idle_timeout: float = 3600.0
+    # A TCP connection with no traffic either way for this long is closed (0 = never). The
+    # default is kube-proxy's: conntrack.tcpEstablishedTimeout, 24 h.
+    tcp_idle_timeout: float = 86400.0
     tcp_connect_timeout: float = 3.0
     # How many further endpoints a connection tries after a failed connect.
     connect_retries: int = 2

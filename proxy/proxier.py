@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from kubeshim.cluster.log import get_logger
-from kubeshim.cluster.model import NamespacedName, ServicePortName
+from kubeshim.cluster.model import NamespacedName, Node, ServicePortName
 from kubeshim.cluster.netaddr import ip_family
 from kubeshim.cluster.state import ClusterState, EndpointInfo, ServiceChange, ServiceInfo
 from kubeshim.proxy.balancer import Clock
@@ -152,6 +152,7 @@ class Proxier:
         log.info("proxy starting", vip_mode=cfg.vip_mode, node=cfg.node_name or "-",
                  nodeport_addresses=",".join(self.node_ips) or "-", balance=cfg.balance)
         self.state.subscribe(self._on_changes)
+        self.state.subscribe_node(self._on_node)
         now = time.monotonic()
         for key in self.state.services:
             self._dirty.setdefault(key, now)
@@ -200,6 +201,20 @@ class Proxier:
         if self.last_queued is None:
             self.last_queued = now
         self.metrics.last_queued.set(time.time())
+        self._schedule()
+
+    def _on_node(self, before: Node | None, after: Node | None) -> None:
+        # Only the zone label decides endpoints (topology hints); like kube-proxy's
+        # NodeTopologyConfig, any other change to the Node leaves the Services alone.
+        if (before.zone if before else "") == (after.zone if after else ""):
+            return
+        now = time.monotonic()
+        for key in self.state.services:
+            self._dirty.setdefault(key, now)
+        log.info("node topology changed, resyncing services", node=self.config.node_name,
+                 zone=after.zone if after else "-", numServices=len(self.state.services))
+        if self.last_queued is None:
+            self.last_queued = now
         self._schedule()
 
     def _schedule(self) -> None:
@@ -296,7 +311,8 @@ class Proxier:
                         table = self.tables[tkey] = PortTable(
                             spi, family, self.config.balance, self._clock, counters)
                         table.node_addresses = self._local_ips
-                    stale = table.update(info.service, spi, self.config.node_name)
+                    stale = table.update(info.service, spi, self.config.node_name,
+                                         self.state.node_zone)
                     if stale:
                         self._drop_udp_flows(rt, spi.name, stale)
 
@@ -448,6 +464,8 @@ class Proxier:
                         _endpoint_status(table, ep) for table in tables for ep in table.endpoints
                     ]
                     table = tables[0]
+                    # The topology kube-proxy would apply (PreferSameNode / PreferSameZone).
+                    entry["topology"] = table.categorized.topology or None
                     c = table.counters
                     entry.update(c.as_dict())
                     entry["active"] = c.connections_active + c.flows_active

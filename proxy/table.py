@@ -18,6 +18,7 @@ from kubeshim.proxy.topology import Categorized, PortPolicy, categorize_endpoint
 
 
 def port_policy(svc: Service, spi: ServicePortInfo) -> PortPolicy:
+    # kube-proxy's BaseServicePort.ExternallyAccessible: per port, from what the Service has.
     accessible = bool(spi.spec.node_port or svc.spec.external_ips or svc.load_balancer_ips)
     return PortPolicy(svc.internal_local, svc.external_local, accessible)
 
@@ -49,13 +50,15 @@ class PortTable:
         self.node_addresses: Collection[str] = ()
         self._external_uses_cluster = True
 
-    def update(self, svc: Service, spi: ServicePortInfo, node_name: str) -> set[EndpointKey]:
-        """Take new endpoints and settings; returns the endpoints no longer usable at all."""
+    def update(self, svc: Service, spi: ServicePortInfo, node_name: str,
+               zone: str = "") -> set[EndpointKey]:
+        """Take new endpoints and settings (`zone`: this node's topology zone); returns the
+        endpoints no longer usable at all."""
         before = set(self._internal_keys) | set(self._external_keys)
         self.spec = spi.spec
         self.endpoints = tuple(ep for ep in spi.endpoints if ip_family(ep.ip) == self.family)
         policy = port_policy(svc, spi)
-        self.categorized = categorize_endpoints(self.endpoints, policy, node_name)
+        self.categorized = categorize_endpoints(self.endpoints, policy, node_name, zone)
         self.internal = self.categorized.for_traffic(svc.internal_local)
         self.external = self.categorized.for_traffic(svc.external_local)
         self._external_uses_cluster = not svc.external_local

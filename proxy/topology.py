@@ -1,15 +1,24 @@
 """Which endpoints a service port may use: kube-proxy's CategorizeEndpoints, sans-IO.
 
-Follows pkg/proxy/topology.go. Topology-aware hints are not applied (kubeshim does not know its
-node's zone labels), so "cluster" endpoints are every usable endpoint in the cluster.
+Follows pkg/proxy/topology.go (CategorizeEndpoints, topologyModeFromHints,
+availableForTopology): traffic-policy categories (cluster / node-local), the fall back to
+serving-and-terminating endpoints, and topology-aware routing by the hints the EndpointSlice
+controller writes for a Service's trafficDistribution (PreferSameNode: forNodes hints;
+PreferSameZone and PreferClose: forZones hints) against this node's name and its Node's
+topology.kubernetes.io/zone label. The proxy reads only the hints, never trafficDistribution
+itself, exactly as kube-proxy does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from kubeshim.cluster.state import EndpointInfo
+
+# "" means no topology: every usable endpoint in the cluster.
+TopologyMode = Literal["", "PreferSameNode", "PreferSameZone"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +26,7 @@ class PortPolicy:
     """The parts of a Service that decide endpoint categories (kube-proxy's ServicePort)."""
 
     internal_local: bool = False  # internalTrafficPolicy: Local
-    external_local: bool = False  # externalTrafficPolicy: Local
+    external_local: bool = False  # externalTrafficPolicy: Local (ExternalPolicyLocal)
     # NodePort, externalIPs or LoadBalancer ingress IPs present (ExternallyAccessible()).
     externally_accessible: bool = False
 
@@ -39,6 +48,8 @@ class Categorized:
     local: tuple[EndpointInfo, ...]
     # Whether any endpoint anywhere could serve; False means "reject" (no endpoints).
     has_any: bool
+    # The topology applied to the cluster endpoints ("" when none).
+    topology: TopologyMode = ""
 
     def for_traffic(self, local_policy: bool) -> tuple[EndpointInfo, ...]:
         """The endpoints one kind of traffic uses: local ones under a Local policy."""
@@ -49,28 +60,80 @@ def _is_local(ep: EndpointInfo, node_name: str) -> bool:
     return bool(node_name) and ep.node_name == node_name
 
 
+def topology_mode(endpoints: Sequence[EndpointInfo], node_name: str, zone: str) -> TopologyMode:
+    """kube-proxy's topologyModeFromHints, over the ready endpoints only:
+
+    - every ready endpoint has a node hint and one is hinted for this node: PreferSameNode;
+    - else every ready endpoint has a zone hint and one is hinted for this node's zone:
+      PreferSameZone (also what PreferClose becomes);
+    - else "" (hints incomplete, or none for this node/zone, or no ready endpoint at all):
+      every endpoint, so traffic never goes nowhere for want of a close endpoint.
+    """
+    has_ready = False
+    all_node_hints = all_zone_hints = True
+    for_node = for_zone = False
+    for ep in endpoints:
+        if not ep.ready:
+            continue
+        has_ready = True
+        if not ep.node_hints:
+            all_node_hints = False
+        elif node_name in ep.node_hints:
+            for_node = True
+        if not ep.zone_hints:
+            all_zone_hints = False
+        elif zone in ep.zone_hints:
+            for_zone = True
+    if not has_ready:
+        return ""
+    if all_node_hints and for_node:
+        return "PreferSameNode"
+    if all_zone_hints and for_zone:
+        return "PreferSameZone"
+    return ""
+
+
+def _available(ep: EndpointInfo, mode: TopologyMode, node_name: str, zone: str) -> bool:
+    """availableForTopology: no fall back here; that was decided when choosing the mode."""
+    if mode == "PreferSameNode":
+        return ep.node_hints is not None and node_name in ep.node_hints
+    if mode == "PreferSameZone":
+        return ep.zone_hints is not None and zone in ep.zone_hints
+    return True
+
+
 def categorize_endpoints(
-    endpoints: Sequence[EndpointInfo], policy: PortPolicy, node_name: str
+    endpoints: Sequence[EndpointInfo], policy: PortPolicy, node_name: str, zone: str = ""
 ) -> Categorized:
     """Split endpoints into the cluster-wide and node-local sets traffic may use.
 
-    - Cluster endpoints are the ready ones; when none is ready anywhere, the ones that are
-      serving and terminating (KEP-1669, graceful termination of proxied traffic).
+    - Cluster endpoints are the ready ones that the topology mode allows (all of them when
+      hints do not apply, see topology_mode); when none is ready anywhere, the ones that are
+      serving and terminating, whatever their hints (KEP-1669).
     - Local endpoints are this node's ready ones; when this node has none ready, its serving
-      and terminating ones. A node with neither has no local endpoints even if other nodes
-      have some: traffic policy Local then drops the traffic (it never falls back to remote).
+      and terminating ones. Topology never narrows them. A node with neither has no local
+      endpoints even if other nodes have some: traffic policy Local then drops the traffic
+      (it never falls back to remote).
     - `has_any` is true when some endpoint in the cluster is ready or serving-and-terminating.
     """
     cluster: tuple[EndpointInfo, ...] = ()
     local: tuple[EndpointInfo, ...] = ()
     has_any = False
+    mode: TopologyMode = ""
+    if not endpoints:
+        return Categorized(cluster, local, has_any)
     if policy.uses_cluster_endpoints:
-        cluster = tuple(ep for ep in endpoints if ep.ready)
+        mode = topology_mode(endpoints, node_name, zone)
+        cluster = tuple(
+            ep for ep in endpoints if ep.ready and _available(ep, mode, node_name, zone)
+        )
         if not cluster:
+            # The mode already ignores topology when no ready endpoint fits it, so here no
+            # endpoint is ready anywhere.
             cluster = tuple(ep for ep in endpoints if ep.serving and ep.terminating)
         has_any = bool(cluster)
     if not policy.uses_local_endpoints:
-        return Categorized(cluster, local, has_any)
+        return Categorized(cluster, local, has_any, mode)
 
     local_ready = local_terminating = False
     for ep in endpoints:
@@ -88,4 +151,4 @@ def categorize_endpoints(
             for ep in endpoints
             if _is_local(ep, node_name) and ep.serving and ep.terminating
         )
-    return Categorized(cluster, local, has_any)
+    return Categorized(cluster, local, has_any, mode)

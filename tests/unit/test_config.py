@@ -33,7 +33,7 @@ def load(tmp_path: Path, body: str, opts: Options | None = None) -> Options:
 HONOURED: list[tuple[str, str, dict[str, Any]]] = [
     ("empty file keeps the defaults", "",
      {"healthz_bind_address": "0.0.0.0:10256", "metrics_bind_address": "127.0.0.1:10249",
-      "udp_timeout": 30.0, "tcp_idle_timeout": 3600.0, "ignored": []}),
+      "udp_timeout": 30.0, "tcp_idle_timeout": 86400.0, "ignored": []}),
     ("hostnameOverride is trimmed and lower-cased", "hostnameOverride: ' Node-1 '\n",
      {"hostname_override": "node-1"}),
     ("bindAddress is the node's primary IP", "bindAddress: 192.0.2.7\n",
@@ -290,3 +290,16 @@ def test_parse_duration(text: Any, seconds: float) -> None:
 
 def test_expand_nodeport_addresses_dedups() -> None:
     assert expand_nodeport_addresses(["all", "0.0.0.0/0"]) == ["0.0.0.0/0", "::/0"]
+
+
+def test_tcp_idle_timeout_defaults_to_kube_proxys_24h() -> None:
+    # kube-proxy never closes an idle proxied connection before its conntrack entry expires
+    # (conntrack.tcpEstablishedTimeout, 24h by default); the old default here was 1h.
+    from kubeshim.cli import build_parser
+    from kubeshim.config import Options
+    from kubeshim.proxy.config import ProxyConfig
+
+    assert Options().tcp_idle_timeout == 86400.0
+    assert ProxyConfig(vip_mode="loopback").tcp_idle_timeout == 86400.0
+    args = build_parser().parse_args(["run", "--manifests", "."])
+    assert args.tcp_idle_timeout is None  # unset on the command line: the Options default

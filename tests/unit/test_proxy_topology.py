@@ -127,3 +127,92 @@ def test_traffic_selects_set_by_policy() -> None:
     got = categorize_endpoints([LOCAL_READY, REMOTE_READY], EXTERNAL_LOCAL, NODE)
     assert got.for_traffic(local_policy=True) == (LOCAL_READY,)
     assert got.for_traffic(local_policy=False) == (LOCAL_READY, REMOTE_READY)
+
+
+# --- topology-aware routing (topologyModeFromHints / availableForTopology) ----------------------
+
+ZONE = "zone-a"
+
+
+def hinted(n: int, zones: tuple[str, ...] = (), nodes: tuple[str, ...] = (), ready: bool = True,
+           terminating: bool = False, node: str | None = "node-x") -> EndpointInfo:
+    """An endpoint with forZones / forNodes hints (empty tuple: no such hint)."""
+    return EndpointInfo(
+        ip=f"10.1.2.{n}", port=80, ready=ready, serving=ready or terminating,
+        terminating=terminating, node_name=node,
+        zone_hints=frozenset(zones) or None, node_hints=frozenset(nodes) or None)
+
+
+Z_A1, Z_B2, Z_C3, Z_A4 = (hinted(1, ("zone-a",)), hinted(2, ("zone-b",)),
+                          hinted(3, ("zone-c",)), hinted(4, ("zone-a",)))
+Z_NONE5 = hinted(5)
+Z_A6_NOT_READY = hinted(6, ("zone-a",), ready=False)
+Z_A7_TERMINATING = hinted(7, ("zone-a",), ready=False, terminating=True)
+Z_B8_TERMINATING = hinted(8, ("zone-b",), ready=False, terminating=True)
+Z_ABC9 = hinted(9, ("zone-a", "zone-b", "zone-c"))
+N_THIS1 = hinted(1, ("zone-a",), (NODE,))
+N_OTHER2 = hinted(2, ("zone-a",), ("node-b",))
+N_OTHER3 = hinted(3, ("zone-b",), ("node-c",))
+N_NONE4 = hinted(4, ("zone-a",))
+L_A1 = hinted(1, ("zone-a",), node=NODE)
+L_B2 = hinted(2, ("zone-b",), node=NODE)
+R_A3 = hinted(3, ("zone-a",))
+R_B4 = hinted(4, ("zone-b",))
+
+TOPOLOGY = {
+    # (policy, node zone, endpoints) -> (cluster, local, topology mode)
+    "PreferSameZone: only the endpoints hinted for this node's zone": (
+        CLUSTER, ZONE, [Z_A1, Z_B2, Z_C3, Z_A4], ([Z_A1, Z_A4], [], "PreferSameZone")),
+    "PreferSameZone: an endpoint hinted for several zones serves each of them": (
+        CLUSTER, "zone-c", [Z_ABC9, Z_A1, Z_B2, Z_C3], ([Z_ABC9, Z_C3], [], "PreferSameZone")),
+    "zone hints incomplete: one ready endpoint without a hint -> every endpoint": (
+        CLUSTER, ZONE, [Z_A1, Z_B2, Z_NONE5], ([Z_A1, Z_B2, Z_NONE5], [], "")),
+    "zone hints: a not-ready endpoint without hints does not make them incomplete": (
+        CLUSTER, ZONE, [Z_A1, Z_B2, hinted(5, ready=False)], ([Z_A1], [], "PreferSameZone")),
+    "zone hints: none for this zone -> every endpoint": (
+        CLUSTER, "zone-d", [Z_A1, Z_B2, Z_C3], ([Z_A1, Z_B2, Z_C3], [], "")),
+    "zone hints: the Node has no zone label -> every endpoint": (
+        CLUSTER, "", [Z_A1, Z_B2], ([Z_A1, Z_B2], [], "")),
+    "zone hints: this zone's endpoints are all not ready -> every ready endpoint": (
+        CLUSTER, ZONE, [Z_A6_NOT_READY, Z_B2, Z_C3], ([Z_B2, Z_C3], [], "")),
+    "zone hints: a not-ready endpoint of this zone is left out": (
+        CLUSTER, ZONE, [Z_A1, Z_A6_NOT_READY, Z_B2], ([Z_A1], [], "PreferSameZone")),
+    "zone hints: ready endpoints win over this zone's serving-terminating ones": (
+        CLUSTER, ZONE, [Z_A7_TERMINATING, Z_B2, Z_A1], ([Z_A1], [], "PreferSameZone")),
+    "no endpoint ready: hints ignored, every serving-terminating endpoint": (
+        CLUSTER, ZONE, [Z_A7_TERMINATING, Z_B8_TERMINATING, Z_A6_NOT_READY],
+        ([Z_A7_TERMINATING, Z_B8_TERMINATING], [], "")),
+    "PreferSameNode: only the endpoints hinted for this node": (
+        CLUSTER, ZONE, [N_THIS1, N_OTHER2, N_OTHER3], ([N_THIS1], [], "PreferSameNode")),
+    "PreferSameNode: none hinted for this node -> zone hints apply": (
+        CLUSTER, ZONE, [N_OTHER2, N_OTHER3, hinted(5, ("zone-a",), ("node-d",))],
+        ([N_OTHER2, hinted(5, ("zone-a",), ("node-d",))], [], "PreferSameZone")),
+    "PreferSameNode: one ready endpoint without a node hint -> zone hints apply": (
+        CLUSTER, ZONE, [N_THIS1, N_OTHER2, N_OTHER3, N_NONE4],
+        ([N_THIS1, N_OTHER2, N_NONE4], [], "PreferSameZone")),
+    "PreferSameNode: node and zone hints both unusable -> every endpoint": (
+        CLUSTER, "zone-d", [N_OTHER2, N_OTHER3], ([N_OTHER2, N_OTHER3], [], "")),
+    "PreferSameNode: a node hint alone, without zone hints, is enough": (
+        CLUSTER, "", [hinted(1, nodes=(NODE,)), hinted(2, nodes=("node-b",))],
+        ([hinted(1, nodes=(NODE,))], [], "PreferSameNode")),
+    "externalTrafficPolicy Local: zone narrows cluster endpoints, never local ones": (
+        EXTERNAL_LOCAL, ZONE, [L_A1, L_B2, R_A3, R_B4], ([L_A1, R_A3], [L_A1, L_B2],
+                                                         "PreferSameZone")),
+    "internalTrafficPolicy Local: topology ignored, this node's endpoints": (
+        INTERNAL_LOCAL, ZONE, [L_A1, L_B2, R_A3, R_B4], ([], [L_A1, L_B2], "")),
+    "both Local with external access: zone for cluster, local kept whole": (
+        BOTH_LOCAL, "zone-b", [L_A1, R_A3, R_B4], ([R_B4], [L_A1], "PreferSameZone")),
+}
+
+
+@pytest.mark.parametrize("policy,zone,endpoints,want", TOPOLOGY.values(), ids=TOPOLOGY.keys())
+def test_topology_hints(policy: PortPolicy, zone: str, endpoints: list[EndpointInfo],
+                        want: tuple[list[EndpointInfo], list[EndpointInfo], str]) -> None:
+    got = categorize_endpoints(endpoints, policy, NODE, zone)
+    assert (list(got.cluster), list(got.local), got.topology) == want
+    assert got.has_any
+
+
+def test_hints_mean_nothing_without_a_node_name() -> None:
+    got = categorize_endpoints([N_THIS1, N_OTHER2], CLUSTER, "", "")
+    assert got.cluster == (N_THIS1, N_OTHER2) and got.topology == ""

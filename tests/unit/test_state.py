@@ -334,3 +334,15 @@ def test_synced_needs_both_kinds() -> None:
     assert state.is_synced("Service") and not state.synced
     state.replace("EndpointSlice", [])
     assert state.synced
+
+
+def test_zone_and_node_hints_reach_the_endpoints() -> None:
+    hints = {"forZones": [{"name": "z1"}, {"name": "z2"}], "forNodes": [{"name": "n1"}]}
+    info = build_service_info(svc(), [eps("web-1", [
+        {"addresses": ["10.0.0.1"], "hints": hints},
+        {"addresses": ["10.0.0.2"], "hints": {"forZones": [{"name": "z1"}]}},
+        {"addresses": ["10.0.0.3"]},
+    ])], "kubeshim")
+    got = [(e.zone_hints, e.node_hints) for e in info.ports[0].endpoints]
+    assert got == [(frozenset({"z1", "z2"}), frozenset({"n1"})), (frozenset({"z1"}), None),
+                   (None, None)]

@@ -1,0 +1,289 @@
+"""Topology-aware routing, external policy Local on a ClusterIP Service with externalIPs and the
+TCP idle timeout, with real traffic: four pods, a client, kubeshim in a node namespace on a
+manifest folder that also holds this node's Node object (zone label).
+
+Topology hints are written as the EndpointSlice controller writes them for each
+trafficDistribution value (staging/src/k8s.io/endpointslice/trafficdist: every ready endpoint
+gets forZones [its zone], and for PreferSameNode also forNodes [its node]); kubeshim, like
+kube-proxy, routes by those hints and this node's zone label. curl from the client asserts where
+every connection went.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.netns import Lab, LiveConnection, Netns
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE = "node-1"
+METRICS = "127.0.0.1:10249"
+EXTERNAL_IP = "192.168.78.9"
+IDLE_TIMEOUT = 2  # --tcp-idle-timeout for this lab: an idle connection closes within 2-4 s
+# pod -> (nodeName, zone) of the endpoint it backs
+PLACEMENT = {"pod-a": (NODE, "zone-a"), "pod-b": ("node-2", "zone-a"),
+             "pod-c": ("node-3", "zone-b"), "pod-d": ("node-4", "zone-b")}
+HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
+HTTP_EP = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+
+
+def service(name: str, ip: str, ports: list[dict[str, Any]] = HTTP,
+            **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": ports, **spec}}
+
+
+def slice_(name: str, endpoints: list[dict[str, Any]],
+           ports: list[dict[str, Any]] = HTTP_EP) -> dict[str, Any]:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{name}-1", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4", "endpoints": endpoints, "ports": ports}
+
+
+def node(zone: str | None, taints: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    labels = {"kubernetes.io/hostname": NODE}
+    if zone is not None:
+        labels["topology.kubernetes.io/zone"] = zone
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE, "labels": labels},
+            "spec": {"taints": taints or []}}
+
+
+class Lab4:
+    def __init__(self, lab: Lab, folder: Path) -> None:
+        self.lab = lab
+        self.folder = folder
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.pods: dict[str, Netns] = {}
+
+    @property
+    def client(self) -> Netns:
+        return self.lab.hosts["client"]
+
+    def endpoint(self, pod: str, ready: bool = True, hints: str | None = None,
+                 **extra: Any) -> dict[str, Any]:
+        """The endpoint of `pod`, with hints as the controller writes for `hints` (a
+        trafficDistribution value; None: no hints)."""
+        node_name, zone = PLACEMENT[pod]
+        ep: dict[str, Any] = {"addresses": [self.pods[pod].ip], "nodeName": node_name,
+                              "zone": zone, "conditions": {"ready": ready, "serving": ready}}
+        if hints is not None and ready:
+            ep["hints"] = {"forZones": [{"name": zone}]}
+            if hints == "PreferSameNode":
+                ep["hints"]["forNodes"] = [{"name": node_name}]
+        ep.update(extra)
+        return ep
+
+    def put(self, *objs: dict[str, Any]) -> None:
+        for o in objs:
+            self.objects[f"{o['kind']}/{o['metadata']['name']}"] = o
+        tmp = self.folder.parent / "cluster.yaml.tmp"
+        tmp.write_text(yaml.safe_dump_all(list(self.objects.values())))
+        os.replace(tmp, self.folder / "cluster.yaml")
+
+    def status(self) -> dict[str, Any]:
+        out = self.lab.node.run(["curl", "-sS", "--max-time", "2", f"http://{METRICS}/status"],
+                                check=False)
+        if out.returncode != 0:
+            raise KeyError("status not served yet")
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+    def port(self, name: str) -> dict[str, Any]:
+        for s in self.status()["proxy"]["services"]:
+            if s["name"] == f"default/{name}":
+                return s["ports"][0]  # type: ignore[no-any-return]
+        raise KeyError(name)
+
+    def wait(self, check: Callable[[], bool], what: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if check():
+                    return
+            except (json.JSONDecodeError, KeyError):
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"timed out waiting for {what}")
+
+    def curl(self, url: str, count: int) -> collections.Counter[str]:
+        """`count` connections, one request each; which pod answered how often."""
+        out = self.client.run(["curl", "-sS", "--max-time", "5", "-H", "Connection: close",
+                               *[url] * count])
+        return collections.Counter(out.stdout.split())
+
+
+@pytest.fixture(scope="module")
+def lab4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab4]:
+    with Lab("tp") as lab:
+        folder = tmp_path_factory.mktemp("manifests")
+        c = Lab4(lab, folder)
+        for name in PLACEMENT:
+            pod = c.pods[name] = lab.add_host(name)
+            pod.popen([sys.executable, str(ROOT / "tests/e2e/proxy_backend.py"), name])
+        c.pods["pod-a"].popen(["socat", "TCP-LISTEN:7000,fork,reuseaddr", "PIPE"])
+        lab.add_host("client")
+        c.put(node("zone-a"))
+        for pod in c.pods.values():
+            pod.wait_port("", 8080)
+        c.pods["pod-a"].wait_port("", 7000)
+        log = folder.parent / "proxy.log"
+        with open(log, "w") as log_file:
+            proxy = lab.node.popen(
+                [sys.executable, "-m", "kubeshim", "run", "--manifests", str(folder),
+                 "--hostname-override", NODE, "--no-dns", "--metrics-bind-address", METRICS,
+                 "--tcp-idle-timeout", f"{IDLE_TIMEOUT}s", "--drain-timeout", "1"],
+                cwd=ROOT, stderr=log_file)
+        try:
+            c.wait(lambda: c.status()["synced"], "the proxy to start", 20)
+            yield c
+        finally:
+            if proxy.poll() is None:
+                proxy.terminate()
+                proxy.wait(10)
+            text = log.read_text()
+            print(text[-4000:])
+        assert "Traceback" not in text
+
+
+def served(c: Lab4, name: str, topology: str | None) -> Callable[[], bool]:
+    return lambda: bool(c.port(name).get("listeners")) and c.port(name).get("topology") == topology
+
+
+ALL = {"pod-a", "pod-b", "pod-c", "pod-d"}
+
+
+@pytest.mark.parametrize("distribution, ip, want, mode", [
+    ("PreferClose", "10.96.1.1", {"pod-a", "pod-b"}, "PreferSameZone"),
+    ("PreferSameZone", "10.96.1.2", {"pod-a", "pod-b"}, "PreferSameZone"),
+    ("PreferSameNode", "10.96.1.3", {"pod-a"}, "PreferSameNode"),
+])
+def test_traffic_distribution_keeps_every_connection_close(
+        lab4: Lab4, distribution: str, ip: str, want: set[str], mode: str) -> None:
+    name = distribution.lower()
+    lab4.put(service(name, ip, trafficDistribution=distribution),
+             slice_(name, [lab4.endpoint(p, hints=distribution) for p in PLACEMENT]))
+    lab4.wait(served(lab4, name, mode), f"{name} served with topology")
+    got = lab4.curl(f"http://{ip}/", 24)
+    assert set(got) == want and sum(got.values()) == 24, got
+
+
+def test_incomplete_hints_spread_over_every_endpoint(lab4: Lab4) -> None:
+    # pod-d's endpoint has no hint (the controller had no zone for it): hints are ignored.
+    eps = [lab4.endpoint(p, hints="PreferClose") for p in ("pod-a", "pod-b", "pod-c")]
+    eps.append(lab4.endpoint("pod-d"))
+    lab4.put(service("partial", "10.96.1.4", trafficDistribution="PreferClose"),
+             slice_("partial", eps))
+    lab4.wait(served(lab4, "partial", None), "partial served")
+    got = lab4.curl("http://10.96.1.4/", 24)
+    assert got == {p: 6 for p in ALL}, got
+
+
+def test_node_hint_falls_back_to_zone_then_to_all(lab4: Lab4) -> None:
+    eps = [lab4.endpoint(p, hints="PreferSameNode") for p in PLACEMENT]
+    lab4.put(service("samenode", "10.96.1.5", trafficDistribution="PreferSameNode"),
+             slice_("samenode", eps))
+    lab4.wait(served(lab4, "samenode", "PreferSameNode"), "samenode on-node")
+    assert set(lab4.curl("http://10.96.1.5/", 8)) == {"pod-a"}
+    # The on-node endpoint stops being ready: no node hint for this node, zone hints apply.
+    eps[0] = lab4.endpoint("pod-a", ready=False)
+    lab4.put(slice_("samenode", eps))
+    lab4.wait(served(lab4, "samenode", "PreferSameZone"), "samenode in-zone")
+    assert set(lab4.curl("http://10.96.1.5/", 8)) == {"pod-b"}
+    # And the in-zone one too: nothing hinted for zone-a, every ready endpoint.
+    eps[1] = lab4.endpoint("pod-b", ready=False)
+    lab4.put(slice_("samenode", eps))
+    lab4.wait(served(lab4, "samenode", None), "samenode anywhere")
+    assert lab4.curl("http://10.96.1.5/", 8) == {"pod-c": 4, "pod-d": 4}
+
+
+def test_the_nodes_zone_label_decides_and_a_change_applies_at_once(lab4: Lab4) -> None:
+    eps = [lab4.endpoint(p, hints="PreferClose") for p in PLACEMENT]
+    lab4.put(service("zonal", "10.96.1.6", trafficDistribution="PreferClose"),
+             slice_("zonal", eps))
+    lab4.wait(served(lab4, "zonal", "PreferSameZone"), "zonal")
+    assert set(lab4.curl("http://10.96.1.6/", 12)) == {"pod-a", "pod-b"}
+    try:
+        lab4.put(node("zone-b"))
+        lab4.wait(lambda: lab4.status()["nodeObject"]["zone"] == "zone-b", "zone-b")
+        lab4.wait(lambda: set(lab4.curl("http://10.96.1.6/", 4)) <= {"pod-c", "pod-d"},
+                  "traffic to move to zone-b")
+        assert set(lab4.curl("http://10.96.1.6/", 12)) == {"pod-c", "pod-d"}
+        lab4.put(node(None))  # no zone label: zone hints cannot apply
+        lab4.wait(served(lab4, "zonal", None), "zonal without a zone")
+        assert lab4.curl("http://10.96.1.6/", 24) == {p: 6 for p in ALL}
+    finally:
+        lab4.put(node("zone-a"))
+
+
+def test_external_policy_local_on_a_cluster_ip_service_with_external_ips(lab4: Lab4) -> None:
+    lab4.put(service("extlocal", "10.96.1.7", externalIPs=[EXTERNAL_IP],
+                     externalTrafficPolicy="Local"),
+             slice_("extlocal", [lab4.endpoint(p) for p in ("pod-a", "pod-b", "pod-c")]))
+    lab4.wait(lambda: len(lab4.port("extlocal")["listeners"]) == 2, "extlocal listeners")
+    # External traffic stays on this node's endpoint; cluster traffic uses every endpoint.
+    assert set(lab4.curl(f"http://{EXTERNAL_IP}/", 9)) == {"pod-a"}
+    assert set(lab4.curl("http://10.96.1.7/", 9)) == {"pod-a", "pod-b", "pod-c"}
+    # No local endpoint: external traffic gets none (kube-proxy drops it), internal still works.
+    lab4.put(slice_("extlocal", [lab4.endpoint(p) for p in ("pod-b", "pod-c")]))
+    lab4.wait(lambda: all(e["usedFor"] == ["internal"]
+                          for e in lab4.port("extlocal")["endpoints"]), "no local endpoint")
+    out = lab4.client.run(["curl", "-sS", "--max-time", "3", f"http://{EXTERNAL_IP}/"],
+                          check=False)
+    assert out.returncode != 0 and not out.stdout
+    assert set(lab4.curl("http://10.96.1.7/", 6)) == {"pod-b", "pod-c"}
+
+
+def test_idle_connections_close_only_after_the_idle_timeout(lab4: Lab4) -> None:
+    echo = [{"name": "echo", "port": 7000, "protocol": "TCP", "targetPort": 7000}]
+    lab4.put(service("echo", "10.96.1.8", echo),
+             slice_("echo", [lab4.endpoint("pod-a")],
+                    [{"name": "echo", "port": 7000, "protocol": "TCP"}]))
+    lab4.wait(lambda: bool(lab4.port("echo")["listeners"]), "echo served")
+    kept = LiveConnection(lab4.client, "10.96.1.8:7000")
+    dropped = LiveConnection(lab4.client, "10.96.1.8:7000")
+    try:
+        assert kept.echo("one") == "one" and dropped.echo("one") == "one"
+        # Traffic more often than the timeout keeps a connection, however long it lives.
+        for i in range(6):
+            time.sleep(IDLE_TIMEOUT * 0.6)
+            assert kept.echo(f"keep {i}") == f"keep {i}"
+        # `dropped` has now been idle for > 2x the timeout: closed by the proxy.
+        assert dropped.proc.wait(5) == 0
+        assert lab4.port("echo")["errors"].get("idle_timeout", 0) >= 1
+    finally:
+        for conn in (kept, dropped):
+            if conn.proc.poll() is None:
+                conn.proc.kill()
+            conn.proc.wait()
+
+
+def test_healthz_follows_the_nodes_autoscaler_taint(lab4: Lab4) -> None:
+    def healthz() -> tuple[int, dict[str, Any]]:
+        out = lab4.lab.node.run(["curl", "-sS", "-w", "\n%{http_code}",
+                                 "http://127.0.0.1:10256/healthz"])
+        body, code = out.stdout.rsplit("\n", 1)
+        return int(code), json.loads(body)
+
+    assert healthz()[0] == 200 and healthz()[1]["nodeEligible"] is True
+    taint = {"key": "ToBeDeletedByClusterAutoscaler", "value": "1", "effect": "NoSchedule"}
+    try:
+        lab4.put(node("zone-a", [taint]))
+        lab4.wait(lambda: healthz()[0] == 503 and healthz()[1]["nodeEligible"] is False, "503")
+        # Traffic still flows: eligibility is for load balancers, not for the data plane.
+        assert set(lab4.curl("http://10.96.1.2/", 4)) <= {"pod-a", "pod-b"}
+    finally:
+        lab4.put(node("zone-a"))
+    lab4.wait(lambda: healthz()[0] == 200 and healthz()[1]["nodeEligible"] is True, "200")
