@@ -173,8 +173,11 @@ class Service(_Struct, kw_only=True):
 
     @property
     def load_balancer_ips(self) -> list[str]:
+        """The ingress IPs the node proxies: ipMode Proxy means the load balancer delivers
+        traffic to the node addresses itself, so kube-proxy does not capture that IP
+        (KEP-1860; pkg/proxy serviceport.go)."""
         lb = self.status.load_balancer
-        return [i.ip for i in (lb.ingress or []) if i.ip] if lb else []
+        return [i.ip for i in (lb.ingress or []) if i.ip and i.ip_mode != "Proxy"] if lb else []
 
     @property
     def internal_local(self) -> bool:
@@ -421,8 +424,10 @@ def _validate_service(svc: Service) -> None:
         _fail(svc, "spec.clusterIPs[0]", "must equal spec.clusterIP")
     for i, ip in enumerate(spec.external_ips):
         _check_ip(svc, f"spec.externalIPs[{i}]", ip)
-    for i, ip in enumerate(svc.load_balancer_ips):
-        _check_ip(svc, f"status.loadBalancer.ingress[{i}].ip", ip)
+    lb = svc.status.load_balancer
+    for i, ingress in enumerate(lb.ingress or () if lb else ()):
+        if ingress.ip:
+            _check_ip(svc, f"status.loadBalancer.ingress[{i}].ip", ingress.ip)
     if spec.type == "ExternalName" and not spec.external_name:
         _fail(svc, "spec.externalName", "required for type ExternalName")
     ports = svc.ports

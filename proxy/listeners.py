@@ -14,6 +14,7 @@ from typing import Literal
 from kubeshim.cluster.model import ServicePortName
 from kubeshim.cluster.netaddr import ip_family, join_host_port
 from kubeshim.cluster.state import ServiceInfo
+from kubeshim.proxy.sctp import sctp_problem
 
 ListenerKind = Literal["ClusterIP", "NodePort", "ExternalIP", "LoadBalancer"]
 
@@ -62,7 +63,7 @@ def desired_listeners(
     for spi in info.ports:
         sp = spi.spec
         if sp.protocol == "SCTP":
-            problems.append((spi.name, "SCTP is not supported by a user-space proxy; port skipped"))
+            problems.append((spi.name, sctp_problem()))
             continue
 
         def add(kind: ListenerKind, ip: str, port: int, spi_name: ServicePortName = spi.name,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -287,3 +288,28 @@ def test_healthz_follows_the_nodes_autoscaler_taint(lab4: Lab4) -> None:
     finally:
         lab4.put(node("zone-a"))
     lab4.wait(lambda: healthz()[0] == 200 and healthz()[1]["nodeEligible"] is True, "200")
+
+
+def test_sctp_port_is_reported_with_the_kernels_reason_and_tcp_still_served(lab4: Lab4) -> None:
+    ports = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080},
+             {"name": "sig", "port": 3868, "protocol": "SCTP", "targetPort": 3868}]
+    lab4.put(service("mixed", "10.96.1.9", ports),
+             slice_("mixed", [lab4.endpoint("pod-c")],
+                    [*HTTP_EP, {"name": "sig", "port": 3868, "protocol": "SCTP"}]))
+
+    def errors() -> list[str]:
+        for s in lab4.status()["proxy"]["services"]:
+            if s["name"] == "default/mixed":
+                return s["errors"]  # type: ignore[no-any-return]
+        raise KeyError("mixed")
+
+    lab4.wait(lambda: bool(errors()), "the SCTP port to be reported")
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP).close()
+        kernel_has_sctp = True
+    except OSError:
+        kernel_has_sctp = False
+    (error,) = errors()
+    assert error.startswith("port default/mixed:sig: SCTP port not served")
+    assert ("this kernel has no SCTP" in error) is not kernel_has_sctp
+    assert set(lab4.curl("http://10.96.1.9/", 3)) == {"pod-c"}

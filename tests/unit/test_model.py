@@ -431,3 +431,18 @@ def test_external_policy_local_as_pkg_api_v1_service_util(
     svc = decode("Service", {"metadata": {"name": "s", "namespace": "d"}, "spec": spec})
     assert isinstance(svc, Service)
     assert (svc.externally_accessible, svc.external_local) == (accessible, local)
+
+
+def test_load_balancer_ips_leave_out_ip_mode_proxy() -> None:
+    # KEP-1860: with ipMode Proxy the load balancer itself delivers to the node, so the proxy
+    # does not capture that IP (kube-proxy serviceport.go, IsVIPMode).
+    svc = decode("Service", {"metadata": {"name": "s", "namespace": "d"}, "spec": {
+        "type": "LoadBalancer", "clusterIP": "10.96.0.1"}, "status": {"loadBalancer": {
+            "ingress": [{"ip": "192.0.2.1"}, {"ip": "192.0.2.2", "ipMode": "VIP"},
+                        {"ip": "192.0.2.3", "ipMode": "Proxy"}, {"hostname": "lb.example"}]}}})
+    assert isinstance(svc, Service)
+    assert svc.load_balancer_ips == ["192.0.2.1", "192.0.2.2"]
+    with pytest.raises(InvalidObject, match=r"ingress\[1\].ip"):
+        decode("Service", {"metadata": {"name": "s", "namespace": "d"}, "status": {
+            "loadBalancer": {"ingress": [{"ip": "192.0.2.1", "ipMode": "Proxy"},
+                                         {"ip": "x", "ipMode": "Proxy"}]}}})
