@@ -229,7 +229,7 @@ def test_apiserver_restart_keeps_connections_and_resumes_the_watch(
     try:
         assert live.echo("before") == "before"
         listed = count(daemon.text(), "listed resource=")
-        assert listed == 2, daemon.text()  # services + endpointslices, once each
+        assert listed == 3, daemon.text()  # services, endpointslices and nodes, once each
 
         cp.restart_apiserver()
         assert live.echo("during") == "during", "the established connection broke"
@@ -251,7 +251,7 @@ def test_apiserver_restart_keeps_connections_and_resumes_the_watch(
     # older resourceVersion may get 410 Gone (client-go relists then too). No needless
     # relist: at most one per kind, and only after a 410.
     expired = count(log, "resource version expired, relisting")
-    assert expired <= 2 and count(log, "listed resource=") == listed + expired, log
+    assert expired <= 3 and count(log, "listed resource=") == listed + expired, log
 
 
 def test_compaction_past_the_watch_relists_and_drops_deleted_objects(
@@ -311,3 +311,143 @@ def test_identity_without_rights_gets_a_clear_403_and_keeps_retrying(
                       f"http://{HEALTHZ}/livez"], check=False)
     assert livez.stdout in {"200", "503"}, livez
     assert daemon.alive()
+
+
+# --- this node's Node ------------------------------------------------------------------------
+
+
+def status(ns: Netns) -> dict[str, Any]:
+    out = ns.run(["curl", "-sS", "--max-time", "2", "http://127.0.0.1:10249/status"],
+                 check=False)
+    return json.loads(out.stdout) if out.returncode == 0 else {}  # type: ignore[no-any-return]
+
+
+def healthz(ns: Netns) -> tuple[str, bool | None]:
+    """(HTTP code, nodeEligible) of kubeshim's /healthz."""
+    out = ns.run(["curl", "-sS", "--max-time", "2", "-w", "\n%{http_code}",
+                  f"http://{HEALTHZ}/healthz"], check=False)
+    body, _, code = out.stdout.rpartition("\n")
+    try:
+        return code, json.loads(body).get("nodeEligible")
+    except json.JSONDecodeError:
+        return code, None
+
+
+def zoned_slice(service_name: str, port: int) -> dict[str, Any]:
+    """web-1 in zone-a, web-2 in zone-b, hinted as the EndpointSlice controller hints them for
+    trafficDistribution: PreferClose."""
+    eps = [{"addresses": [ip], "nodeName": f"node-{zone}", "zone": zone,
+            "conditions": {"ready": True}, "hints": {"forZones": [{"name": zone}]}}
+           for ip, zone in zip(WEB, ("zone-a", "zone-b"), strict=True)]
+    return {**endpoint_slice(service_name, list(WEB), port), "endpoints": eps}
+
+
+def test_node_watch_follows_kubectl_label_taint_and_delete(
+    bridged: ControlPlane, node: Netns, start_kubeshim: Callable[[Path], Kubeshim]
+) -> None:
+    cp = bridged
+    apply(cp, {"apiVersion": "v1", "kind": "Node",
+               "metadata": {"name": NODE, "labels": {"topology.kubernetes.io/zone": "zone-a"},
+                            "finalizers": ["kubeshim.test/hold"]}})
+    name = f"zonal-{SUFFIX}"
+    svc = service(name, 80, 8080)
+    svc["spec"]["trafficDistribution"] = "PreferClose"
+    apply(cp, svc, zoned_slice(name, 8080))
+    daemon = start_kubeshim(cp.kubeshim_kubeconfig)
+    try:
+        wait_for(lambda: served_at(node, name), "zonal served", RECONNECT_WITHIN, daemon)
+        vip = served_at(node, name)
+
+        def answers(n: int = 8) -> set[str]:
+            return {curl(node, f"http://{vip}/") for _ in range(n)}
+
+        wait_for(lambda: answers() == {"hello from web-1"}, "zone-a traffic only",
+                 SERVE_WITHIN, daemon)
+        assert healthz(node) == ("200", True)
+        assert status(node)["nodeObject"]["zone"] == "zone-a"
+
+        cp.kubectl("label", "node", NODE, "topology.kubernetes.io/zone=zone-b", "--overwrite")
+        wait_for(lambda: answers() == {"hello from web-2"}, "zone-b traffic only after the label",
+                 SERVE_WITHIN, daemon)
+
+        cp.kubectl("taint", "node", NODE, "ToBeDeletedByClusterAutoscaler=1:NoSchedule")
+        wait_for(lambda: healthz(node) == ("503", False), "503 when tainted", SERVE_WITHIN,
+                 daemon)
+        assert answers(4) == {"hello from web-2"}  # the data plane keeps serving
+        cp.kubectl("taint", "node", NODE, "ToBeDeletedByClusterAutoscaler-")
+        wait_for(lambda: healthz(node) == ("200", True), "200 when untainted", SERVE_WITHIN,
+                 daemon)
+
+        # Deletion: first a deletionTimestamp (held by the finalizer), then gone.
+        cp.kubectl("delete", "node", NODE, "--wait=false")
+        wait_for(lambda: healthz(node) == ("503", False), "503 while being deleted",
+                 SERVE_WITHIN, daemon)
+        assert status(node)["nodeObject"]["deleting"] is True
+        cp.kubectl("patch", "node", NODE, "--type=merge", "-p",
+                   json.dumps({"metadata": {"finalizers": None}}))
+        wait_for(lambda: status(node).get("nodeObject") == {"deleted": True, "eligible": False},
+                 "the Node gone", SERVE_WITHIN, daemon)
+        assert healthz(node) == ("503", False)
+        # Without a Node there is no zone: hints cannot apply, every endpoint is used.
+        wait_for(lambda: answers(12) == {"hello from web-1", "hello from web-2"},
+                 "spread without a zone", SERVE_WITHIN, daemon)
+        log = daemon.text()
+        assert "forbidden" not in log and "node changed" in log, log
+    finally:
+        cp.kubectl("delete", "node", NODE, "--ignore-not-found", "--wait=false")
+        cp.kubectl("patch", "node", NODE, "--type=merge", "-p",
+                   json.dumps({"metadata": {"finalizers": None}}), check=False)
+        cp.kubectl("delete", "service", name, "--ignore-not-found")
+        cp.kubectl("delete", "endpointslice", f"{name}-1", "--ignore-not-found")
+
+
+NO_NODES_RBAC = """
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: kubeshim-nonodes, namespace: kube-system}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: kubeshim-nonodes}
+rules:
+  - {apiGroups: [""], resources: ["services"], verbs: ["get", "list", "watch"]}
+  - {apiGroups: ["discovery.k8s.io"], resources: ["endpointslices"],
+     verbs: ["get", "list", "watch"]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: kubeshim-nonodes}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: kubeshim-nonodes}
+subjects: [{kind: ServiceAccount, name: kubeshim-nonodes, namespace: kube-system}]
+"""
+
+
+def test_identity_without_nodes_gets_one_clear_403_and_serves_services(
+    bridged: ControlPlane, node: Netns, start_kubeshim: Callable[[Path], Kubeshim],
+    tmp_path: Path,
+) -> None:
+    from tests.peers.cluster import write_kubeconfig
+
+    cp = bridged
+    cp.kubectl("apply", "-f", "-", input=NO_NODES_RBAC)
+    token = cp.kubectl("create", "token", "kubeshim-nonodes", "-n", "kube-system").stdout.strip()
+    kubeconfig = write_kubeconfig(tmp_path / "nonodes.kubeconfig", cp.server, cp.ca_file,
+                                  "kubeshim-nonodes", token)
+    daemon = start_kubeshim(kubeconfig)
+    wait_for(lambda: 'forbidden: cannot list resource "nodes"' in daemon.text(),
+             "the nodes 403", RECONNECT_WITHIN, daemon)
+    name = f"nonodes-{SUFFIX}"
+    apply(cp, service(name, 80, 8080), endpoint_slice(name, [WEB[0]], 8080))
+    try:
+        wait_for(lambda: curl(node, f"http://{served_at(node, name)}/") == "hello from web-1",
+                 "Services served without the nodes permission", RECONNECT_WITHIN, daemon)
+        time.sleep(5)  # several more attempts at the nodes (backoff from 0.5 s)
+        log = daemon.text()
+        assert count(log, 'forbidden: cannot list resource "nodes"') == 1, log
+        assert "kubeshim-nonodes" in log and "deploy/rbac.yaml" in log, log
+        assert count(log, "forbidden") == 1, log  # services and endpointslices are allowed
+        assert healthz(node) == ("200", True)  # an unknown Node is eligible, as kube-proxy
+        assert daemon.alive()
+    finally:
+        cp.kubectl("delete", "service", name)
+        cp.kubectl("delete", "endpointslice", f"{name}-1")
