@@ -89,6 +89,10 @@ def slice_of(service: str, pods: dict[str, str], hostnames: bool = False,
 def objects(pods: dict[str, str]) -> list[dict[str, Any]]:
     http = {"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}
     return [
+        # This node, as its kubelet registers it (kubeshim watches it by name).
+        {"apiVersion": "v1", "kind": "Node", "metadata": {
+            "name": NODE, "labels": {"kubernetes.io/hostname": NODE,
+                                     "topology.kubernetes.io/zone": "zone-a"}}},
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": WEB, "namespace": "default"},
          "spec": {"type": "NodePort", "ports": [http]}},
         slice_of(WEB, pods),
@@ -143,6 +147,7 @@ def swap(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
                 cp.kubectl("delete", "service", WEB, DB, UDP, check=False)
                 cp.kubectl("delete", "endpointslice", f"{WEB}-1", f"{DB}-1", f"{UDP}-1",
                            check=False)
+                cp.kubectl("delete", "node", NODE, check=False)
         text = log.read_text()
         assert "Traceback" not in text and "forbidden" not in text, text
 
@@ -204,3 +209,44 @@ def test_endpoint_change_with_kubectl_moves_traffic(swap: Swap) -> None:
         swap.cp.kubectl("apply", "-f", "-", input=json.dumps(slice_of(WEB, swap.pods)))
     swap.wait(lambda: {swap.curl(f"http://{ip}/") for _ in range(6)} == set(swap.pods),
               "both pods again")
+
+
+def healthz(swap: Swap) -> tuple[int, bool]:
+    out = swap.lab.node.run(["curl", "-sS", "--max-time", "2", "-w", "\n%{http_code}",
+                             "http://127.0.0.1:10256/healthz"])
+    body, _, code = out.stdout.rpartition("\n")
+    return int(code), bool(json.loads(body)["nodeEligible"])
+
+
+def test_the_nodes_zone_and_taint_through_kubectl(swap: Swap) -> None:
+    """The Node watch: trafficDistribution PreferClose hints (as the EndpointSlice controller
+    writes them) keep traffic in this node's zone; the autoscaler's taint turns /healthz 503."""
+    close = f"close-{TAG}"
+    zones = {"pod-a": "zone-a", "pod-b": "zone-b"}
+    sl = slice_of(close, swap.pods)
+    for ep, pod in zip(sl["endpoints"], swap.pods, strict=True):
+        ep.update(zone=zones[pod], hints={"forZones": [{"name": zones[pod]}]})
+    swap.cp.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+        "items": [{"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": close, "namespace": "default"},
+                   "spec": {"trafficDistribution": "PreferClose", "ports": [
+                       {"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}]}},
+                  sl]}))
+    try:
+        ip = swap.cluster_ip(close)
+        swap.wait(lambda: {swap.curl(f"http://{ip}/") for _ in range(8)} == {"pod-a"},
+                  "zone-a traffic only")
+        swap.cp.kubectl("label", "node", NODE, "topology.kubernetes.io/zone=zone-b",
+                        "--overwrite")
+        swap.wait(lambda: {swap.curl(f"http://{ip}/") for _ in range(8)} == {"pod-b"},
+                  "zone-b traffic only")
+        assert healthz(swap) == (200, True)
+        swap.cp.kubectl("taint", "node", NODE, "ToBeDeletedByClusterAutoscaler=1:NoSchedule")
+        swap.wait(lambda: healthz(swap) == (503, False), "503 on the autoscaler's taint")
+        swap.cp.kubectl("taint", "node", NODE, "ToBeDeletedByClusterAutoscaler-")
+        swap.wait(lambda: healthz(swap) == (200, True), "200 again")
+    finally:
+        swap.cp.kubectl("label", "node", NODE, "topology.kubernetes.io/zone=zone-a",
+                        "--overwrite")
+        swap.cp.kubectl("delete", "service", close, check=False)
+        swap.cp.kubectl("delete", "endpointslice", f"{close}-1", check=False)
