@@ -6,10 +6,14 @@ of the state it came from, so a Service change drops exactly the answers it touc
 the state itself is the source of truth). Full means cleared: one dict, no per-hit bookkeeping.
 
 `UpstreamCache` keeps forwarded answers like CoreDNS's cache plugin: positive and negative
-entries in separate bounded stores, keyed by (lower-cased name, type, class, DO bit), the
-original TTLs stored with the time of storing and decremented on a hit; the clock is injected.
-Negative answers live min(SOA TTL, SOA minimum) (RFC 2308 section 5); negative answers
-without an SOA, truncated answers and failures are not kept (RFC 2308 section 5, 7.1).
+entries in separate bounded stores, keyed by (lower-cased wire labels, type, class, DO bit): a
+dot inside a label stays inside it, so `www\\.example.com` (one label `www.example`) never
+shares an entry with `www.example.com`. The original TTLs are stored with the time of storing
+and decremented on a hit; the clock is injected. Negative answers live min(SOA TTL, SOA
+minimum) (RFC 2308 section 5); negative answers without an SOA, truncated answers and failures
+are not kept (RFC 2308 section 5, 7.1). Expired entries stay up to `stale_max` seconds for
+RFC 8767 serve-stale: `stale()` hands one out (TTL `stale_ttl`, the RFC's 30 s) only when the
+upstreams failed.
 
 `RelayedAnswers` keeps the packed reply kubeshim sent for a forwarded question under the same
 `AnswerKey`, until the `UpstreamCache` entry it came from expires; a hit rewrites the TTL fields
@@ -23,7 +27,7 @@ import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import QTYPE, RCODE, DNSLabel, DNSRecord
 
 from kubeshim.dns.wire import AnswerKey, ttl_offsets
 
@@ -79,7 +83,7 @@ class AnswerCache:
         return len(self.entries)
 
 
-UpstreamKey = tuple[str, int, int, bool]
+UpstreamKey = tuple[tuple[bytes, ...], int, int, bool]
 
 _TTL = struct.Struct("!I")
 
@@ -146,7 +150,12 @@ class UpstreamCache:
         negative_capacity: int,
         max_ttl: int = 3600,
         clock: Callable[[], float] = time.monotonic,
+        stale_ttl: int = 30,
+        stale_max: float = 0.0,
     ) -> None:
+        self.stale_ttl = stale_ttl  # RFC 8767 section 4: the TTL of a stale answer (30 s)
+        self.stale_max = stale_max  # how long past expiry an entry may still be served stale
+        self.stale_hits = 0
         self.positive_capacity = positive_capacity
         self.negative_capacity = negative_capacity
         self.max_ttl = max_ttl
@@ -157,18 +166,24 @@ class UpstreamCache:
         self.misses = 0
 
     @staticmethod
-    def key(qname: str, qtype: int, qclass: int, do: bool) -> UpstreamKey:
-        return (qname.rstrip(".").lower(), qtype, qclass, do)
+    def key(qname: DNSLabel | str, qtype: int, qclass: int, do: bool) -> UpstreamKey:
+        """Wire labels, lower-cased (RFC 4343: ASCII case-insensitive), never the dotted text
+        (a str is split at its dots)."""
+        if not isinstance(qname, DNSLabel):
+            qname = DNSLabel(qname)
+        return (tuple(label.lower() for label in qname.label), qtype, qclass, do)
 
     def get(self, key: UpstreamKey) -> DNSRecord | None:
-        """The stored reply with its TTLs counted down, or None (expired entries are dropped)."""
+        """The stored reply with its TTLs counted down, or None (expired entries stay for stale
+        use while `stale_max` allows, else they are dropped)."""
         for kind, store in (("success", self.positive), ("denial", self.negative)):
             entry = store.get(key)
             if entry is None:
                 continue
             age = self.clock() - entry.stored_at
             if age >= entry.ttl:
-                del store[key]
+                if age >= entry.ttl + self.stale_max:
+                    del store[key]
                 break
             spent = int(age)
             for rr, ttl in zip(_records(entry.reply), entry.original_ttls, strict=True):
@@ -176,6 +191,22 @@ class UpstreamCache:
             self.hits[kind] += 1
             return entry.reply
         self.misses += 1
+        return None
+
+    def stale(self, key: UpstreamKey) -> DNSRecord | None:
+        """An expired answer within `stale_max` of its expiry, every TTL set to `stale_ttl`
+        (RFC 8767 section 4); None when there is none. For use after every upstream failed."""
+        for store in (self.positive, self.negative):
+            entry = store.get(key)
+            if entry is None:
+                continue
+            age = self.clock() - entry.stored_at
+            if age < entry.ttl or age >= entry.ttl + self.stale_max:
+                return None
+            for rr in _records(entry.reply):
+                rr.ttl = self.stale_ttl
+            self.stale_hits += 1
+            return entry.reply
         return None
 
     def expires_at(self, key: UpstreamKey) -> tuple[float, str] | None:

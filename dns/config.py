@@ -7,6 +7,7 @@ does).
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,6 +34,9 @@ def resolv_conf_nameservers(path: str | Path = "/etc/resolv.conf") -> list[tuple
 class DNSConfig:
     zone: str = "cluster.local"  # --cluster-domain
     binds: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 53)])
+    # Binds (also listed in binds) opened with IP_TRANSPARENT: an address that is not local,
+    # such as the kube-dns ClusterIP, whose packets a TPROXY rule hands to the DNS sockets.
+    transparent_binds: list[tuple[str, int]] = field(default_factory=list)
     upstreams: list[tuple[str, int]] = field(default_factory=resolv_conf_nameservers)
     ttl: int = 30  # TTL of cluster records
     negative_ttl: int = 30  # the zone SOA's minimum and TTL: how long NXDOMAIN/NODATA are kept
@@ -48,11 +52,37 @@ class DNSConfig:
     upstream_negative_cache_size: int = 10000
     upstream_max_ttl: int = 3600  # cap on how long an upstream answer is kept
     upstream_timeout: float = 2.0  # per upstream, per attempt
+    # All attempts for one question end by then (the client's patience: glibc waits 5 s).
+    forward_deadline: float = 5.0
+    # Connected UDP sockets per upstream, shared by all forwarded queries (transaction ids
+    # tell them apart); each is replaced after a few hundred queries so source ports keep
+    # changing (RFC 5452 section 9.2).
+    upstream_sockets: int = 8
+    # RFC 8767 serve-stale: an expired upstream answer is kept this long and served (with a
+    # TTL of serve_stale_ttl) only when every upstream failed. 0 turns it off.
+    serve_stale_max: float = 86400.0
+    serve_stale_ttl: int = 30
     # Forwarded queries in flight at once; beyond it queries get REFUSED (CoreDNS forward's
     # max_concurrent) instead of piling up tasks while upstreams are slow.
     max_concurrent_forwards: int = 1000
     tcp_idle_timeout: float = 10.0
     tcp_max_pipelined: int = 64  # queries in flight on one TCP connection before reading pauses
+    # DNS over TCP connections held at once, in total and per client address; beyond either a
+    # new connection is closed at once. A message must arrive whole within tcp_read_timeout.
+    tcp_max_connections: int = 256
+    tcp_max_connections_per_client: int = 16
+    tcp_read_timeout: float = 5.0
+    # Clients allowed to query (CIDRs); others get REFUSED, as CoreDNS's acl plugin answers a
+    # blocked client. Empty: every client that can reach a bind.
+    allowed_clients: list[str] = field(default_factory=list)
+    # Response rate limiting of UDP replies per client prefix (authoritative servers' RRL):
+    # rrl_responses_per_second replies per second per prefix (0: off), a burst of one second;
+    # past it every rrl_slip-th reply goes out as an empty TC=1 reply (the client retries over
+    # TCP, which is not limited) and the rest are dropped (rrl_slip 0: all dropped).
+    rrl_responses_per_second: float = 0.0
+    rrl_slip: int = 2
+    rrl_ipv4_prefix: int = 24
+    rrl_ipv6_prefix: int = 56
     max_udp_payload: int = 4096  # the largest EDNS UDP size we honour (and advertise)
     # Read and answer UDP in batches (recvmmsg/sendmmsg) where libc has them; off: one
     # datagram per callback through the event loop's datagram transport.
@@ -69,3 +99,16 @@ class DNSConfig:
             )
         if self.ttl < 0 or self.negative_ttl < 0:
             raise ValueError("DNS TTLs must not be negative")
+        for cidr in self.allowed_clients:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as e:
+                raise ValueError(f"DNS allowed client {cidr!r} is not a CIDR: {e}") from None
+        if self.rrl_responses_per_second < 0 or self.rrl_slip < 0:
+            raise ValueError("DNS rate limit and slip must not be negative")
+        if self.rrl_ipv4_prefix % 8 or not 8 <= self.rrl_ipv4_prefix <= 32:
+            raise ValueError("DNS rate-limit IPv4 prefix must be 8, 16, 24 or 32")
+        if self.rrl_ipv6_prefix % 8 or not 8 <= self.rrl_ipv6_prefix <= 128:
+            raise ValueError("DNS rate-limit IPv6 prefix must be a multiple of 8 up to 128")
+        if self.upstream_sockets < 1 or self.tcp_max_connections < 1:
+            raise ValueError("DNS upstream sockets and TCP connection cap must be at least 1")

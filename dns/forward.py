@@ -1,19 +1,32 @@
 """The upstream forwarder: names outside the cluster go to the node's resolvers.
 
-Owns the exchange with upstreams: a UDP query per attempt from a fresh socket (random source
-port and transaction id), retried over TCP when the reply is truncated, failing over to the next
-upstream on a timeout, a network error or a SERVFAIL/REFUSED/NOTIMP/FORMERR reply; when every
-upstream fails the caller answers SERVFAIL. Answers go through `UpstreamCache`; identical
-questions in flight share one exchange.
+Owns the exchange with upstreams and its sockets:
+
+- Each upstream has a small pool of connected UDP sockets (`upstream_sockets`, shared by every
+  forwarded query, told apart by transaction id), so a flood of names holds a bounded number of
+  descriptors. Ids are random and unique per socket, source ports are the kernel's random
+  ephemeral ports, and a socket is retired after `_USES` queries so ports keep changing
+  (RFC 5452 sections 9.2 and 10). A reply must come from the upstream (the socket is
+  connected), carry a pending id and repeat the question (RFC 5452 section 9.1).
+- Because the sockets are connected, an ICMP error (port or host unreachable) reaches us as a
+  socket error: every query waiting on that socket moves to the next upstream at once instead
+  of waiting out the timeout.
+- A truncated UDP reply is retried over TCP (RFC 7766 5); a timeout, a network error or a
+  SERVFAIL/REFUSED/NOTIMP/FORMERR reply moves to the next upstream, until the overall
+  `forward_deadline` (the client's patience) runs out.
+- Answers go through `UpstreamCache`; identical questions in flight share one exchange. When
+  every upstream failed, an expired answer is served stale if the cache still holds one
+  (RFC 8767: upstream first, stale only after it failed); otherwise UpstreamError (SERVFAIL).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
 import time
+from collections.abc import Callable
 
-import asyncio_dgram
 from dnslib import EDNS0, RCODE, DNSHeader, DNSQuestion, DNSRecord
 
 from kubeshim.cluster.log import get_logger
@@ -26,10 +39,118 @@ log = get_logger("dns")
 # What we advertise upstream: big enough for most answers without fragmentation (DNS flag day 2020).
 UPSTREAM_UDP_SIZE = 1232
 _RETRY_NEXT = frozenset({RCODE.SERVFAIL, RCODE.REFUSED, RCODE.NOTIMP, RCODE.FORMERR})
+_USES = 256  # queries one upstream socket carries before it is replaced by a fresh port
 
 
 class UpstreamError(Exception):
     """Every upstream failed for a question."""
+
+
+class _Channel(asyncio.DatagramProtocol):
+    """One connected UDP socket to one upstream; queries in flight keyed by transaction id."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.pending: dict[int, tuple[asyncio.Future[DNSRecord], DNSQuestion]] = {}
+        self.uses = 0
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        if len(data) < 12 or not data[2] & 0x80:
+            return
+        waiting = self.pending.get(data[0] << 8 | data[1])
+        if waiting is None:
+            return  # late or spoofed: not a query in flight here
+        future, question = waiting
+        reply = _matching_reply(data, question)
+        if reply is not None and not future.done():
+            future.set_result(reply)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP unreachable for this upstream: it cannot answer any query waiting here.
+        self._fail(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(exc or ConnectionError("upstream socket closed"))
+
+    def _fail(self, exc: Exception) -> None:
+        for future, _ in self.pending.values():
+            if not future.done():
+                future.set_exception(exc)
+
+    def new_id(self) -> int:
+        while True:
+            qid = secrets.randbits(16)
+            if qid not in self.pending:
+                return qid
+
+
+class _Upstream:
+    """A bounded pool of channels to one upstream address."""
+
+    def __init__(self, host: str, port: int, size: int) -> None:
+        self.host = host
+        self.port = port
+        self.size = size
+        self.name = join_host_port(host, port)
+        self.channels: list[_Channel] = []
+        self._opening = asyncio.Lock()
+
+    def _live(self) -> list[_Channel]:
+        return [c for c in self.channels if not c.closed and c.uses < _USES]
+
+    async def channel(self) -> _Channel:
+        """A random live channel once the pool is full; until then a new one (one at a time,
+        so the pool never exceeds its size)."""
+        live = self._live()
+        if len(live) >= self.size:
+            return random.choice(live)
+        async with self._opening:
+            live = self._live()
+            if len(live) >= self.size:
+                return random.choice(live)
+            _transport, channel = await asyncio.get_running_loop().create_datagram_endpoint(
+                _Channel, remote_addr=(self.host, self.port)
+            )
+            self.channels.append(channel)
+            return channel
+
+    def release(self, channel: _Channel) -> None:
+        """Close a worn-out or failed channel once nothing waits on it."""
+        if channel.pending or not (channel.uses >= _USES or channel.closed):
+            return
+        if channel.transport is not None:
+            channel.transport.close()
+        channel.closed = True
+        if channel in self.channels:
+            self.channels.remove(channel)
+
+    async def query(self, question: DNSQuestion, do: bool) -> DNSRecord:
+        channel = await self.channel()
+        channel.uses += 1
+        qid = channel.new_id()
+        future: asyncio.Future[DNSRecord] = asyncio.get_running_loop().create_future()
+        channel.pending[qid] = (future, question)
+        try:
+            assert channel.transport is not None
+            channel.transport.sendto(_query_packet(qid, question, do))
+            return await future
+        except OSError:
+            channel.closed = True  # an ICMP error: the next query gets a fresh socket
+            raise
+        finally:
+            del channel.pending[qid]
+            self.release(channel)
+
+    def close(self) -> None:
+        for channel in self.channels:
+            if channel.transport is not None:
+                channel.transport.close()
+        self.channels.clear()
 
 
 class Forwarder:
@@ -39,19 +160,44 @@ class Forwarder:
         timeout: float,
         cache: UpstreamCache,
         metrics: DNSMetrics,
+        sockets: int = 8,
+        deadline: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.upstreams = list(upstreams)
         self.timeout = timeout
+        self.deadline = deadline
         self.cache = cache
         self.metrics = metrics
+        self.sockets = sockets
+        self.clock = clock
+        self._pools: dict[tuple[str, int], _Upstream] = {}
+        self.upstreams = list(upstreams)
         self._inflight: dict[UpstreamKey, asyncio.Future[DNSRecord]] = {}
 
+    @property
+    def upstreams(self) -> list[tuple[str, int]]:
+        return [(u.host, u.port) for u in self._order]
+
+    @upstreams.setter
+    def upstreams(self, addresses: list[tuple[str, int]]) -> None:
+        keep = {a: self._pools.get(a) or _Upstream(*a, self.sockets) for a in addresses}
+        for address, pool in self._pools.items():
+            if address not in keep:
+                pool.close()
+        self._pools = {a: p for a, p in keep.items() if p is not None}
+        self._order = [self._pools[a] for a in addresses]
+
+    def descriptors(self) -> int:
+        """Upstream UDP sockets open now (bounded by upstreams x upstream_sockets)."""
+        return sum(len(p.channels) for p in self._pools.values())
+
     async def resolve(self, question: DNSQuestion, do: bool) -> DNSRecord:
-        """The upstream reply to `question` (from the cache or an exchange); UpstreamError if none.
+        """The upstream reply to `question` (from the cache, an exchange, or stale from the
+        cache after every upstream failed); UpstreamError if none.
 
         The returned record may be shared with the cache: read it, do not change it.
         """
-        key = UpstreamCache.key(str(question.qname), question.qtype, question.qclass, do)
+        key = UpstreamCache.key(question.qname, question.qtype, question.qclass, do)
         cached = self.cache.get(key)
         if cached is not None:
             return cached
@@ -61,8 +207,14 @@ class Forwarder:
         future: asyncio.Future[DNSRecord] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            reply = await self._exchange(question, do)
-            self.cache.put(key, reply)
+            try:
+                reply = await self._exchange(question, do)
+                self.cache.put(key, reply)
+            except UpstreamError:
+                stale = self.cache.stale(key)
+                if stale is None:
+                    raise
+                reply = stale
             future.set_result(reply)
             return reply
         except BaseException as e:
@@ -73,75 +225,72 @@ class Forwarder:
             del self._inflight[key]
 
     async def _exchange(self, question: DNSQuestion, do: bool) -> DNSRecord:
-        if not self.upstreams:
+        if not self._order:
             raise UpstreamError("no upstream servers configured")
         last_error = "no answer"
-        for host, port in self.upstreams:
-            address = join_host_port(host, port)
-            stats = self.metrics.upstream(address)
-            qid = secrets.randbits(16)
-            query = DNSRecord(DNSHeader(id=qid, rd=1), q=question)
-            query.add_ar(EDNS0(udp_len=UPSTREAM_UDP_SIZE, flags="do" if do else ""))
-            packet = query.pack()
+        give_up = self.clock() + self.deadline
+        for upstream in self._order:
+            left = give_up - self.clock()
+            if left <= 0:
+                last_error += " (forward deadline reached)"
+                break
+            stats = self.metrics.upstream(upstream.name)
             stats.requests += 1
             started = time.perf_counter()
             try:
                 reply = await asyncio.wait_for(
-                    self._udp(host, port, packet, question), self.timeout
+                    upstream.query(question, do), min(self.timeout, left)
                 )
                 if reply.header.tc:
                     # RFC 7766 5: a truncated UDP answer is retried over TCP.
                     reply = await asyncio.wait_for(
-                        self._tcp(host, port, packet, question), self.timeout
+                        _tcp(upstream.host, upstream.port, question, do), self.timeout
                     )
             except (OSError, TimeoutError, ValueError, EOFError) as e:
                 stats.failures += 1
-                last_error = f"{address}: {type(e).__name__} {e}".strip()
+                last_error = f"{upstream.name}: {type(e).__name__} {e}".strip()
                 continue
             finally:
                 stats.duration.observe(time.perf_counter() - started)
             rcode = reply.header.rcode
             stats.rcodes[rcode] = stats.rcodes.get(rcode, 0) + 1
             if rcode in _RETRY_NEXT:
-                last_error = f"{address}: {RCODE.get(rcode)}"
+                last_error = f"{upstream.name}: {RCODE.get(rcode)}"
                 continue
             return reply
         raise UpstreamError(last_error)
 
-    async def _udp(self, host: str, port: int, packet: bytes, question: DNSQuestion) -> DNSRecord:
-        stream = await asyncio_dgram.connect((host, port))
-        try:
-            await stream.send(packet)
-            while True:
-                data, _ = await stream.recv()
-                reply = _matching_reply(data, packet, question)
-                if reply is not None:
-                    return reply
-                # Not ours (stale or spoofed): keep waiting until the timeout.
-        finally:
-            stream.close()
-
-    async def _tcp(self, host: str, port: int, packet: bytes, question: DNSQuestion) -> DNSRecord:
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            writer.write(len(packet).to_bytes(2, "big") + packet)
-            await writer.drain()
-            size = int.from_bytes(await reader.readexactly(2), "big")
-            data = await reader.readexactly(size)
-        except asyncio.IncompleteReadError as e:
-            raise EOFError("upstream closed the TCP connection early") from e
-        finally:
-            writer.close()
-        reply = _matching_reply(data, packet, question)
-        if reply is None:
-            raise ValueError("upstream TCP reply does not match the query")
-        return reply
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
 
 
-def _matching_reply(data: bytes, packet: bytes, question: DNSQuestion) -> DNSRecord | None:
-    """The reply if it answers our query (same id, QR set, same question); else None."""
-    if len(data) < 12 or data[:2] != packet[:2] or not data[2] & 0x80:
-        return None
+def _query_packet(qid: int, question: DNSQuestion, do: bool) -> bytes:
+    query = DNSRecord(DNSHeader(id=qid, rd=1), q=question)
+    query.add_ar(EDNS0(udp_len=UPSTREAM_UDP_SIZE, flags="do" if do else ""))
+    return bytes(query.pack())
+
+
+async def _tcp(host: str, port: int, question: DNSQuestion, do: bool) -> DNSRecord:
+    packet = _query_packet(secrets.randbits(16), question, do)
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(len(packet).to_bytes(2, "big") + packet)
+        await writer.drain()
+        size = int.from_bytes(await reader.readexactly(2), "big")
+        data = await reader.readexactly(size)
+    except asyncio.IncompleteReadError as e:
+        raise EOFError("upstream closed the TCP connection early") from e
+    finally:
+        writer.close()
+    reply = _matching_reply(data, question) if data[:2] == packet[:2] else None
+    if reply is None:
+        raise ValueError("upstream TCP reply does not match the query")
+    return reply
+
+
+def _matching_reply(data: bytes, question: DNSQuestion) -> DNSRecord | None:
+    """The reply if it repeats our question (same labels, type, class); else None."""
     try:
         reply = DNSRecord.parse(data)
     except Exception:
@@ -149,8 +298,6 @@ def _matching_reply(data: bytes, packet: bytes, question: DNSQuestion) -> DNSRec
     if len(reply.questions) != 1:
         return None
     q = reply.q
-    if q.qtype != question.qtype or q.qclass != question.qclass:
-        return None
-    if str(q.qname).lower() != str(question.qname).lower():
+    if q.qtype != question.qtype or q.qclass != question.qclass or q.qname != question.qname:
         return None
     return reply

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from dnslib import RCODE
 from prometheus_client.core import (
@@ -20,9 +20,6 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from kubeshim.dns.server import DNSServer
 
 # CoreDNS's request duration buckets (plugin/pkg/metrics/vars: 0.00025 .. 8.192 s doubling).
 DURATION_BUCKETS = tuple(0.00025 * 2**i for i in range(16))
@@ -65,9 +62,20 @@ class ForwardStats:
 
 
 class DNSMetrics:
-    __slots__ = ("requests_udp", "requests_tcp", "rcodes", "dropped", "duration", "forward")
+    __slots__ = (
+        "requests_udp",
+        "requests_tcp",
+        "rcodes",
+        "dropped",
+        "duration",
+        "forward",
+        "answer_hits",
+        "answer_misses",
+    )
 
     def __init__(self) -> None:
+        self.answer_hits = 0  # answered from the wire-answer cache (either level)
+        self.answer_misses = 0
         self.requests_udp = 0
         self.requests_tcp = 0
         self.rcodes = [0] * 32  # responses by rcode (BADVERS counted as 16)
@@ -88,10 +96,23 @@ def rcode_name(rcode: int) -> str:
     return "BADVERS" if rcode == 16 else str(RCODE.get(rcode, str(rcode)))
 
 
+class _Source(Protocol):
+    """What the collector reads (a DNSServer): counters, the zone and the caches' sizes."""
+
+    metrics: DNSMetrics
+    config: Any
+
+    @property
+    def answers(self) -> Any: ...
+
+    @property
+    def upstream_cache(self) -> Any: ...
+
+
 class DNSCollector(Collector):
     """Reads a DNSServer's counters at scrape time."""
 
-    def __init__(self, server: DNSServer, name: str = "dns://") -> None:
+    def __init__(self, server: _Source, name: str = "dns://") -> None:
         self.server = server
         self.name = name
 
@@ -129,8 +150,8 @@ class DNSCollector(Collector):
             "coredns_cache_misses", "Cache misses.", labels=["server", "cache"]
         )
         entries = GaugeMetricFamily("coredns_cache_entries", "Cache entries.", labels=labels)
-        hits.add_metric([server, "answer", "cluster"], s.answer_hits)
-        misses.add_metric([server, "answer"], s.answer_misses)
+        hits.add_metric([server, "answer", "cluster"], m.answer_hits)
+        misses.add_metric([server, "answer"], m.answer_misses)
         entries.add_metric([server, "answer", "cluster"], len(s.answers))
         up = s.upstream_cache
         for kind in ("success", "denial"):

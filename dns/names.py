@@ -16,6 +16,7 @@ where it is silent, CoreDNS's kubernetes plugin (parse.go):
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -43,19 +44,29 @@ class ClusterName:
 INVALID = ClusterName(NameKind.INVALID)
 
 
-def split_zone(qname: str, zone: str) -> list[str] | None:
-    """Labels of `qname` left of `zone` (both lower case, no trailing dot); None if outside."""
-    if qname == zone:
-        return []
-    if qname.endswith("." + zone):
-        return qname[: -len(zone) - 1].split(".")
-    return None
+def wire_labels(labels: Sequence[bytes]) -> list[str]:
+    """A query name's wire labels, lower-cased (ASCII only, RFC 4343) and decoded one byte to
+    one character. A label may contain a dot (`www\\.example` is one label): names are
+    compared label by label, never as dotted text."""
+    return [label.lower().decode("latin-1") for label in labels]
+
+
+def split_zone(labels: Sequence[str], zone: str) -> list[str] | None:
+    """`labels` (lower case) left of `zone` (dotted text); None if the name is outside it."""
+    zone_labels = zone.split(".")
+    n = len(zone_labels)
+    if len(labels) < n or list(labels[len(labels) - n :]) != zone_labels:
+        return None
+    return list(labels[: len(labels) - n])
 
 
 def parse_cluster_name(labels: list[str]) -> ClusterName:
-    """Classify zone-relative labels (lower case, left to right)."""
+    """Classify zone-relative labels (lower case, left to right). A label holding a dot is
+    never part of a name the schema can produce."""
     if not labels:
         return ClusterName(NameKind.APEX)
+    if any("." in label for label in labels):
+        return INVALID
     if labels == ["dns-version"]:
         return ClusterName(NameKind.VERSION)
     *rest, branch = labels
@@ -104,16 +115,26 @@ def pod_address(dashed: str) -> IPAddress | None:
 
 
 def dashed(ip: str) -> str:
-    """The endpoint name CoreDNS gives an address without a hostname: dots/colons to dashes."""
-    return ip.replace(".", "-").replace(":", "-")
+    """The endpoint name CoreDNS gives an address without a hostname: dots/colons to dashes.
+
+    An IPv6 address starting or ending with `::` would give a label starting or ending with a
+    dash, which RFC 1123 (2.1) forbids and resolvers reject; as CoreDNS does since its fix for
+    coredns/coredns#7430, a `0` is added on that side (`2001:db8::` -> `2001-db8--0`,
+    `::1` -> `0--1`), which still reads back as the same address (`pod_address`)."""
+    name = ip.replace(".", "-").replace(":", "-")
+    if name.startswith("-"):
+        name = "0" + name
+    if name.endswith("-"):
+        name += "0"
+    return name
 
 
 REVERSE_V4 = "in-addr.arpa"
 REVERSE_V6 = "ip6.arpa"
 
 
-def is_reverse(qname: str) -> bool:
-    return qname.endswith(REVERSE_V4) or qname.endswith(REVERSE_V6)
+def is_reverse(labels: Sequence[str]) -> bool:
+    return list(labels[-2:]) in (["in-addr", "arpa"], ["ip6", "arpa"])
 
 
 def reverse_address(qname: str) -> IPAddress | None:

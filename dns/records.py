@@ -35,7 +35,21 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
-from dnslib import AAAA, CNAME, PTR, QTYPE, RCODE, RR, SOA, SRV, TXT, A, DNSHeader, DNSRecord
+from dnslib import (
+    AAAA,
+    CNAME,
+    PTR,
+    QTYPE,
+    RCODE,
+    RR,
+    SOA,
+    SRV,
+    TXT,
+    A,
+    DNSHeader,
+    DNSLabel,
+    DNSRecord,
+)
 
 from kubeshim.cluster.model import NamespacedName
 from kubeshim.cluster.netaddr import ip_family
@@ -51,6 +65,7 @@ from kubeshim.dns.names import (
     reverse_address,
     reverse_zone,
     split_zone,
+    wire_labels,
 )
 
 Dep = Hashable  # what an answer depends on: ("svc", ns, name), ("ns", ns), ("ptr", ip), ("pod", ns)
@@ -65,7 +80,7 @@ class Resolution:
     reply: DNSRecord
     deps: tuple[Dep, ...] = ()
     cacheable: bool = True
-    chase: str | None = None  # a CNAME target whose records complete the answer
+    chase: DNSLabel | None = None  # a CNAME target whose records complete the answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,10 +163,14 @@ class ClusterRecords:
     def resolve(self, request: DNSRecord) -> Resolution | None:
         """Answer `request` if its name is ours; None means forward it upstream."""
         q = request.q
-        qname = str(q.qname).rstrip(".").lower()
-        labels = split_zone(qname, self.zone)
+        wire = wire_labels(q.qname.label)
+        labels = split_zone(wire, self.zone)
         if labels is None:
-            return self._resolve_reverse(request, qname) if is_reverse(qname) else None
+            if not is_reverse(wire):
+                return None
+            # A label holding a dot never spells an address: match zones only.
+            qname = ".".join(wire) if not any("." in label for label in wire) else ""
+            return self._resolve_reverse(request, qname)
         reply = _reply(request, aa=True)
         if not self.state.synced:
             # Never a false NXDOMAIN before the first full list (CoreDNS answers SERVFAIL too).
@@ -176,7 +195,7 @@ class ClusterRecords:
                 reply.add_ar(rr)
             last = records.answer[-1]
             if last.rtype == QTYPE.CNAME and q.qtype not in (QTYPE.CNAME, QTYPE.ANY):
-                return Resolution(reply, deps, cacheable=False, chase=str(last.rdata.label))
+                return Resolution(reply, deps, cacheable=False, chase=last.rdata.label)
         return Resolution(reply, deps)
 
     def _lookup(

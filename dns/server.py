@@ -1,21 +1,20 @@
-"""The DNS server's serving shell: UDP and TCP listeners on each bind, wired to the cores.
+"""The DNS server's socket shells: UDP, batched UDP and TCP listeners on each bind, the
+forwarder's tasks, and the client gate, around the sans-IO `DNSHandler`.
 
-Owns sockets, framing and tasks only. A query's path:
+Owns sockets, framing, tasks and timers only; every answer comes from `handler.DNSHandler`
+through the `Serving` interface (`answer`, `forward`), which `DNSServer` implements:
 
-1. `wire.question_key` reads the header and question bytes; a hit in the `AnswerCache` is
-   answered by splicing the client's transaction id and question bytes (its qname case) into
-   the cached packet. No parsing, no packing, no logging.
-2. Otherwise `wire.parse_query` (dnslib) validates it (drop / FORMERR / NOTIMP / BADVERS),
-   `ClusterRecords.resolve` answers cluster names, and the packed answer is cached with the
-   state it depends on; a ServiceChange drops those entries before the next query is read.
-3. Names that are not ours go to the `Forwarder` in a task; the reply is sent when it comes.
-
-UDP is read and answered in batches (`batch.BatchedUDP`: one recvmmsg and one sendmmsg per batch)
-where libc has the calls, else one datagram per callback (`_UDPProtocol`); both answer alike.
-
-TCP (RFC 7766): length-prefixed messages, several per connection, answered as each is ready
-(forwarded answers may overtake cluster ones), reading paused while too many are in flight,
-closed after an idle timeout.
+- UDP is read and answered in batches (`batch.BatchedUDP`: one recvmmsg and one sendmmsg per
+  batch) where libc has the calls, else one datagram per callback (`_UDPProtocol`).
+- TCP (RFC 7766): length-prefixed messages, several per connection, answered as each is ready
+  (forwarded answers may overtake cluster ones). Bounded: a cap on connections in total and per
+  client address, reading paused while too many queries are in flight or while the client's
+  unread replies fill the transport's write buffer (write backpressure), a message must arrive
+  whole within `tcp_read_timeout`, and an idle connection closes after `tcp_idle_timeout`.
+- With an allow-list or a rate limit (`gate.ClientGate`), queries from outside the allowed
+  CIDRs get REFUSED and UDP replies are rate limited per client prefix.
+- A bind may be transparent (IP_TRANSPARENT): the server then answers on an address that is
+  not local, such as the kube-dns ClusterIP, for packets a TPROXY rule hands to it.
 """
 
 from __future__ import annotations
@@ -23,27 +22,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from dnslib import RCODE, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
+from dnslib import RCODE, DNSRecord
 
 from kubeshim.cluster.log import get_logger
-from kubeshim.cluster.netaddr import join_host_port, socket_family
-from kubeshim.cluster.state import ClusterState, ServiceChange
+from kubeshim.cluster.netaddr import ip_family, join_host_port, socket_family
+from kubeshim.cluster.state import ClusterState
 from kubeshim.dns import batch
 from kubeshim.dns.batch import BatchedUDP
-from kubeshim.dns.cache import AnswerCache, RelayedAnswers, UpstreamCache
 from kubeshim.dns.config import DNSConfig
 from kubeshim.dns.forward import Forwarder, UpstreamError
-from kubeshim.dns.metrics import DNSMetrics
-from kubeshim.dns.records import ClusterRecords
-from kubeshim.dns.wire import AnswerKey, Query, error_reply, finish, parse_query, question_key
+from kubeshim.dns.gate import DROP, SLIP, ClientGate, slipped_reply
+from kubeshim.dns.handler import DNSHandler, ForwardRequest, Outcome
+from kubeshim.dns.wire import error_reply
 
 log = get_logger("dns")
 
 UDP_RECEIVE_BUFFER = 4 << 20  # absorb bursts while the loop is busy
+TCP_WRITE_HIGH_WATER = 64 << 10  # unread reply bytes per TCP client before its reading pauses
 
 
 class DNSServer:
@@ -55,27 +53,57 @@ class DNSServer:
     ) -> None:
         self.state = state
         self.config = config
-        self.records = ClusterRecords(state, config, address_map)
-        self.answers = AnswerCache(config.answer_cache_size)
-        self.upstream_cache = UpstreamCache(
-            config.upstream_cache_size,
-            config.upstream_negative_cache_size,
-            config.upstream_max_ttl,
+        self.handler = DNSHandler(state, config, address_map)
+        self.metrics = self.handler.metrics
+        self.exact = self.handler.exact
+        self.gate = ClientGate(
+            config.allowed_clients,
+            config.rrl_responses_per_second,
+            config.rrl_slip,
+            config.rrl_ipv4_prefix,
+            config.rrl_ipv6_prefix,
         )
-        self.relayed = RelayedAnswers(config.upstream_cache_size)
-        self.metrics = DNSMetrics()
+        self.gated = self.gate.active
         self.forwarder = Forwarder(
-            config.upstreams, config.upstream_timeout, self.upstream_cache, self.metrics
+            config.upstreams,
+            config.upstream_timeout,
+            self.handler.upstream_cache,
+            self.metrics,
+            sockets=config.upstream_sockets,
+            deadline=config.forward_deadline,
         )
-        self.answer_hits = 0
-        self.answer_misses = 0
         self.addresses: list[tuple[str, int]] = []  # bound (host, port), UDP and TCP alike
         self._udp: list[asyncio.DatagramTransport | BatchedUDP] = []
         self._tcp: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connections: set[_TCPProtocol] = set()
-        self._internal_errors = 0
-        state.subscribe(self._on_changes)
+        self._per_client: dict[str, int] = {}
+        self.tcp_refused = 0
+
+    # The handler's caches and counters, for status, metrics and tests.
+    @property
+    def records(self) -> Any:
+        return self.handler.records
+
+    @property
+    def answers(self) -> Any:
+        return self.handler.answers
+
+    @property
+    def upstream_cache(self) -> Any:
+        return self.handler.upstream_cache
+
+    @property
+    def relayed(self) -> Any:
+        return self.handler.relayed
+
+    @property
+    def answer_hits(self) -> int:
+        return self.metrics.answer_hits
+
+    @property
+    def answer_misses(self) -> int:
+        return self.metrics.answer_misses
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -84,7 +112,7 @@ class DNSServer:
         self.forwarder.upstreams = self._without_self(self.config.upstreams)
         try:
             for host, port in self.config.binds:
-                await self._bind(loop, host, port)
+                await self._bind(loop, host, port, (host, port) in self.config.transparent_binds)
         except BaseException:
             await self.stop()
             raise
@@ -93,6 +121,8 @@ class DNSServer:
             zone=self.config.zone,
             listen=",".join(join_host_port(h, p) for h, p in self.addresses),
             upstreams=",".join(join_host_port(h, p) for h, p in self.config.upstreams) or "none",
+            allowed=",".join(self.config.allowed_clients) or "any",
+            rrl=self.config.rrl_responses_per_second,
         )
 
     def _without_self(self, upstreams: list[tuple[str, int]]) -> list[tuple[str, int]]:
@@ -106,30 +136,32 @@ class DNSServer:
                 for bhost, bport in self.config.binds
             )
             if ours:
-                log.warning("upstream skipped: it is this server",
-                            upstream=join_host_port(host, port))
+                log.warning(
+                    "upstream skipped: it is this server", upstream=join_host_port(host, port)
+                )
             else:
                 kept.append((host, port))
         return kept
 
-    async def _bind(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> None:
+    async def _bind(
+        self, loop: asyncio.AbstractEventLoop, host: str, port: int, transparent: bool
+    ) -> None:
         # Port 0 picks a free port; TCP then takes the same number (retrying if it is taken).
         for _ in range(20):
+            udp_sock = _socket(host, port, socket.SOCK_DGRAM, transparent)
+            with contextlib.suppress(OSError):
+                udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
             transport: asyncio.DatagramTransport | BatchedUDP
             if self.config.udp_batch and batch.available():
-                transport = await batch.open_batched(self, host, port)
+                transport = BatchedUDP(self, udp_sock, loop)
             else:
                 transport, _proto = await loop.create_datagram_endpoint(
-                    lambda: _UDPProtocol(self), local_addr=(host, port)
+                    lambda: _UDPProtocol(self), sock=udp_sock
                 )
-            sock = transport.get_extra_info("socket")
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
-            bound = sock.getsockname()[1]
+            bound = udp_sock.getsockname()[1]
             try:
-                server = await loop.create_server(
-                    lambda: _TCPProtocol(self), host, bound, reuse_address=True
-                )
+                tcp_sock = _socket(host, bound, socket.SOCK_STREAM, transparent)
+                server = await loop.create_server(lambda: _TCPProtocol(self), sock=tcp_sock)
             except OSError:
                 transport.close()
                 if port:
@@ -155,223 +187,168 @@ class DNSServer:
             await server.wait_closed()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.forwarder.close()
         self._udp.clear()
         self._tcp.clear()
         self.addresses.clear()
 
     def status(self) -> dict[str, Any]:
         """What the DNS server serves and how its caches do (for `kubeshim status`)."""
+        up = self.handler.upstream_cache
         return {
             "zone": self.config.zone,
             "listen": [join_host_port(h, p) for h, p in self.addresses],
             "upstreams": [join_host_port(h, p) for h, p in self.config.upstreams],
             "answerCache": {
-                "entries": len(self.answers),
-                "hits": self.answer_hits,
-                "misses": self.answer_misses,
+                "entries": len(self.handler.answers),
+                "hits": self.metrics.answer_hits,
+                "misses": self.metrics.answer_misses,
             },
             "upstreamCache": {
-                "positive": len(self.upstream_cache.positive),
-                "negative": len(self.upstream_cache.negative),
-                "hits": sum(self.upstream_cache.hits.values()),
-                "misses": self.upstream_cache.misses,
+                "positive": len(up.positive),
+                "negative": len(up.negative),
+                "hits": sum(up.hits.values()),
+                "misses": up.misses,
+                "staleServed": up.stale_hits,
             },
+            "clients": {
+                "allowed": list(self.config.allowed_clients) or ["any"],
+                "refused": self.gate.refused,
+                "rateLimited": {"slipped": self.gate.slipped, "dropped": self.gate.dropped},
+                "tcpConnections": len(self._connections),
+                "tcpRefused": self.tcp_refused,
+            },
+            "upstreamSockets": self.forwarder.descriptors(),
         }
 
-    # --- following the state ----------------------------------------------------------------
+    # --- Serving: what the shells call --------------------------------------------------------
 
-    def _on_changes(self, changes: Sequence[ServiceChange]) -> None:
-        self.answers.invalidate(self.records.apply(changes))
-
-    # --- answering ----------------------------------------------------------------------------
-
-    def answer(self, data: bytes, tcp: bool) -> bytes | Query | None:
-        """Reply bytes, a Query to forward (see `forward`), or None to drop the packet."""
-        entries = self.answers.entries
-        if not tcp:
-            # First level: the exact bytes after the transaction id (flags, question with its
-            # case, OPT) of a UDP query answered before; the reply is that answer with this id.
-            entry = entries.get(data[2:])
-            if entry is not None:
-                self.answer_hits += 1
-                self.metrics.rcodes[entry[1]] += 1
-                return data[:2] + entry[0]
-        # Second level: the question's shape (lower-cased name, type, RD, size limit, DO).
-        found = question_key(data, tcp, self.config.max_udp_payload)
-        if found is not None:
-            entry = entries.get(found[0])
-            if entry is not None:
-                self.answer_hits += 1
-                self.metrics.rcodes[entry[1]] += 1
-                packet = entry[0]
-                qend = found[1]
-                reply = data[:2] + packet[2:12] + data[12:qend] + packet[qend:]
-                if not tcp:
-                    self.answers.put(data[2:], reply[2:], entry[1], entry[2])
-                return reply
-            # A forwarded name answered before and still fresh upstream (never a cluster
-            # name: those are not forwarded, so the two stores cannot disagree).
-            relayed = self.relayed.get(found[0])
-            if relayed is not None:
-                packet, rcode, kind = relayed
-                self.upstream_cache.hits[kind] += 1
-                self.metrics.rcodes[rcode] += 1
-                qend = found[1]
-                return data[:2] + packet[2:12] + data[12:qend] + packet[qend:]
-        self.answer_misses += 1
-        try:
-            return self._answer_full(data, tcp, found)
-        except Exception:
-            # A bug must not stop the server: answer SERVFAIL, log once per hundred.
-            self._internal_errors += 1
-            if self._internal_errors % 100 == 1:
-                log.error("dns answer failed", exc_info=True, count=self._internal_errors)
-            if len(data) < 12:
+    def answer(self, data: bytes, tcp: bool, client: bytes | None = None) -> Outcome:
+        if not self.gated or client is None:
+            return self.handler.answer(data, tcp)
+        gate = self.gate
+        if not gate.admits(client):
+            if len(data) < 12 or data[2] & 0x80:
                 return None
-            self.metrics.rcodes[RCODE.SERVFAIL] += 1
-            return error_reply(data[0] << 8 | data[1], data[2] << 8 | data[3], RCODE.SERVFAIL)
+            self.metrics.rcodes[RCODE.REFUSED] += 1
+            return error_reply(data[0] << 8 | data[1], data[2] << 8 | data[3], RCODE.REFUSED)
+        out = self.handler.answer(data, tcp)
+        if tcp or type(out) is not bytes:
+            return out
+        return self._limited(data, out, client)
 
-    def _answer_full(
-        self, data: bytes, tcp: bool, found: tuple[AnswerKey, int] | None
-    ) -> bytes | Query | None:
-        started = time.perf_counter()
-        max_udp = self.config.max_udp_payload
-        parsed = parse_query(data, max_udp)
-        if parsed is None:
-            self.metrics.dropped += 1
+    def _limited(self, query: bytes, reply: bytes, client: bytes) -> bytes | None:
+        verdict = self.gate.rate_limit(client)
+        if verdict == DROP:
             return None
-        if isinstance(parsed, bytes):
-            self.metrics.rcodes[parsed[3] & 0xF] += 1
-            return parsed
-        resolution = self.records.resolve(parsed.record)
-        if resolution is None:
-            parsed.key = found
-            return parsed
-        if resolution.chase is not None:
-            parsed.partial, parsed.chase = resolution.reply, resolution.chase
-            return parsed
-        rcode = resolution.reply.header.rcode
-        packet = finish(resolution.reply, parsed, parsed.size_limit(tcp, max_udp), max_udp)
-        if found is not None and resolution.cacheable:
-            key, qend = found
-            # Cache only when the reply's question is byte for byte the query's (but for case):
-            # the hit path splices the client's question bytes over it.
-            if packet[12:qend].lower() == key[0] and packet[qend : qend + 4] == key[1]:
-                self.answers.put(key, packet, rcode, resolution.deps)
-        if not tcp and resolution.cacheable:
-            self.answers.put(data[2:], packet[2:], rcode, resolution.deps)
-        self.metrics.rcodes[rcode] += 1
-        self.metrics.duration.observe(time.perf_counter() - started)
-        return packet
+        if verdict == SLIP:
+            return slipped_reply(query)
+        return reply
 
-    async def forward(self, query: Query, tcp: bool) -> bytes:
-        """The reply to a query for a name outside the cluster: upstream's answer or SERVFAIL."""
-        try:
-            return await self._forward(query, tcp)
-        except Exception:
-            self._internal_errors += 1
-            if self._internal_errors % 100 == 1:
-                log.error("dns forward failed", exc_info=True, count=self._internal_errors)
-            self.metrics.rcodes[RCODE.SERVFAIL] += 1
-            return error_reply(query.id, query.record.header.bitmap, RCODE.SERVFAIL)
+    def forward(
+        self, request: ForwardRequest, send: Callable[[bytes], None], client: bytes | None = None
+    ) -> None:
+        if len(self._tasks) >= self.config.max_concurrent_forwards:
+            # CoreDNS forward's max_concurrent: REFUSED instead of piling up tasks.
+            send(self.handler.refuse(request))
+            return
+        if client is not None and not request.tcp and self.gate.rate > 0:
+            inner, query = send, request.query.record
 
-    async def _forward(self, query: Query, tcp: bool) -> bytes:
-        if query.partial is not None and query.chase is not None:
-            return await self._chase(query, query.partial, query.chase, tcp)
-        started = time.perf_counter()
-        request = query.record
-        max_udp = self.config.max_udp_payload
+            def send(packet: bytes) -> None:
+                out = self._limited(bytes(query.pack()), packet, client)
+                if out is not None:
+                    inner(out)
+
+        self._spawn(self._forward(request, send))
+
+    async def _forward(self, request: ForwardRequest, send: Callable[[bytes], None]) -> None:
         try:
-            upstream = await self.forwarder.resolve(
-                request.q, query.edns.do if query.edns else False
-            )
-            header = DNSHeader(id=query.id, bitmap=upstream.header.bitmap)
-            header.rd = request.header.rd
-            header.ra = 1
-            header.aa = 0  # relayed, not ours: only an authority sets AA (RFC 1035 4.1.1)
-            reply = DNSRecord(
-                header,
-                questions=[request.q],
-                rr=_in_client_case(upstream.rr, request.q.qname),
-                auth=list(upstream.auth),
-                ar=list(upstream.ar),
-            )
+            upstream: DNSRecord | None = await self.forwarder.resolve(request.question, request.do)
         except UpstreamError as e:
             if log.is_debug():
-                log.debug("upstream failed", name=str(request.q.qname), error=str(e))
-            reply = DNSRecord(DNSHeader(id=query.id, qr=1, rd=request.header.rd, ra=1), q=request.q)
-            reply.header.rcode = RCODE.SERVFAIL
-        packet = finish(reply, query, query.size_limit(tcp, max_udp), max_udp)
-        self._keep_relayed(query, packet, reply.header.rcode)
-        self.metrics.rcodes[reply.header.rcode] += 1
-        self.metrics.duration.observe(time.perf_counter() - started)
-        return packet
+                log.debug("upstream failed", name=str(request.question.qname), error=str(e))
+            upstream = None
+        except Exception:
+            log.error("dns forward failed", exc_info=True)
+            upstream = None
+        send(self.handler.complete(request, upstream))
 
-    def _keep_relayed(self, query: Query, packet: bytes, rcode: int) -> None:
-        """Keep the packed reply while the upstream answer it carries is cached.
-
-        Reverse names are left out: a PTR forwarded today may be a ClusterIP's tomorrow, and
-        only the cluster store is invalidated by state changes.
-        """
-        if query.key is None or packet[2] & 0x02:  # not a plain query, or truncated
-            return
-        q = query.record.q
-        name = str(q.qname).lower()
-        if name.endswith(("in-addr.arpa.", "ip6.arpa.")):
-            return
-        stored = self.upstream_cache.expires_at(
-            UpstreamCache.key(name, q.qtype, q.qclass, query.edns.do if query.edns else False)
-        )
-        if stored is not None:
-            self.relayed.put(query.key[0], packet, stored[0], rcode, stored[1])
-
-    async def _chase(self, query: Query, reply: DNSRecord, target: str, tcp: bool) -> bytes:
-        """Complete a cluster CNAME (ExternalName) with the target's records of the asked type.
-
-        A target in the cluster zone is answered here; any other goes upstream. When the target
-        cannot be resolved the CNAME alone is the answer (the client may follow it itself).
-        """
-        request = query.record
-        question = DNSQuestion(target, request.q.qtype, request.q.qclass)
-        inner = self.records.resolve(DNSRecord(DNSHeader(rd=1), q=question))
-        found: DNSRecord | None
-        if inner is not None:
-            found = inner.reply if inner.chase is None else None  # one link only
-        else:
-            try:
-                found = await self.forwarder.resolve(
-                    question, query.edns.do if query.edns else False
-                )
-            except UpstreamError:
-                found = None
-        if found is not None:
-            for rr in found.rr:
-                reply.add_answer(rr)
-            if found.header.rcode == RCODE.NXDOMAIN:
-                reply.header.rcode = RCODE.NXDOMAIN  # RFC 6604: the rcode of the chain's end
-        max_udp = self.config.max_udp_payload
-        packet = finish(reply, query, query.size_limit(tcp, max_udp), max_udp)
-        self.metrics.rcodes[reply.header.rcode] += 1
-        return packet
-
-    def saturated(self) -> bool:
-        return len(self._tasks) >= self.config.max_concurrent_forwards
-
-    def refuse(self, query: Query) -> bytes:
-        """REFUSED for a query that would exceed the forwarding limit."""
-        self.metrics.rcodes[RCODE.REFUSED] += 1
-        return error_reply(query.id, query.record.header.bitmap, RCODE.REFUSED)
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # --- TCP connection accounting ----------------------------------------------------------
+
+    def _admit_tcp(self, conn: _TCPProtocol) -> bool:
+        config = self.config
+        held = self._per_client.get(conn.peer, 0)
+        if (
+            len(self._connections) >= config.tcp_max_connections
+            or held >= config.tcp_max_connections_per_client
+        ):
+            self.tcp_refused += 1
+            if self.tcp_refused % 100 == 1:
+                log.warning(
+                    "dns tcp connection refused: cap reached",
+                    client=conn.peer,
+                    connections=len(self._connections),
+                    refused=self.tcp_refused,
+                )
+            return False
+        self._connections.add(conn)
+        self._per_client[conn.peer] = held + 1
+        return True
+
+    def _release_tcp(self, conn: _TCPProtocol) -> None:
+        if conn in self._connections:
+            self._connections.discard(conn)
+            held = self._per_client.get(conn.peer, 1) - 1
+            if held > 0:
+                self._per_client[conn.peer] = held
+            else:
+                self._per_client.pop(conn.peer, None)
+
+
+def _socket(host: str, port: int, kind: int, transparent: bool) -> socket.socket:
+    """A non-blocking socket bound to (host, port); IP_TRANSPARENT first when asked, so a
+    non-local address (a ClusterIP behind a TPROXY rule) can be bound."""
+    family = socket_family(host)
+    sock = socket.socket(family, kind)
+    try:
+        sock.setblocking(False)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if transparent:
+            level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.SOL_IP
+            option = 75 if family == socket.AF_INET6 else socket.IP_TRANSPARENT  # IPV6_TRANSPARENT
+            sock.setsockopt(level, option, 1)
+        sock.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _packed(host: str) -> bytes:
+    """A peer address string as packed bytes (IPv4-mapped IPv6 as IPv4)."""
+    if ip_family(host) == 6:
+        raw = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+        return raw[12:] if raw[:12] == b"\x00" * 10 + b"\xff\xff" else raw
+    return socket.inet_pton(socket.AF_INET, host)
 
 
 # --- asyncio protocols ------------------------------------------------------------------------
 
 
 class _UDPProtocol(asyncio.DatagramProtocol):
+    """One datagram per callback: the fallback where libc lacks recvmmsg/sendmmsg."""
+
     def __init__(self, server: DNSServer) -> None:
         self.server = server
         self.transport: asyncio.DatagramTransport | None = None
@@ -382,17 +359,14 @@ class _UDPProtocol(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         server = self.server
         server.metrics.requests_udp += 1
-        out = server.answer(data, False)
-        if out.__class__ is bytes:
-            self.transport.sendto(out, addr)  # type: ignore[union-attr]
-        elif out is not None:
-            if server.saturated():
-                self.transport.sendto(server.refuse(out), addr)  # type: ignore[union-attr,arg-type]
-            else:
-                server.spawn(self._forward(out, addr))  # type: ignore[arg-type]
+        client = _packed(addr[0]) if server.gated else None
+        out = server.answer(data, False, client)
+        if type(out) is bytes:
+            self._send(out, addr)
+        elif isinstance(out, ForwardRequest):
+            server.forward(out, lambda packet: self._send(packet, addr), client)
 
-    async def _forward(self, query: Query, addr: tuple[str, int]) -> None:
-        packet = await self.server.forward(query, False)
+    def _send(self, packet: bytes, addr: tuple[str, int]) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(packet, addr)
 
@@ -404,86 +378,130 @@ class _TCPProtocol(asyncio.Protocol):
     def __init__(self, server: DNSServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.client: bytes | None = None
         self.buffer = bytearray()
         self.inflight = 0
-        self.paused = False
-        self.timer: asyncio.TimerHandle | None = None
+        self.paused_for_inflight = False
+        self.paused_for_writes = False
+        self.reading_paused = False
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.read_timer: asyncio.TimerHandle | None = None
 
     # connection events
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.server._connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        if not self.server._admit_tcp(self):
+            transport.abort()  # type: ignore[attr-defined]
+            self.transport = None
+            return
+        if self.server.gated and self.peer:
+            self.client = _packed(self.peer)
+        # Unread replies above this many bytes pause our reading (pause_writing below).
+        self.transport.set_write_buffer_limits(high=TCP_WRITE_HIGH_WATER)  # type: ignore[union-attr]
         self._touch()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+        for timer in (self.idle_timer, self.read_timer):
+            if timer is not None:
+                timer.cancel()
         self.transport = None
-        self.server._connections.discard(self)
+        self.buffer.clear()
+        self.server._release_tcp(self)
+
+    def pause_writing(self) -> None:
+        self.paused_for_writes = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.paused_for_writes = False
+        self._update_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return
         self._touch()
         buf = self.buffer
         buf += data
         server = self.server
-        while len(buf) >= 2:
+        while len(buf) >= 2 and self.transport is not None:
             size = buf[0] << 8 | buf[1]
             if len(buf) < 2 + size:
                 break
             message = bytes(buf[2 : 2 + size])
             del buf[: 2 + size]
             server.metrics.requests_tcp += 1
-            out = server.answer(message, True)
-            if out.__class__ is bytes:
+            out = server.answer(message, True, self.client)
+            if type(out) is bytes:
                 self._send(out)
-            elif out is not None:
-                if server.saturated():
-                    self._send(server.refuse(out))  # type: ignore[arg-type]
-                    continue
+            elif isinstance(out, ForwardRequest):
                 self.inflight += 1
-                server.spawn(self._forward(out))  # type: ignore[arg-type]
-                if self.inflight >= server.config.tcp_max_pipelined and not self.paused:
-                    self.paused = True
-                    self.transport.pause_reading()  # type: ignore[union-attr]
+                server.forward(out, self._forwarded, self.client)
+                if self.inflight >= server.config.tcp_max_pipelined:
+                    self.paused_for_inflight = True
+                    self._update_reading()
+            if self.paused_for_writes:
+                # The client is not reading its replies: leave the rest of its queries in the
+                # kernel's buffer until it does (memory stays bounded by this one buffer).
+                break
+        self._arm_read_timer()
 
     # helpers
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        pause = self.paused_for_inflight or self.paused_for_writes
+        if pause and not self.reading_paused:
+            self.reading_paused = True
+            transport.pause_reading()
+        elif not pause and self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
+            if len(self.buffer) >= 2:
+                self.data_received(b"")  # messages already buffered while paused
+
+    def _arm_read_timer(self) -> None:
+        """A partly received message must be completed within tcp_read_timeout."""
+        if self.read_timer is not None:
+            self.read_timer.cancel()
+            self.read_timer = None
+        if self.buffer and self.transport is not None and not self.reading_paused:
+            loop = asyncio.get_running_loop()
+            self.read_timer = loop.call_later(self.server.config.tcp_read_timeout, self._close)
 
     def _send(self, packet: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(len(packet).to_bytes(2, "big") + packet)
 
-    async def _forward(self, query: Query) -> None:
-        try:
-            self._send(await self.server.forward(query, True))
-        finally:
-            self.inflight -= 1
-            if self.paused and self.transport is not None:
-                self.paused = False
-                self.transport.resume_reading()
-            self._touch()
+    def _forwarded(self, packet: bytes) -> None:
+        self._send(packet)
+        self.inflight -= 1
+        if self.paused_for_inflight and self.inflight < self.server.config.tcp_max_pipelined:
+            self.paused_for_inflight = False
+            self._update_reading()
+        self._touch()
 
     def _touch(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
         if self.transport is not None:
             loop = asyncio.get_running_loop()
-            self.timer = loop.call_later(self.server.config.tcp_idle_timeout, self._idle)
+            self.idle_timer = loop.call_later(self.server.config.tcp_idle_timeout, self._idle)
 
     def _idle(self) -> None:
-        if self.inflight:
-            self._touch()
-        elif self.transport is not None:
+        if self.inflight and not self.paused_for_writes:
+            self._touch()  # waiting on upstream: not idle yet
+        else:
+            self._close()  # nothing asked, or replies unread for the whole idle timeout
+
+    def _close(self) -> None:
+        if self.transport is not None:
             self.transport.close()
-
-
-def _in_client_case(records: list[RR], qname: DNSLabel) -> list[RR]:
-    """Records owned by the question name carry the client's spelling of it (for 0x20 clients)."""
-    want = str(qname).lower()
-    return [
-        RR(qname, rr.rtype, rr.rclass, rr.ttl, rr.rdata) if str(rr.rname).lower() == want else rr
-        for rr in records
-    ]
 
 
 def _is_local(host: str) -> bool:
@@ -495,4 +513,3 @@ def _is_local(host: str) -> bool:
         return True
     except OSError:
         return False
-

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from dnslib import EDNS0, QTYPE, RCODE, DNSHeader, DNSRecord
+from dnslib import EDNS0, QTYPE, RCODE, RR, DNSHeader, DNSRecord
 
 HEADER = struct.Struct("!6H")
 FLAG_QR = 0x8000
@@ -89,11 +89,6 @@ class Query:
     id: int
     record: DNSRecord
     edns: Edns | None
-    # Set when a cluster answer ends in a CNAME to chase: the reply so far and the target.
-    partial: DNSRecord | None = None
-    chase: str | None = None
-    # The wire-cache key of a plain query and where its question name ends (question_key).
-    key: tuple[AnswerKey, int] | None = None
 
     def size_limit(self, tcp: bool, max_udp: int) -> int:
         if tcp:
@@ -173,10 +168,13 @@ def error_reply(qid: int, flags: int, rcode: int) -> bytes:
 
 
 def finish(reply: DNSRecord, query: Query, limit: int, max_udp: int) -> bytes:
-    """Pack `reply` with an OPT when the query had one; truncated (TC) if over `limit`.
+    """Pack `reply` with an OPT when the query had one, truncated to `limit` bytes if over it.
 
-    RFC 2181 9 / RFC 1035 4.2.1: an answer that does not fit is sent with TC set and without
-    its records, and the client retries over TCP. RFC 6891 7: the OPT is kept in a truncated reply.
+    Truncation keeps as many whole records as fit, answer section first, then authority,
+    then additional (the order CoreDNS's `Msg.Truncate` fills them), and sets TC when a record
+    of the answer or authority section was left out (RFC 2181 9: additional records alone may
+    be dropped without TC). The OPT stays (RFC 6891 7). Clients that never retry over TCP
+    still get the addresses that fit; the packet never exceeds `limit`.
     """
     opt = None
     if query.edns is not None:
@@ -185,9 +183,33 @@ def finish(reply: DNSRecord, query: Query, limit: int, max_udp: int) -> bytes:
     packed = bytes(reply.pack())
     if len(packed) <= limit:
         return packed
-    header = DNSHeader(id=reply.header.id, bitmap=reply.header.bitmap, tc=1)
-    header.rcode = reply.header.rcode
-    short = DNSRecord(header, questions=list(reply.questions))
-    if opt is not None:
-        short.add_ar(opt)
-    return bytes(short.pack())
+    sections = (list(reply.rr), list(reply.auth), [rr for rr in reply.ar if rr is not opt])
+    kept: list[list[RR]] = [[], [], []]
+
+    def pack(answer: list[RR], auth: list[RR], extra: list[RR]) -> bytes:
+        header = DNSHeader(id=reply.header.id, bitmap=reply.header.bitmap)
+        header.rcode = reply.header.rcode
+        out = DNSRecord(header, questions=list(reply.questions), rr=answer, auth=auth)
+        out.ar = [*extra, opt] if opt is not None else extra
+        return bytes(out.pack())
+
+    for i, section in enumerate(sections):
+        # The largest prefix of this section that fits beside what is kept (binary search:
+        # with name compression a record's size depends on what precedes it).
+        low, high = 0, len(section)
+        while low < high:
+            mid = (low + high + 1) // 2
+            trial = [*kept]
+            trial[i] = section[:mid]
+            if len(pack(*trial)) <= limit:
+                low = mid
+            else:
+                high = mid - 1
+        kept[i] = section[:low]
+        if low < len(section):
+            break  # later sections would only fill the space a dropped record left
+    truncated = len(kept[0]) < len(sections[0]) or len(kept[1]) < len(sections[1])
+    out = bytearray(pack(*kept))
+    if truncated:
+        out[2] |= FLAG_TC >> 8
+    return bytes(out)

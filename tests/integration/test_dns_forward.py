@@ -3,8 +3,9 @@ upstream, TTLs counted down, failover, SERVFAIL when all fail, TCP retry after t
 cluster names never leaving the server.
 
 The upstream is a small counting DNS server (UDP through asyncio-dgram, TCP through asyncio
-streams) that answers by name: `nx-*` NXDOMAIN with an SOA, `big.*` truncated over UDP and whole
-over TCP, `fail.*` SERVFAIL, anything else one A record.
+streams) that answers by name: `nx-*` and names with a dot inside a label NXDOMAIN with an
+SOA, `big.*` truncated over UDP and whole over TCP, `fail.*` SERVFAIL, anything else one A
+record.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class CountingUpstream:
     def answer(self, query: DNSRecord, tcp: bool) -> bytes:
         name = str(query.q.qname).rstrip(".").lower()
         reply = query.reply()
-        if name.startswith("nx-"):
+        dotted = any(b"." in label for label in query.q.qname.label)  # `www\\.example`
+        if name.startswith("nx-") or dotted:
             reply.header.rcode = RCODE.NXDOMAIN
             soa = SOA("ns.example.", "hostmaster.example.", (1, 3600, 600, 86400, NEGATIVE_TTL))
             reply.add_auth(RR("example.", QTYPE.SOA, rdata=soa, ttl=300))
@@ -154,6 +156,22 @@ async def test_nxdomain_cached_for_the_soa_minimum(
     assert upstream.udp[name] == 2  # expired: asked again
 
 
+async def test_a_dot_inside_a_label_never_shares_the_real_names_cache_entry(
+    server: DNSServer, upstream: CountingUpstream
+) -> None:
+    p = port_of(server)
+    # One label `www.example` (NXDOMAIN upstream, cached negatively for every client)...
+    r = await dig(p, "www\\.example")
+    assert r.status == "NXDOMAIN"
+    # ...leaves the two-label name it spells as text alone: asked upstream, answered.
+    r = await dig(p, "www.example")
+    assert r.status == "NOERROR" and r.answer == [("www.example.", 60, "A", "192.0.2.1")]
+    assert upstream.udp["www.example"] == 2  # both went upstream: two cache entries
+    r = await dig(p, "WWW.Example")  # case still shares the entry
+    assert r.answer == [("WWW.Example.", 60, "A", "192.0.2.1")]
+    assert upstream.udp["www.example"] == 2
+
+
 async def test_positive_answers_cached_with_ttl_counting_down(
     server: DNSServer, upstream: CountingUpstream
 ) -> None:
@@ -175,9 +193,10 @@ async def test_truncated_upstream_answer_is_fetched_over_tcp(
     r = await dig(p, "+bufsize=4096", "big.example")
     assert len(r.answer) == 60 and "tc" not in r.flags
     assert upstream.udp["big.example"] == 1 and upstream.tcp["big.example"] == 1
-    # A client without EDNS cannot take 60 records over UDP: TC, then dig asks us over TCP.
+    # A client without EDNS cannot take 60 records over UDP: the 30 that fit 512 bytes and TC,
+    # then dig asks us over TCP.
     r = await dig(p, "+noedns", "+ignore", "big.example")
-    assert "tc" in r.flags and not r.answer
+    assert "tc" in r.flags and len(r.answer) == 30
     r = await dig(p, "+noedns", "big.example")
     assert len(r.answer) == 60
     assert upstream.tcp["big.example"] == 1  # served from our cache

@@ -151,7 +151,7 @@ async def test_thousands_of_broken_udp_packets(server: DNSServer) -> None:
         > 0
     )
     assert server.metrics.rcodes[1] > 0 and server.metrics.rcodes[4] > 0  # FORMERR, NOTIMP
-    assert server._internal_errors == 0  # every packet was judged, none hit a bug
+    assert server.handler.internal_errors == 0  # every packet was judged, none hit a bug
     r = await dig(port, f"web.default.svc.{Z}")
     assert r.answer == [(f"web.default.svc.{Z}.", 30, "A", "10.96.0.20")]
     r = await dig(port, "+tcp", f"db.default.svc.{Z}")
@@ -173,4 +173,4 @@ async def test_broken_tcp_frames_do_not_hurt_other_connections(server: DNSServer
     assert r.answer == [(f"web.default.svc.{Z}.", 30, "A", "10.96.0.20")]
     r = await dig(port, f"nope.default.svc.{Z}")
     assert r.status == "NXDOMAIN"
-    assert server._internal_errors == 0
+    assert server.handler.internal_errors == 0

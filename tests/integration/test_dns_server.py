@@ -86,6 +86,11 @@ async def dig(port: int, *args: str) -> Dig:
     return parse_dig(out.decode())
 
 
+def msg_size(r: Dig) -> int:
+    """The reply's size in bytes as dig reports it (`;; MSG SIZE  rcvd: N`)."""
+    return int(r.text.rsplit("MSG SIZE  rcvd:", 1)[1].split()[0])
+
+
 def parse_dig(text: str) -> Dig:
     result = Dig(text=text)
     section: list[tuple[str, int, str, str]] | None = None
@@ -242,10 +247,18 @@ async def test_edns_is_echoed_only_when_sent(server: DNSServer) -> None:
 async def test_truncation_and_tcp_for_big_answers(server: DNSServer) -> None:
     p = port_of(server)
     name = f"big.default.svc.{Z}"
-    r = await dig(p, "+noedns", "+ignore", name)
-    assert "tc" in r.flags and not r.answer and r.status == "NOERROR"
-    r = await dig(p, "+bufsize=4096", "+ignore", name)  # 300 records do not fit 4096 either
-    assert "tc" in r.flags and not r.answer and r.edns_udp == 4096
+    # Over UDP: as many whole records as the client's size holds, in order, with TC (what
+    # CoreDNS sends), so a client that never retries over TCP still gets addresses.
+    for args, limit, fit in (
+        (("+noedns",), 512, 29),  # 12 header + 45 question + 29 x 16
+        (("+bufsize=1232",), 1232, 73),  # ... + 11 OPT
+        (("+bufsize=4096",), 4096, 252),  # 300 records do not fit 4096 either
+    ):
+        r = await dig(p, *args, "+ignore", name)
+        assert "tc" in r.flags and r.status == "NOERROR", args
+        assert 0 < msg_size(r) <= limit and msg_size(r) + 16 > limit, args
+        assert [a[3] for a in r.answer] == [f"10.245.{i // 250}.{i % 250 + 1}" for i in range(fit)]
+        assert r.edns_udp == (None if limit == 512 else 4096)
     r = await dig(p, "+tcp", name)
     assert len(r.answer) == 300 and "tc" not in r.flags
     r = await dig(p, name)  # dig retries over TCP on its own

@@ -8,8 +8,8 @@ from test_dns_records import endpoint_slice, service, synced_state
 
 from kubeshim.cluster.state import ClusterState, EventType, WatchEvent
 from kubeshim.dns.config import DNSConfig
+from kubeshim.dns.handler import ForwardRequest
 from kubeshim.dns.server import DNSServer
-from kubeshim.dns.wire import Query
 
 NAME = "web.default.svc.cluster.local"
 
@@ -76,11 +76,15 @@ def test_tcp_answers_are_not_truncated_and_outside_names_are_forwarded() -> None
     big = [{"addresses": [f"10.245.0.{i}"]} for i in range(1, 101)]
     state = synced_state(service("big", ip="None"), endpoint_slice("big", big))
     server = DNSServer(state, DNSConfig(binds=[], upstreams=[]))
-    udp = reply(server, packet("big.default.svc.cluster.local"))
-    assert udp.header.tc and not udp.rr
+    raw = server.answer(packet("big.default.svc.cluster.local"), False)
+    assert isinstance(raw, bytes) and len(raw) <= 512
+    udp = DNSRecord.parse(raw)
+    # Whole records up to 512 bytes (29 A records after the 47-byte question), TC set.
+    assert udp.header.tc and len(udp.rr) == 29
+    assert [str(rr.rdata) for rr in udp.rr] == [f"10.245.0.{i}" for i in range(1, 30)]
     tcp = reply(server, packet("big.default.svc.cluster.local"), tcp=True)
     assert not tcp.header.tc and len(tcp.rr) == 100
-    assert isinstance(server.answer(packet("example.com"), False), Query)
+    assert isinstance(server.answer(packet("example.com"), False), ForwardRequest)
 
 
 def test_dropped_and_refused_packets() -> None:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kubeshim.dns.batch import sockaddr
+from kubeshim.dns.mmsg import sockaddr
 
 
 def test_ipv4_address() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dnslib import QTYPE, RCODE, RR, SOA, A, DNSHeader, DNSRecord
+from dnslib import QTYPE, RCODE, RR, SOA, A, DNSHeader, DNSLabel, DNSRecord
 
 from kubeshim.dns.cache import AnswerCache, RelayedAnswers, UpstreamCache
 from kubeshim.dns.wire import question_key, ttl_offsets
@@ -59,7 +59,7 @@ def test_positive_answer_kept_for_its_ttl_and_counted_down() -> None:
     clock = Clock()
     cache = UpstreamCache(10, 10, clock=clock)
     key = cache.key("Example.com.", QTYPE.A, 1, False)
-    assert key == ("example.com", QTYPE.A, 1, False)
+    assert key == ((b"example", b"com"), QTYPE.A, 1, False)
     assert cache.put(key, upstream_reply("example.com", ttl=300)) == 300
     clock.now += 100.5
     hit = cache.get(key)
@@ -109,10 +109,10 @@ def test_stores_are_bounded_oldest_out() -> None:
     cache = UpstreamCache(2, 1, clock=Clock())
     for name in ("a", "b", "c"):
         cache.put(cache.key(name, 1, 1, False), upstream_reply(name))
-    assert [k[0] for k in cache.positive] == ["b", "c"]
+    assert [k[0] for k in cache.positive] == [(b"b",), (b"c",)]
     for name in ("n1", "n2"):
         cache.put(cache.key(name, 1, 1, False), upstream_reply(name, RCODE.NXDOMAIN))
-    assert [k[0] for k in cache.negative] == ["n2"]
+    assert [k[0] for k in cache.negative] == [(b"n2",)]
 
 
 def _relayed_reply() -> bytes:
@@ -157,3 +157,27 @@ def test_relayed_answers_clear_when_full() -> None:
     for key in keys:
         cache.put(key, packet, expires_at=1e12, rcode=0, kind="success")  # type: ignore[arg-type]
     assert len(cache) == 1 and cache.get(keys[2]) is not None  # type: ignore[arg-type]
+
+
+def test_keys_come_from_wire_labels_so_a_dot_inside_a_label_is_another_name() -> None:
+    dotted = DNSLabel([b"www.example", b"com"])  # `www\\.example.com`: two labels
+    plain = DNSLabel("WWW.example.com")
+    assert str(dotted) == "www.example.com."  # the dotted text alone cannot tell them apart
+    assert UpstreamCache.key(dotted, 1, 1, False) != UpstreamCache.key(plain, 1, 1, False)
+    as_text = UpstreamCache.key("www.example.com", 1, 1, False)
+    assert UpstreamCache.key(plain, 1, 1, False) == as_text
+
+
+def test_expired_answer_served_stale_only_on_request_with_the_rfc_8767_ttl() -> None:
+    clock = Clock()
+    cache = UpstreamCache(10, 10, clock=clock, stale_ttl=30, stale_max=3600)
+    key = cache.key("example.com", QTYPE.A, 1, False)
+    cache.put(key, upstream_reply("example.com", ttl=60))
+    assert cache.stale(key) is None  # still fresh: not stale
+    clock.now += 61
+    assert cache.get(key) is None  # expired for normal use...
+    stale = cache.stale(key)  # ...but kept for when every upstream fails
+    assert stale is not None and stale.rr[0].ttl == 30 and cache.stale_hits == 1
+    clock.now += 3600
+    assert cache.stale(key) is None and cache.get(key) is None
+    assert not cache.positive  # dropped past stale_max

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import pytest
 
 from kubeshim.dns.names import (
+    INVALID,
     ClusterName,
     NameKind,
     dashed,
@@ -48,10 +50,13 @@ def test_parse_cluster_name(name: str, want: ClusterName) -> None:
 
 
 def test_split_zone_keeps_other_zones_out() -> None:
-    assert split_zone("cluster.local", "cluster.local") == []
-    assert split_zone("web.default.svc.cluster.local", "cluster.local") == ["web", "default", "svc"]
-    assert split_zone("evilcluster.local", "cluster.local") is None
-    assert split_zone("example.com", "cluster.local") is None
+    assert split_zone(["cluster", "local"], "cluster.local") == []
+    assert split_zone(
+        ["web", "default", "svc", "cluster", "local"], "cluster.local"
+    ) == ["web", "default", "svc"]
+    assert split_zone(["evilcluster", "local"], "cluster.local") is None
+    assert split_zone(["example", "com"], "cluster.local") is None
+    assert split_zone(["web.default", "svc.cluster", "local"], "cluster.local") is None
 
 
 @pytest.mark.parametrize(
@@ -73,6 +78,29 @@ def test_pod_address(label: str, want: str | None) -> None:
 def test_dashed_names_match_coredns() -> None:
     assert dashed("10.244.0.5") == "10-244-0-5"
     assert dashed("fd00::5") == "fd00--5"
+
+
+@pytest.mark.parametrize(
+    ("ip", "want"),
+    [
+        ("2001:db8:3333:4444:5555:6666::", "2001-db8-3333-4444-5555-6666--0"),
+        ("::1", "0--1"),
+        ("::", "0--0"),
+        ("::ffff:10.0.0.1", "0--ffff-10-0-0-1"),
+        ("fd00::", "fd00--0"),
+    ],
+)
+def test_dashed_ipv6_edges_are_valid_rfc1123_labels_that_read_back(ip: str, want: str) -> None:
+    name = dashed(ip)
+    assert name == want
+    assert re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", name)  # RFC 1123 2.1 label
+    if "." not in ip:
+        assert pod_address(name) == ipaddress.ip_address(ip)
+
+
+def test_a_label_holding_a_dot_is_no_cluster_name() -> None:
+    assert parse_cluster_name(["web.default", "svc"]) == INVALID
+    assert parse_cluster_name(["10.244.0.5", "default", "pod"]) == INVALID
 
 
 @pytest.mark.parametrize(

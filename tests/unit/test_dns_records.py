@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import QTYPE, RCODE, DNSLabel, DNSQuestion, DNSRecord
 
 from kubeshim.cluster.state import ClusterState, EventType, WatchEvent
 from kubeshim.dns.config import DNSConfig
@@ -263,3 +265,40 @@ def test_changes_report_the_names_they_make_stale() -> None:
     assert answers(ask(records, "10-244-0-9.default.pod.cluster.local"))[0][2] == "10.244.0.9"
     state.apply([WatchEvent(EventType.DELETED, service("api", ip="10.96.0.30"))])
     assert records.resolve(DNSRecord.question("30.0.96.10.in-addr.arpa", "PTR")) is None
+
+
+def test_ipv6_endpoints_at_the_edges_get_valid_names_in_srv_and_ptr() -> None:
+    edges = ["2001:db8:3333:4444:5555:6666::", "::1"]
+    state = synced_state(
+        service("v6", ip="None", ports=[{"name": "http", "port": 80}], ipFamilies=["IPv6"]),
+        endpoint_slice(
+            "v6",
+            [{"addresses": [ip]} for ip in edges],
+            ports=[{"name": "http", "port": 80}],
+            address_type="IPv6",
+        ),
+    )
+    records = ClusterRecords(state, DNSConfig(reverse_cidrs=["2001:db8::/32"]))
+    reply = ask(records, "_http._tcp.v6.default.svc.cluster.local", "SRV")
+    targets = sorted(str(rr.rdata.target) for rr in reply.rr)
+    assert targets == [
+        "0--1.v6.default.svc.cluster.local.",
+        "2001-db8-3333-4444-5555-6666--0.v6.default.svc.cluster.local.",
+    ]
+    assert {str(rr.rname) for rr in reply.ar} == set(targets)
+    name = "2001-db8-3333-4444-5555-6666--0.v6.default.svc.cluster.local"
+    assert answers(ask(records, name, "AAAA")) == [(name + ".", "AAAA", edges[0])]
+    ptr = ask(records, ipaddress.ip_address(edges[0]).reverse_pointer, "PTR")
+    assert [str(rr.rdata) for rr in ptr.rr] == [name + "."]
+
+
+def test_a_dotted_label_is_not_the_cluster_name_it_spells() -> None:
+    state = synced_state(service("web", ip="10.96.0.20"))
+    records = ClusterRecords(state, DNSConfig())
+    # `web\\.default.svc.cluster.local`: labels "web.default", "svc", "cluster", "local".
+    dotted = DNSRecord(q=DNSQuestion(DNSLabel([b"web.default", b"svc", b"cluster", b"local"])))
+    resolution = records.resolve(dotted)
+    assert resolution is not None and resolution.reply.header.rcode == RCODE.NXDOMAIN
+    # The single label `web.default` is not in the zone at all: forwarded, never the Service.
+    assert records.resolve(DNSRecord(q=DNSQuestion(DNSLabel([b"web.default"])))) is None
+    assert answers(ask(records, "web.default.svc.cluster.local"))[0][2] == "10.96.0.20"

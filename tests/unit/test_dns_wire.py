@@ -94,6 +94,24 @@ def test_finish_truncates_what_does_not_fit() -> None:
         reply.add_answer(RR("web.default.svc.cluster.local", QTYPE.A, rdata=A(f"10.0.0.{i}")))
     full = DNSRecord.parse(finish(reply, parsed, 65535, 4096))
     assert len(full.rr) == 100 and not full.header.tc
-    short = DNSRecord.parse(finish(reply, parsed, 1232, 4096))
-    assert short.header.tc and not short.rr and len(short.questions) == 1
+    packed = finish(reply, parsed, 1232, 4096)
+    short = DNSRecord.parse(packed)
+    # Header 12 + question 35 + OPT 11, then 16 bytes per compressed A record: 73 fit.
+    assert len(packed) <= 1232 and len(packed) + 16 > 1232
+    assert short.header.tc and len(short.rr) == 73 and len(short.questions) == 1
+    assert [str(rr.rdata) for rr in short.rr] == [f"10.0.0.{i}" for i in range(73)]  # in order
     assert short.ar[0].rtype == QTYPE.OPT  # the OPT stays (RFC 6891 7)
+
+
+def test_finish_drops_additional_records_alone_without_tc() -> None:
+    parsed = parse_query(query(), 4096)
+    assert parsed is not None and not isinstance(parsed, bytes)
+    reply = parsed.record.reply()
+    reply.add_answer(RR("web.default.svc.cluster.local", QTYPE.A, rdata=A("10.0.0.1")))
+    for i in range(40):
+        reply.add_ar(RR(f"host{i}.example.org", QTYPE.A, rdata=A(f"10.0.1.{i}")))
+    packed = finish(reply, parsed, 512, 4096)
+    out = DNSRecord.parse(packed)
+    # RFC 2181 9: the answer is whole, so no TC for leaving out additional data.
+    assert len(packed) <= 512 and len(out.rr) == 1 and 0 < len(out.ar) < 40
+    assert not out.header.tc
