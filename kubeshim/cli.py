@@ -21,6 +21,7 @@ from kubeshim.cluster import log as logs
 from kubeshim.cluster.errors import ConfigError
 from kubeshim.config import (
     Options,
+    bad_cidrs,
     expand_nodeport_addresses,
     load_config_file,
     parse_duration,
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hostname-override", metavar="NAME",
                      help="this node's name (traffic policy Local)")
     run.add_argument("--cluster-cidr", metavar="CIDRS", help="pod CIDRs, comma separated")
+    run.add_argument("--service-cluster-ip-range", metavar="CIDRS",
+                     help="service CIDRs (kube-apiserver's flag), comma separated: ClusterIPs "
+                     "read from --manifests must lie in them")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument("-v", "--verbose", action="store_true", help="same as --log-level debug")
     run.add_argument("--healthz-bind-address", metavar="HOST:PORT",
@@ -133,6 +137,10 @@ def options_from_args(args: argparse.Namespace) -> Options:
         opts.log_level = "debug"
     if getattr(args, "cluster_cidr", None):
         opts.cluster_cidrs = [c for c in args.cluster_cidr.split(",") if c]
+    if getattr(args, "service_cluster_ip_range", None):
+        opts.service_cidrs = [c for c in args.service_cluster_ip_range.split(",") if c]
+        if bad := bad_cidrs(opts.service_cidrs):
+            raise ConfigError(f"--service-cluster-ip-range: {bad[0]}")
     if getattr(args, "nodeport_addresses", None):
         opts.nodeport_addresses = expand_nodeport_addresses(
             [c for c in args.nodeport_addresses.split(",") if c], opts.node_ip)
@@ -165,7 +173,7 @@ def _state(opts: Options, output: str, vip_mode: str | None) -> int:
     if opts.manifests is not None:
         from kubeshim.cluster.sources.manifests import ManifestSource
 
-        ManifestSource(opts.manifests, state).load_once()
+        ManifestSource(opts.manifests, state, service_cidrs=opts.service_networks()).load_once()
     else:
         source = make_source(opts, state)
 

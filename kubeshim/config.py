@@ -37,6 +37,8 @@ class Options:
     # bindAddress: the node's primary IP, when set (kube-proxy does not bind to it either).
     node_ip: str = ""
     cluster_cidrs: list[str] = field(default_factory=list)
+    # kube-apiserver's --service-cluster-ip-range: ClusterIPs read from manifests must lie in it.
+    service_cidrs: list[str] = field(default_factory=list)
     # proxy
     proxy: bool = True
     vip_mode: str = ""  # "" = interface as root, loopback otherwise
@@ -66,6 +68,9 @@ class Options:
     log_level: str = "info"
     proxy_name: str = "kubeshim"
     ignored: list[str] = field(default_factory=list)
+
+    def service_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(c, strict=False) for c in self.service_cidrs]
 
 
 def parse_host_port(value: str, default_port: int | None = None) -> tuple[str, int]:
@@ -406,7 +411,7 @@ def _apply(cfg: KubeProxyConfiguration, doc: dict[str, Any], opts: Options,
                 setattr(opts, attr, v)
     if _is_set(cidrs := cfg.cluster_cidr):
         opts.cluster_cidrs = [c.strip() for c in cidrs.split(",") if c.strip()]
-        errors += [f"clusterCIDR: {e}" for e in _bad_cidrs(opts.cluster_cidrs)]
+        errors += [f"clusterCIDR: {e}" for e in bad_cidrs(opts.cluster_cidrs)]
     if (addresses := cfg.node_port_addresses) is not None:
         try:
             opts.nodeport_addresses = expand_nodeport_addresses([str(a) for a in addresses],
@@ -464,13 +469,13 @@ def expand_nodeport_addresses(values: list[str], node_ip: str = "") -> list[str]
         elif value == "primary":
             out.append(f"{node_ip}/{128 if ':' in node_ip else 32}" if node_ip else "primary")
         else:
-            if errs := _bad_cidrs([value]):
+            if errs := bad_cidrs([value]):
                 raise ConfigError(errs[0] + " (expected a CIDR, 'primary', 'localhost' or 'all')")
             out.append(value)
     return list(dict.fromkeys(out))
 
 
-def _bad_cidrs(values: list[str]) -> list[str]:
+def bad_cidrs(values: list[str]) -> list[str]:
     bad = []
     for value in values:
         try:
@@ -492,7 +497,7 @@ def _apply_dns(section: DNSSection, opts: Options, errors: list[str]) -> None:
                 value = [parse_host_port(str(item), 53) for item in value]
             elif key == "reverseCIDRs":
                 value = [str(item) for item in value]
-                if bad := _bad_cidrs(value):
+                if bad := bad_cidrs(value):
                     raise ConfigError(bad[0])
             elif key == "clusterDomain":
                 value = value.strip(".").lower()

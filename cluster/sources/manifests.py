@@ -5,18 +5,28 @@ would find them, and turning edits into ClusterState events:
 
 - files: *.yaml, *.yml, *.json, recursively; dotfiles and dot-directories (editor swap files,
   a ConfigMap volume's `..data` staging directory) and editor temp files (`x~`, `#x#`) are
-  skipped. Symlinks are followed, so a ConfigMap volume's atomic `..data` swap is seen.
+  skipped. Symlinks are followed, so a ConfigMap volume's atomic `..data` swap is seen; each
+  directory is read once (a visited set of device and inode), so a link back up the tree is
+  reported as a loop, never followed. Only regular files are read (a FIFO or a device behind a
+  manifest name is reported), each up to `max_file_bytes`.
 - documents: multi-document YAML, JSON, `kind: List` and the typed lists kubectl prints
   (`ServiceList`, `EndpointSliceList`, `NodeList`, whose items may omit `kind`). A Node is
   optional; only the one named like this node (--hostname-override) is used, for its zone
   label and taints. Other kinds are ignored.
-- following: a poll of (mtime, size, inode) every `poll_interval` seconds. Polling was chosen
-  over inotify: it sees atomic renames, symlink swaps and edits in new subdirectories without
-  watch bookkeeping, and costs one stat per file per tick (about 10 us each).
-- errors: an object that fails validation is reported (file, object, reason) once per change
-  of its file and skipped. A file that fails to parse as a whole (a YAML error, often an
-  editor's half-written save) is reported and its previously loaded objects are KEPT until it
-  parses again, so a bad save never drops a serving Service. A deleted file drops its objects.
+- following: inotify watches on every directory read. The kernel names the file that changed,
+  so an edit costs one file's read, not a scan; directory events (a new or removed directory,
+  a ConfigMap's `..data` swap, an overflowed event queue) rescan the tree. A file is read when
+  its writer closes it or renames it into place (not on each write, which would see it half
+  written). Where inotify is unavailable or its watch limit is reached, the folder is polled
+  every `poll_interval` seconds instead.
+- work off the event loop: walking, reading and parsing run on a thread; only the resulting
+  events are applied on the loop, so a slow disk or a huge file never stalls serving.
+- errors are never deletions: an object that fails validation is reported (file, object, field)
+  once per change of its file and skipped. A file that cannot be read or parsed (a YAML error,
+  an editor's half-written save, too many open files, too large, not a regular file) keeps its
+  previously loaded objects; so does everything under a directory that cannot be listed, and
+  everything when the folder itself vanishes. Each such problem is logged once when it starts
+  and once when it clears. Only a file that is really gone drops its objects.
 - conflicts: two files defining the same object: the last in sorted path order wins, with a
   warning.
 """
@@ -24,9 +34,12 @@ would find them, and turning edits into ClusterState events:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import stat
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +49,7 @@ import yaml
 from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.model import InvalidObject, KubeObject, NamespacedName, decode
 from kubeshim.cluster.state import ClusterState, EventType, Kind, WatchEvent
+from kubeshim.cluster.validation import ServiceCIDRs, validate_strict
 
 log = get_logger("sources")
 
@@ -43,15 +57,25 @@ SUFFIXES = (".yaml", ".yml", ".json")
 LIST_ITEM_KIND = {"ServiceList": "Service", "EndpointSliceList": "EndpointSlice",
                   "NodeList": "Node", "List": None}
 KINDS: tuple[Kind, ...] = ("Service", "EndpointSlice", "Node")
+# The largest manifest file read. The API server takes at most 3 MiB per request and etcd
+# 1.5 MiB per object; 16 MiB leaves room for `kubectl get -A -o yaml` of ~50k Services.
+MAX_FILE_BYTES = 16 * 1024 * 1024
+# How soon a file that could not be read (EMFILE, EACCES, ...) is tried again under inotify.
+RETRY_INTERVAL = 1.0
 
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 ObjectKey = tuple[str, NamespacedName]  # (kind, namespace/name)
 Signature = tuple[int, int, int]  # (mtime_ns, size, inode)
+DirId = tuple[int, int]  # (st_dev, st_ino)
 
 
 class ParseError(Exception):
     """A file that does not parse as a whole."""
+
+
+class Unreadable(Exception):
+    """A file that is not read: not a regular file, or too large. The message says why."""
 
 
 @dataclass
@@ -66,26 +90,131 @@ def _ignored(name: str) -> bool:
     )
 
 
-def discover(root: Path) -> dict[Path, Signature]:
+def _is_manifest(name: str) -> bool:
+    return not _ignored(name) and name.endswith(SUFFIXES)
+
+
+def _signature(st: os.stat_result) -> Signature:
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _os_reason(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "symlink loop (too many levels of symbolic links)"
+    return e.strerror or str(e)
+
+
+# --- walking the folder (runs on a thread) --------------------------------------------------
+
+
+@dataclass
+class Walk:
+    """What one walk of the folder found."""
+
+    files: dict[Path, Signature] = field(default_factory=dict)
+    dirs: list[Path] = field(default_factory=list)  # directories read, to watch
+    # Entries skipped, with the reason; their previous objects (if any) are kept.
+    problems: dict[Path, str] = field(default_factory=dict)
+    # Paths whose contents are unknown this time (unlisted directories, unreadable entries):
+    # every known file at or under them keeps its objects.
+    kept: list[Path] = field(default_factory=list)
+
+
+def walk(root: Path) -> Walk:
     """The manifest files under `root` (or `root` itself) with their stat signatures."""
-    found: dict[Path, Signature] = {}
-
-    def add(path: Path) -> None:
+    w = Walk()
+    try:
+        st = os.stat(root)
+    except OSError as e:
+        reason = "does not exist" if e.errno == errno.ENOENT else _os_reason(e)
+        w.problems[root] = reason
+        w.kept.append(root)
+        return w
+    if stat.S_ISREG(st.st_mode):
+        w.files[root] = _signature(st)
+        return w
+    if not stat.S_ISDIR(st.st_mode):
+        w.problems[root] = f"{_file_type(st.st_mode)}, not a file or directory"
+        w.kept.append(root)
+        return w
+    visited: dict[DirId, Path] = {}
+    stack: list[tuple[Path, os.stat_result]] = [(root, st)]
+    while stack:
+        d, dst = stack.pop()
+        ident = (dst.st_dev, dst.st_ino)
+        if ident in visited:
+            w.problems[d] = (f"directory already read as {visited[ident]} (a symlink loop or a "
+                             "second link); not followed")
+            continue
+        visited[ident] = d
+        w.dirs.append(d)
         try:
-            st = path.stat()
-        except OSError:  # vanished between listing and stat
-            return
-        found[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
+            with os.scandir(d) as it:
+                names = sorted(entry.name for entry in it)
+        except OSError as e:
+            w.problems[d] = f"cannot list directory: {_os_reason(e)}"
+            w.kept.append(d)
+            continue
+        subdirs: list[tuple[Path, os.stat_result]] = []
+        for name in names:
+            if _ignored(name):
+                continue
+            path = d / name
+            try:
+                est = os.stat(path)  # follows symlinks
+            except FileNotFoundError:
+                continue  # vanished since the listing, or a dangling link: nothing to read
+            except OSError as e:
+                w.problems[path] = _os_reason(e)
+                w.kept.append(path)
+                continue
+            if stat.S_ISDIR(est.st_mode):
+                subdirs.append((path, est))
+            elif name.endswith(SUFFIXES):
+                if stat.S_ISREG(est.st_mode):
+                    w.files[path] = _signature(est)
+                else:
+                    w.problems[path] = f"{_file_type(est.st_mode)}, not a regular file; skipped"
+                    w.kept.append(path)
+        stack.extend(reversed(subdirs))
+    return w
 
-    if root.is_file():
-        add(root)
-        return found
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _ignored(d))
-        for name in filenames:
-            if not _ignored(name) and name.endswith(SUFFIXES):
-                add(Path(dirpath, name))
-    return found
+
+def read_file(path: Path, limit: int) -> tuple[bytes, Signature]:
+    """The bytes of one regular file of at most `limit` bytes, and its signature.
+
+    Opened non-blocking, then checked on the descriptor: a FIFO or device swapped in after the
+    walk cannot block the reader, and a file that grows past the limit while read is refused.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Unreadable(f"{_file_type(st.st_mode)}, not a regular file; skipped")
+        if st.st_size > limit:
+            raise Unreadable(f"{st.st_size} bytes, more than the limit of {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, min(1 << 20, limit + 1 - size) or 1):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise Unreadable(f"more than the limit of {limit} bytes")
+        return b"".join(chunks), _signature(st)
+    finally:
+        os.close(fd)
+
+
+# --- parsing (runs on a thread) ---------------------------------------------------------------
 
 
 def parse_documents(path: Path, data: bytes) -> list[Any]:
@@ -94,7 +223,7 @@ def parse_documents(path: Path, data: bytes) -> list[Any]:
         if path.suffix == ".json":
             return [msgspec.json.decode(data)]
         return [doc for doc in yaml.load_all(data, Loader=_Loader) if doc is not None]
-    except (yaml.YAMLError, msgspec.DecodeError, UnicodeDecodeError) as e:
+    except (yaml.YAMLError, msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ParseError(str(e).replace("\n", " ")) from None
 
 
@@ -115,8 +244,14 @@ def _items(doc: Any, where: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
     yield kind or "", doc
 
 
-def load_file(path: Path, data: bytes) -> dict[ObjectKey, KubeObject]:
-    """The valid Services and EndpointSlices in one file; invalid objects are reported."""
+def load_file(path: Path, data: bytes, service_cidrs: ServiceCIDRs | None = None,
+              loopback_endpoints: bool = True) -> dict[ObjectKey, KubeObject]:
+    """The valid Services and EndpointSlices in one file; invalid objects are reported.
+
+    Objects from files get the API server's own validation (names, address classes, the
+    service CIDRs when known; see cluster/validation.py, loopback endpoints allowed by
+    default for the lab): nothing validated them before kubeshim reads them.
+    """
     objects: dict[ObjectKey, KubeObject] = {}
     for doc in parse_documents(path, data):
         for kind, raw in _items(doc, str(path)):
@@ -125,6 +260,7 @@ def load_file(path: Path, data: bytes) -> dict[ObjectKey, KubeObject]:
                 continue
             try:
                 obj = decode(kind, raw)
+                validate_strict(obj, service_cidrs, loopback_endpoints)
             except InvalidObject as e:
                 log.warning(
                     "skipping invalid object",
@@ -145,30 +281,54 @@ def load_file(path: Path, data: bytes) -> dict[ObjectKey, KubeObject]:
     return objects
 
 
+@dataclass
+class _Read:
+    """The outcome of one look at the folder, computed off the loop and applied on it."""
+
+    walk: Walk | None  # set for a full walk
+    loaded: dict[Path, _File] = field(default_factory=dict)
+    parse_failed: dict[Path, Signature] = field(default_factory=dict)
+    gone: set[Path] = field(default_factory=set)  # targeted paths that no longer exist
+    problems: dict[Path, str] = field(default_factory=dict)
+    retry: set[Path] = field(default_factory=set)  # transient failures worth another look
+    rescan: bool = False  # a targeted path turned out to need a full walk
+
+
+# --- the source -------------------------------------------------------------------------------
+
+
 class ManifestSource:
     """Keeps `state` equal to the manifests under `path`."""
 
-    def __init__(self, path: Path, state: ClusterState, *, poll_interval: float = 0.5) -> None:
+    def __init__(self, path: Path, state: ClusterState, *, poll_interval: float = 0.5,
+                 max_file_bytes: int = MAX_FILE_BYTES, use_inotify: bool = True,
+                 service_cidrs: ServiceCIDRs | None = None) -> None:
         self.path = Path(path)
         self.state = state
         self.poll_interval = poll_interval
+        self.max_file_bytes = max_file_bytes
+        self.use_inotify = use_inotify
+        self.service_cidrs = service_cidrs
         self._files: dict[Path, _File] = {}
+        # Every file's objects by key: the winner is the last path in sorted order.
+        self._defs: dict[ObjectKey, dict[Path, KubeObject]] = {}
         self._merged: dict[ObjectKey, KubeObject] = {}
+        self._withdrawn: dict[ObjectKey, KubeObject] = {}  # merged objects no file defines now
         self._conflicts: set[tuple[ObjectKey, Path]] = set()
+        self._reported: dict[Path, str] = {}  # problems logged, until they clear
+        self._pending: set[Path] = set()
+        self._pending_full = False
+        self._wake = asyncio.Event()
+        self._inotify: Any = None
+        self._watches: dict[int, Path] = {}  # inotify watch descriptor -> directory
+        self._outside: Path | None = None
+        self.mode = "poll"
+
+    # --- entry points ---------------------------------------------------------------------------
 
     def load_once(self) -> None:
         """Read everything and make both kinds synced (for `kubeshim state` and startup)."""
-        self._scan()
-        # The Node and slices first: a Service then appears once, with its endpoints and
-        # this node's topology, not twice.
-        for kind in ("Node", "EndpointSlice", "Service"):
-            self.state.replace(kind, [o for (k, _), o in self._merged.items() if k == kind])
-        log.info(
-            "manifests loaded",
-            path=str(self.path),
-            files=len(self._files),
-            objects=len(self._merged),
-        )
+        self._apply(self._read(True, set()), initial=True)
 
     async def run(self) -> None:
         """Load, then follow file creation, edits and deletion until cancelled."""
@@ -177,82 +337,284 @@ class ManifestSource:
                 "manifest path does not exist (yet); serving nothing until it does",
                 path=str(self.path),
             )
-        self.load_once()
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                self.poll()
-            except Exception:  # keep following the folder; the last good state keeps serving
-                log.error("manifest poll failed", exc_info=True, path=str(self.path))
+        self._apply(await asyncio.to_thread(self._read, True, set()), initial=True)
+        if self.use_inotify:
+            self._start_inotify()
+        log.info("following manifests", path=str(self.path), mode=self.mode)
+        try:
+            while True:
+                if self._inotify is None:
+                    await asyncio.sleep(self.poll_interval)
+                    self._pending_full = True
+                else:
+                    await self._wake.wait()
+                self._wake.clear()
+                full, paths = self._pending_full, self._pending
+                self._pending_full, self._pending = False, set()
+                try:
+                    result = await asyncio.to_thread(self._read, full, paths)
+                    self._apply(result)
+                except Exception:  # keep following; the last good state keeps serving
+                    log.error("manifest read failed", exc_info=True, path=str(self.path))
+        finally:
+            self._stop_inotify()
 
     def poll(self) -> None:
-        """One look at the folder: apply what changed since the last look."""
-        before = self._merged
-        if not self._scan():
-            return
-        events = [
-            WatchEvent(EventType.DELETED, obj)
-            for key, obj in before.items()
-            if key not in self._merged
-        ]
-        events += [
-            WatchEvent(EventType.MODIFIED, obj)
-            for key, obj in self._merged.items()
-            if before.get(key) != obj
-        ]
-        if events:
-            self.state.apply(events)
+        """One full look at the folder, on the calling thread."""
+        self._apply(self._read(True, set()))
 
-    # --- internals ------------------------------------------------------------------------
+    # --- reading (on a thread; reads self._files, never writes it) ------------------------------
 
-    def _scan(self) -> bool:
-        """Re-read changed files; True if the set of loaded objects may have changed."""
-        seen = discover(self.path) if self.path.exists() else {}
-        changed = False
-        for path in [p for p in self._files if p not in seen]:
-            del self._files[path]
-            log.info("manifest file removed", file=str(path))
-            changed = True
-        for path, signature in seen.items():
+    def _read(self, full: bool, paths: set[Path]) -> _Read:
+        candidates: dict[Path, Signature] = {}
+        if full:
+            result = _Read(walk(self.path))
+            assert result.walk is not None
+            candidates = result.walk.files
+            result.problems.update(result.walk.problems)
+            result.retry.update(result.walk.kept)
+        else:
+            result = _Read(None)
+            for path in paths:
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    result.gone.add(path)
+                    continue
+                except OSError as e:
+                    result.problems[path] = _os_reason(e)
+                    result.retry.add(path)
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    result.rescan = True  # a directory under a manifest's name: walk it
+                elif stat.S_ISREG(st.st_mode):
+                    candidates[path] = _signature(st)
+                else:
+                    result.problems[path] = f"{_file_type(st.st_mode)}, not a regular file; skipped"
+        for path, signature in candidates.items():
             known = self._files.get(path)
             if known is not None and known.signature == signature:
                 continue
             try:
-                objects = load_file(path, path.read_bytes())
-            except (ParseError, OSError) as e:
-                # Keep the objects the file last parsed to (see the module comment).
-                kept = len(known.objects) if known else 0
-                log.warning(
-                    "cannot parse manifest file; keeping its previous objects",
-                    file=str(path),
-                    reason=str(e),
-                    kept=kept,
-                )
-                if known is not None:
-                    known.signature = signature
-                else:
-                    self._files[path] = _File(signature, {})
+                data, signature = read_file(path, self.max_file_bytes)
+                result.loaded[path] = _File(signature, load_file(path, data, self.service_cidrs))
+            except ParseError as e:
+                result.problems[path] = f"cannot parse: {e}"
+                result.parse_failed[path] = signature
+            except Unreadable as e:
+                result.problems[path] = str(e)
+            except OSError as e:
+                result.problems[path] = f"cannot read: {_os_reason(e)}"
+                result.retry.add(path)
+        return result
+
+    # --- applying (on the loop) -------------------------------------------------------------------
+
+    def _apply(self, result: _Read, initial: bool = False) -> None:
+        removed: list[Path] = []
+        if result.walk is not None:
+            kept = result.walk.kept
+            for path in self._files:
+                if path not in result.walk.files and path not in result.problems and not any(
+                        path == k or path.is_relative_to(k) for k in kept):
+                    removed.append(path)
+            self._sync_watches(result.walk)
+        else:
+            removed = [p for p in result.gone if p in self._files]
+        for path, signature in result.parse_failed.items():
+            # Keep the objects the file last parsed to; do not parse this version again.
+            self._files.setdefault(path, _File(signature, {})).signature = signature
+        touched: set[ObjectKey] = set()
+        for path in removed:
+            log.info("manifest file removed", file=str(path))
+            touched |= self._set_file(path, None)
+        for path, entry in result.loaded.items():
+            touched |= self._set_file(path, entry)
+        self._report(result)
+        if initial:
+            self._withdrawn.clear()
+            # The Node and slices first: a Service then appears once, with its endpoints and
+            # this node's topology, not twice.
+            for kind in ("Node", "EndpointSlice", "Service"):
+                self.state.replace(kind, [o for (k, _), o in self._merged.items() if k == kind])
+            log.info("manifests loaded", path=str(self.path), files=len(self._files),
+                     objects=len(self._merged))
+        elif touched:
+            events = self._events(touched)
+            if events:
+                self.state.apply(events)
+        if result.rescan:
+            self._pending_full = True
+            self._wake.set()
+        if result.retry and self._inotify is not None:
+            asyncio.get_running_loop().call_later(RETRY_INTERVAL, self._queue, result.retry)
+
+    def _set_file(self, path: Path, entry: _File | None) -> set[ObjectKey]:
+        """Replace one file's objects; returns the keys whose definitions changed."""
+        old = self._files.pop(path, None)
+        if entry is not None:
+            self._files[path] = entry
+        touched: set[ObjectKey] = set()
+        for key in old.objects if old is not None else ():
+            if entry is None or key not in entry.objects:
+                defs = self._defs[key]
+                del defs[path]
+                if not defs:
+                    del self._defs[key]
+                touched.add(key)
+        for key, obj in entry.objects.items() if entry is not None else ():
+            defs = self._defs.setdefault(key, {})
+            if defs.get(path) != obj:
+                defs[path] = obj
+                touched.add(key)
+        return self._merge(touched)
+
+    def _merge(self, keys: Iterable[ObjectKey]) -> set[ObjectKey]:
+        changed: set[ObjectKey] = set()
+        for key in keys:
+            defs = self._defs.get(key)
+            if not defs:
+                if (gone := self._merged.pop(key, None)) is not None:
+                    self._withdrawn[key] = gone
+                    changed.add(key)
                 continue
-            self._files[path] = _File(signature, objects)
-            changed = True
-        if changed:
-            self._merge()
+            paths = sorted(defs)
+            winner = paths[-1]
+            for path in paths[1:]:
+                if (key, path) not in self._conflicts:
+                    self._conflicts.add((key, path))
+                    log.warning("object defined in two files, the later path wins", kind=key[0],
+                                object=str(key[1]), file=str(path), overrides=str(paths[0]))
+            if self._merged.get(key) != defs[winner]:
+                self._merged[key] = defs[winner]
+                self._withdrawn.pop(key, None)  # moved to another file in the same batch
+                changed.add(key)
         return changed
 
-    def _merge(self) -> None:
-        merged: dict[ObjectKey, KubeObject] = {}
-        owner: dict[ObjectKey, Path] = {}
-        for path in sorted(self._files):
-            for key, obj in self._files[path].objects.items():
-                if key in owner and (key, path) not in self._conflicts:
-                    self._conflicts.add((key, path))
-                    log.warning(
-                        "object defined in two files, the later path wins",
-                        kind=key[0],
-                        object=str(key[1]),
-                        file=str(path),
-                        overrides=str(owner[key]),
-                    )
-                merged[key] = obj
-                owner[key] = path
-        self._merged = merged
+    def _events(self, touched: set[ObjectKey]) -> list[WatchEvent]:
+        deleted = [WatchEvent(EventType.DELETED, self._withdrawn.pop(key))
+                   for key in touched if key in self._withdrawn]
+        modified = [WatchEvent(EventType.MODIFIED, self._merged[key])
+                    for key in touched if key in self._merged]
+        self._withdrawn.clear()
+        return deleted + modified
+
+    def _report(self, result: _Read) -> None:
+        """Log each problem once when it starts and once when it clears."""
+        for path, reason in result.problems.items():
+            if self._reported.get(path) != reason:
+                self._reported[path] = reason
+                known = self._files.get(path)
+                log.warning("manifest skipped; keeping its previous objects", file=str(path),
+                            reason=reason, kept=len(known.objects) if known else 0)
+        if result.walk is not None:
+            cleared = [p for p in self._reported if p not in result.problems]
+        else:
+            cleared = [p for p in (*result.loaded, *result.gone)
+                       if p in self._reported and p not in result.problems]
+        for path in cleared:
+            del self._reported[path]
+            log.info("manifest readable again", file=str(path))
+
+    # --- inotify --------------------------------------------------------------------------------
+
+    def _start_inotify(self) -> None:
+        try:
+            from inotify_simple import INotify  # type: ignore[import-untyped]
+        except ImportError:
+            log.warning("inotify_simple not installed; polling the manifest folder",
+                        interval=self.poll_interval)
+            return
+        try:
+            self._inotify = INotify(nonblocking=True)
+        except OSError as e:
+            log.warning("inotify unavailable; polling the manifest folder",
+                        reason=_os_reason(e), interval=self.poll_interval)
+            return
+        self._watches = {}
+        walked = walk(self.path)  # the directories to watch; cheap next to the first load
+        self._sync_watches(walked)
+        if self._inotify is not None:
+            self.mode = "inotify"
+            asyncio.get_running_loop().add_reader(self._inotify.fileno(), self._on_inotify)
+            # Anything that changed between the first read and the watches: look once more.
+            self._pending_full = True
+            self._wake.set()
+
+    def _stop_inotify(self) -> None:
+        if self._inotify is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._inotify.fileno())
+            self._inotify.close()
+            self._inotify = None
+
+    def _sync_watches(self, walked: Walk) -> None:
+        if self._inotify is None:
+            return
+        from inotify_simple import flags  # type: ignore[import-untyped]
+
+        mask = (flags.CLOSE_WRITE | flags.MOVED_TO | flags.MOVED_FROM | flags.CREATE
+                | flags.DELETE | flags.ATTRIB | flags.DELETE_SELF | flags.MOVE_SELF)
+        # Without a folder to watch (one file, or a folder not there yet): watch its parent.
+        self._outside = None if walked.dirs else self.path.parent
+        dirs = walked.dirs or [self.path.parent]
+        watches: dict[int, Path] = {}
+        for d in dirs:
+            try:
+                watches[self._inotify.add_watch(d, mask)] = d
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.ENOMEM):
+                    log.warning("inotify watch limit reached; polling the manifest folder",
+                                reason=_os_reason(e), interval=self.poll_interval,
+                                hint="raise fs.inotify.max_user_watches")
+                    self._stop_inotify()
+                    self.mode = "poll"
+                    self._wake.set()
+                    return
+                # Vanished since the walk: the event that removed it triggers another walk.
+        for wd in self._watches.keys() - watches.keys():
+            with contextlib.suppress(OSError):
+                self._inotify.rm_watch(wd)
+        self._watches = watches
+
+    def _on_inotify(self) -> None:
+        from inotify_simple import flags  # type: ignore[import-untyped]
+
+        try:
+            events = self._inotify.read(timeout=0)
+        except OSError as e:
+            log.error("reading inotify events failed; polling the manifest folder",
+                      reason=_os_reason(e))
+            self._stop_inotify()
+            self.mode = "poll"
+            self._wake.set()
+            return
+        for ev in events:
+            if ev.mask & flags.Q_OVERFLOW:
+                self._pending_full = True
+                continue
+            d = self._watches.get(ev.wd)
+            if d is None:
+                continue
+            if ev.mask & (flags.DELETE_SELF | flags.MOVE_SELF | flags.IGNORED):
+                self._pending_full = True
+            elif d == self._outside:
+                # The parent of a single file or of a folder not there yet.
+                if ev.name == self.path.name:
+                    self._pending_full = True
+            elif _is_manifest(ev.name) and not ev.mask & flags.ISDIR:
+                self._pending.add(d / ev.name)
+            elif ev.name.startswith("..") or not _ignored(ev.name):
+                # A directory (or a link to one) came or went, or a ConfigMap volume swapped
+                # its `..data` link: walk again. Editors' dotfiles and temp files are ignored.
+                self._pending_full = True
+        if self._pending or self._pending_full:
+            self._wake.set()
+
+    def _queue(self, paths: set[Path]) -> None:
+        for path in paths:
+            if path == self.path or path in self._files or path.is_dir():
+                self._pending_full = True
+            else:
+                self._pending.add(path)
+        self._wake.set()

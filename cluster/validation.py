@@ -1,0 +1,160 @@
+"""The API server's validation of Services and EndpointSlices, for objects nothing validated yet.
+
+Objects from the API server passed kube-apiserver's validation (pkg/apis/core/validation
+ValidateService, pkg/apis/discovery/validation ValidateEndpointSlice) and its ClusterIP
+allocator; objects read from manifest files did not. `validate_strict` applies those rules on
+top of `model.validate`, so a file cannot get kubeshim to serve what a cluster would refuse:
+
+- names: a Service name is a DNS-1035 label (it becomes a DNS label, and must not start with a
+  digit); namespaces and port names are DNS-1123 labels; an EndpointSlice name, a nodeName and
+  an ExternalName are DNS-1123 subdomains; an endpoint hostname is a DNS-1123 label.
+- addresses: endpoint addresses and externalIPs pass ValidateNonSpecialIP (not unspecified,
+  loopback, link-local unicast or link-local multicast). One exception, on request: loopback
+  endpoint addresses, which the lab (loopback mode, backends on the same host) is made of;
+  a manifest file is written by the node's operator, not by any user with access to the API.
+  A ClusterIP must lie in the service CIDRs when they are given (--service-cluster-ip-range;
+  the allocator's rule). Without them,
+  a ClusterIP must at least not be special (the classes above, multicast, broadcast and other
+  reserved space) nor a public address: a ClusterIP of 8.8.8.8 would capture the node's own
+  traffic to that address.
+
+Every failure names the object and the field, like the API server's field errors.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+
+from kubeshim.cluster.model import EndpointSlice, InvalidObject, KubeObject, Node, Service
+
+ServiceCIDRs = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+
+# k8s.io/apimachinery/pkg/util/validation: IsDNS1123Label, IsDNS1035Label, IsDNS1123Subdomain.
+_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+LABEL_MAX = 63
+SUBDOMAIN_MAX = 253
+
+
+def _fail(obj: KubeObject, field: str, value: object, reason: str) -> None:
+    raise InvalidObject(obj.kind, str(obj.key), f"field {field}: {value!r} {reason}")
+
+
+def _label(obj: KubeObject, field: str, value: str, rfc1035: bool = False) -> None:
+    pattern, what = ((_DNS1035_LABEL, "a DNS-1035 label (lower case letters, digits and '-', "
+                      "starting with a letter)") if rfc1035 else
+                     (_DNS1123_LABEL, "a DNS-1123 label (lower case letters, digits and '-', "
+                      "starting and ending with a letter or digit)"))
+    if len(value) > LABEL_MAX:
+        _fail(obj, field, value, f"must be no more than {LABEL_MAX} characters")
+    if not pattern.fullmatch(value):
+        _fail(obj, field, value, f"must be {what}")
+
+
+def _subdomain(obj: KubeObject, field: str, value: str) -> None:
+    if len(value) > SUBDOMAIN_MAX:
+        _fail(obj, field, value, f"must be no more than {SUBDOMAIN_MAX} characters")
+    if not _DNS1123_SUBDOMAIN.fullmatch(value):
+        _fail(obj, field, value, "must be a DNS-1123 subdomain (lower case labels of letters, "
+              "digits and '-', joined by '.')")
+
+
+def _special(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """ValidateNonSpecialIP's classes (pkg/apis/core/validation/validation.go), or ''."""
+    if ip.is_unspecified:
+        return "may not be unspecified"
+    if ip.is_loopback:
+        return "may not be in the loopback range (127.0.0.0/8, ::1/128)"
+    if ip.is_link_local:
+        return "may not be in the link-local range (169.254.0.0/16, fe80::/10)"
+    if ip.is_multicast and (ip in _V4_LL_MULTICAST or ip in _V6_LL_MULTICAST):
+        return "may not be in the link-local multicast range (224.0.0.0/24, ff02::/16)"
+    return ""
+
+
+_V4_LL_MULTICAST = ipaddress.ip_network("224.0.0.0/24")
+_V6_LL_MULTICAST = ipaddress.ip_network("ff02::/16")
+
+
+def _non_special(obj: KubeObject, field: str, value: str, loopback: bool = False) -> None:
+    ip = ipaddress.ip_address(value)
+    if (reason := _special(ip)) and not (loopback and ip.is_loopback):
+        _fail(obj, field, value, reason)
+
+
+def _cluster_ip(svc: Service, field: str, value: str, cidrs: ServiceCIDRs | None) -> None:
+    ip = ipaddress.ip_address(value)
+    if cidrs:
+        if not any(ip in net for net in cidrs if net.version == ip.version):
+            _fail(svc, field, value, "is not in the service CIDRs (--service-cluster-ip-range "
+                  + ",".join(map(str, cidrs)) + ")")
+        return
+    if reason := _special(ip):
+        _fail(svc, field, value, reason)
+    if ip.is_multicast:
+        _fail(svc, field, value, "may not be a multicast address")
+    if ip.is_reserved or ip == ipaddress.IPv4Address("255.255.255.255"):
+        _fail(svc, field, value, "may not be a broadcast or reserved address")
+    if ip.is_global:
+        _fail(svc, field, value, "is a public address; give --service-cluster-ip-range to "
+              "serve ClusterIPs outside private address space")
+
+
+def validate_strict(obj: KubeObject, service_cidrs: ServiceCIDRs | None = None,
+                    loopback_endpoints: bool = False) -> None:
+    """The API server's rules for an object `model.validate` already accepted."""
+    if obj.metadata.namespace:
+        _label(obj, "metadata.namespace", obj.metadata.namespace)
+    if isinstance(obj, Service):
+        _validate_service(obj, service_cidrs)
+    elif isinstance(obj, EndpointSlice):
+        _validate_slice(obj, loopback_endpoints)
+    elif isinstance(obj, Node):
+        _subdomain(obj, "metadata.name", obj.metadata.name)
+
+
+def _validate_service(svc: Service, cidrs: ServiceCIDRs | None) -> None:
+    _label(svc, "metadata.name", svc.metadata.name, rfc1035=True)
+    spec = svc.spec
+    for i, ip in enumerate(svc.cluster_ips):
+        field = "spec.clusterIP" if i == 0 and not spec.cluster_ips else f"spec.clusterIPs[{i}]"
+        _cluster_ip(svc, field, ip, cidrs)
+    for i, ip in enumerate(spec.external_ips):
+        _non_special(svc, f"spec.externalIPs[{i}]", ip)
+    for i, port in enumerate(svc.ports):
+        if port.name:
+            _label(svc, f"spec.ports[{i}].name", port.name)
+        if isinstance(port.target_port, str):
+            _port_name(svc, f"spec.ports[{i}].targetPort", port.target_port)
+    if spec.type == "ExternalName":
+        _subdomain(svc, "spec.externalName", spec.external_name.rstrip(".").lower()
+                   if spec.external_name.endswith(".") else spec.external_name)
+
+
+def _port_name(obj: KubeObject, field: str, value: str) -> None:
+    """IsValidPortName: an IANA_SVC_NAME, at most 15 characters with at least one letter."""
+    if (len(value) > 15 or not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", value)
+            or "--" in value or not re.search(r"[a-z]", value)):
+        _fail(obj, field, value, "must be a port number or an IANA service name (at most 15 "
+              "lower case letters, digits and '-', with at least one letter)")
+
+
+def _validate_slice(eps: EndpointSlice, loopback: bool) -> None:
+    _subdomain(eps, "metadata.name", eps.metadata.name)
+    ip_family = eps.address_type in ("IPv4", "IPv6")
+    for i, ep in enumerate(eps.endpoints or ()):
+        for j, addr in enumerate(ep.addresses):
+            if ip_family:
+                _non_special(eps, f"endpoints[{i}].addresses[{j}]", addr, loopback)
+            else:
+                _subdomain(eps, f"endpoints[{i}].addresses[{j}]", addr)
+        if ep.hostname is not None:
+            _label(eps, f"endpoints[{i}].hostname", ep.hostname)
+        if ep.node_name is not None:
+            _subdomain(eps, f"endpoints[{i}].nodeName", ep.node_name)
+    for i, port in enumerate(eps.ports or ()):
+        if port.name:
+            _label(eps, f"ports[{i}].name", port.name)

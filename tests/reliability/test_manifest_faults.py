@@ -1,0 +1,233 @@
+"""Hostile and broken manifest folders: each fault is reported and skipped, the event loop keeps
+running, and nothing that was served is withdrawn.
+
+The source runs on a real folder with real links, FIFOs, devices and large files; a ticker task
+measures how long the event loop is held, which is what proxy, DNS and /healthz share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from kubeshim.cluster.model import NamespacedName
+from kubeshim.cluster.sources.manifests import ManifestSource, load_file
+from kubeshim.cluster.state import ClusterState, ServiceChange
+
+SVC = """\
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  clusterIP: {ip}
+  ports: [{{name: http, port: 80}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports: [{{name: http, protocol: TCP, port: 8080}}]
+endpoints: [{{addresses: [{ep}]}}]
+"""
+
+
+def manifest(name: str, ip: str, ep: str = "10.244.0.5") -> str:
+    return SVC.format(name=name, ip=ip, ep=ep)
+
+
+def write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def log_text(caplog: pytest.LogCaptureFixture) -> str:
+    return "\n".join(
+        r.getMessage() + "".join(f" {k}={v}" for k, v in getattr(r, "kv", {}).items())
+        for r in caplog.records
+    )
+
+
+class Harness:
+    """A running ManifestSource plus a ticker that records the longest event-loop stall."""
+
+    def __init__(self, folder: Path, **kwargs: object) -> None:
+        self.state = ClusterState()
+        self.withdrawn: list[str] = []
+        self.state.subscribe(self._changes)
+        self.source = ManifestSource(folder, self.state, poll_interval=3600, **kwargs)  # type: ignore[arg-type]
+        self.max_stall = 0.0
+        self.task = asyncio.create_task(self.source.run())
+        self.ticker = asyncio.create_task(self._tick())
+
+    def _changes(self, changes: list[ServiceChange]) -> None:
+        self.withdrawn += [str(c.key) for c in changes if c.current is None]
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(0.005)
+            self.max_stall = max(self.max_stall, loop.time() - t - 0.005)
+
+    def services(self) -> set[str]:
+        return {str(k) for k in self.state.services}
+
+    async def wait(self, cond: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Callable[..., Harness]]:
+    made: list[Harness] = []
+
+    def make(**kwargs: object) -> Harness:
+        h = Harness(tmp_path, **kwargs)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.task.cancel()
+        h.ticker.cancel()
+
+
+async def test_edits_arrive_through_inotify_not_polling(tmp_path: Path, harness) -> None:
+    write(tmp_path / "a.yaml", manifest("a", "10.96.0.1"))
+    h = harness()  # polls once an hour: only inotify can deliver the edits below in time
+    await h.wait(lambda: h.state.synced and h.services() == {"default/a"})
+    assert h.source.mode == "inotify"
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub" / "b.yaml", manifest("b", "10.96.0.2"))
+    await h.wait(lambda: h.services() == {"default/a", "default/b"})
+    with open(tmp_path / "sub" / "b.yaml", "w") as f:  # edited in place: read once closed
+        f.write(manifest("b", "10.96.0.2", "10.244.0.9"))
+    await h.wait(lambda: h.state.services[NamespacedName("default", "b")]
+                 .ports[0].endpoints[0].ip == "10.244.0.9")
+    (tmp_path / "a.yaml").unlink()
+    await h.wait(lambda: h.services() == {"default/b"})
+
+
+async def test_configmap_swap_through_inotify(tmp_path: Path, harness) -> None:
+    (tmp_path / "..v1").mkdir()
+    (tmp_path / "..v1" / "svc.yaml").write_text(manifest("a", "10.96.0.1", "10.244.0.1"))
+    os.symlink("..v1", tmp_path / "..data")
+    os.symlink("..data/svc.yaml", tmp_path / "svc.yaml")
+    h = harness()
+    await h.wait(lambda: h.services() == {"default/a"})
+    (tmp_path / "..v2").mkdir()
+    (tmp_path / "..v2" / "svc.yaml").write_text(manifest("a", "10.96.0.1", "10.244.0.2"))
+    os.symlink("..v2", tmp_path / "..data_tmp")
+    os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+    await h.wait(lambda: h.state.services[NamespacedName("default", "a")]
+                 .ports[0].endpoints[0].ip == "10.244.0.2")
+
+
+async def test_symlink_loops_fifo_device_and_huge_file_are_skipped(
+        tmp_path: Path, harness, caplog: pytest.LogCaptureFixture) -> None:
+    write(tmp_path / "a.yaml", manifest("a", "10.96.0.1"))
+    os.symlink(".", tmp_path / "loop1")  # two links to the folder itself
+    os.symlink(".", tmp_path / "loop2")
+    os.symlink("x.yaml", tmp_path / "y.yaml")  # a loop between two file links
+    os.symlink("y.yaml", tmp_path / "x.yaml")
+    os.mkfifo(tmp_path / "fifo.yaml")  # opening it for reading would block
+    os.symlink("/dev/zero", tmp_path / "zero.yaml")  # endless
+    with open(tmp_path / "huge.yaml", "wb") as f:  # 86 MB
+        f.truncate(86 * 1024 * 1024)
+    h = harness()
+    await h.wait(lambda: h.state.synced)
+    await asyncio.sleep(0.3)
+    assert h.services() == {"default/a"}
+    text = log_text(caplog)
+    assert f"file={tmp_path / 'fifo.yaml'} reason=a FIFO, not a regular file; skipped" in text
+    assert (f"file={tmp_path / 'zero.yaml'} reason=a character device, not a regular file; "
+            "skipped") in text
+    assert (f"file={tmp_path / 'huge.yaml'} reason=90177536 bytes, more than the limit of "
+            "16777216 bytes") in text
+    assert f"file={tmp_path / 'x.yaml'} reason=symlink loop" in text
+    assert "(a symlink loop or a second link); not followed" in text
+    # Reported once each, however often the folder is looked at.
+    h.source.poll()
+    h.source.poll()
+    assert log_text(caplog).count("fifo.yaml") == 1
+    # Serving went on meanwhile: a new Service still arrives, nothing was withdrawn, and the
+    # loop was never held for long.
+    write(tmp_path / "b.yaml", manifest("b", "10.96.0.2"))
+    await h.wait(lambda: h.services() == {"default/a", "default/b"})
+    assert h.withdrawn == []
+    assert h.max_stall < 2.0, h.max_stall  # before: the walk never ended, or ~30 s per read
+
+
+async def test_file_turned_unreadable_keeps_its_objects(
+        tmp_path: Path, harness, caplog: pytest.LogCaptureFixture) -> None:
+    write(tmp_path / "a.yaml", manifest("a", "10.96.0.1"))
+    write(tmp_path / "b.yaml", manifest("b", "10.96.0.2"))
+    h = harness()
+    await h.wait(lambda: h.services() == {"default/a", "default/b"})
+    # A FIFO swapped in, then a file past the size limit, then a half-written save.
+    os.unlink(tmp_path / "a.yaml")
+    os.mkfifo(tmp_path / ".a.fifo")
+    os.rename(tmp_path / ".a.fifo", tmp_path / "a.yaml")
+    with open(tmp_path / ".b.big", "wb") as f:
+        f.truncate(17 * 1024 * 1024)
+    os.rename(tmp_path / ".b.big", tmp_path / "b.yaml")
+    await h.wait(lambda: log_text(caplog).count("manifest skipped") >= 2)
+    assert h.services() == {"default/a", "default/b"}
+    assert h.withdrawn == []
+    write(tmp_path / "b.yaml", "kind: Service\nmetadata: {name: b\n  bad: [")
+    await h.wait(lambda: "cannot parse" in log_text(caplog))
+    assert h.services() == {"default/a", "default/b"}
+    # Repaired: served again, and said so.
+    os.unlink(tmp_path / "a.yaml")
+    write(tmp_path / "a.yaml", manifest("a", "10.96.0.1", "10.244.0.7"))
+    await h.wait(lambda: h.state.services[NamespacedName("default", "a")]
+                 .ports[0].endpoints[0].ip == "10.244.0.7")
+    assert f"manifest readable again file={tmp_path / 'a.yaml'}" in log_text(caplog)
+    assert h.withdrawn == []
+
+
+async def test_folder_vanishing_keeps_everything(tmp_path: Path, caplog) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    write(folder / "a.yaml", manifest("a", "10.96.0.1"))
+    state = ClusterState()
+    source = ManifestSource(folder, state, poll_interval=3600)
+    task = asyncio.create_task(source.run())
+    try:
+        deadline = time.monotonic() + 5
+        while NamespacedName("default", "a") not in state.services:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        os.rename(folder, tmp_path / "elsewhere")
+        deadline = time.monotonic() + 5
+        while "does not exist" not in log_text(caplog):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert NamespacedName("default", "a") in state.services
+    finally:
+        task.cancel()
+
+
+async def test_large_valid_file_is_parsed_off_the_loop(tmp_path: Path, harness) -> None:
+    # 6000 Services in one file: parsing takes seconds; the loop is held only while the
+    # result is applied to the state, a fraction of the parse.
+    docs = [manifest(f"s{i}", f"10.96.{i // 250}.{i % 250 + 1}") for i in range(6000)]
+    data = "---\n".join(docs).encode()
+    start = time.perf_counter()
+    load_file(tmp_path / "big.yaml", data)
+    parse_seconds = time.perf_counter() - start
+    (tmp_path / "big.yaml").write_bytes(data)
+    h = harness()
+    await h.wait(lambda: len(h.state.services) == 6000, timeout=120)
+    assert h.max_stall < parse_seconds / 2, (h.max_stall, parse_seconds)
