@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument("-v", "--verbose", action="store_true", help="same as --log-level debug")
     run.add_argument("--healthz-bind-address", metavar="HOST:PORT",
-                     help="default 0.0.0.0:10256; empty disables")
+                     help="default 0.0.0.0:10256 (127.0.0.1:10256 in loopback mode); "
+                     "empty disables")
     run.add_argument("--metrics-bind-address", metavar="HOST:PORT",
                      help="default 127.0.0.1:10249; empty disables")
     run.add_argument("--drain-timeout", type=float, metavar="SECONDS",
@@ -88,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
                     type=_duration, metavar="DURATION",
                     help="idle close of a proxied TCP connection, e.g. 2h; 0 never "
                          "(default 24h, as kube-proxy's conntrack)")
+    px.add_argument("--max-connections", type=int, metavar="N",
+                    help="proxied TCP connections in total (default: from the descriptor limit, "
+                    "at most 131072)")
+    px.add_argument("--max-connections-per-client", type=int, metavar="N",
+                    help="per client address (default: a quarter of --max-connections)")
+    px.add_argument("--max-udp-flows", type=int, metavar="N",
+                    help="UDP flows in total (default: from the descriptor limit, at most 131072)")
+    px.add_argument("--max-udp-flows-per-client", type=int, metavar="N",
+                    help="per client address (default: a quarter of --max-udp-flows)")
 
     dn = run.add_argument_group("dns")
     dn.add_argument("--no-dns", dest="dns", action="store_false", default=None, help="proxy only")
@@ -128,11 +138,16 @@ def options_from_args(args: argparse.Namespace) -> Options:
         "dns": "dns", "cluster_domain": "cluster_domain", "dns_ttl": "dns_ttl",
         "dns_negative_ttl": "dns_negative_ttl", "pod_records": "pod_records",
         "log_level": "log_level", "proxy_name": "proxy_name",
+        "max_connections": "max_connections",
+        "max_connections_per_client": "max_connections_per_client",
+        "max_udp_flows": "max_udp_flows", "max_udp_flows_per_client": "max_udp_flows_per_client",
     }
     for flag, attr in simple.items():
         value = getattr(args, flag, None)
         if value is not None:
             setattr(opts, attr, value)
+    if getattr(args, "healthz_bind_address", None) is not None:
+        opts.healthz_bind_default = False
     if getattr(args, "verbose", False):
         opts.log_level = "debug"
     if getattr(args, "cluster_cidr", None):
@@ -156,12 +171,12 @@ def options_from_args(args: argparse.Namespace) -> Options:
     return opts
 
 
-def _run(opts: Options) -> int:
+def _run(opts: Options, args: argparse.Namespace) -> int:
     import uvloop
 
     from kubeshim.daemon import Daemon
 
-    return uvloop.run(Daemon(opts).run())
+    return uvloop.run(Daemon(opts, reload=lambda: options_from_args(args)).run())
 
 
 def _state(opts: Options, output: str, vip_mode: str | None) -> int:
@@ -223,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         logs.setup(opts.log_level)
         if args.command == "state":
             return _state(opts, args.output, args.vip_mode)
-        return _run(opts)
+        return _run(opts, args)
     except ConfigError as e:
         print(f"kubeshim: {e}", file=sys.stderr)
         return 2

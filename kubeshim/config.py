@@ -49,6 +49,12 @@ class Options:
     # 24 h (its conntrack entry's lifetime); 0 never closes one.
     tcp_idle_timeout: float = TCP_IDLE_TIMEOUT_DEFAULT
     udp_timeout: float = 30.0
+    # caps on proxied TCP connections and UDP flows, in total and per client address
+    # (0: sized from the descriptor limit, proxy/budget.py)
+    max_connections: int = 0
+    max_connections_per_client: int = 0
+    max_udp_flows: int = 0
+    max_udp_flows_per_client: int = 0
     # dns
     dns: bool = True
     dns_binds: list[tuple[str, int]] = field(default_factory=list)
@@ -63,6 +69,8 @@ class Options:
     dns_reverse_cidrs: list[str] = field(default_factory=list)
     # operations
     healthz_bind_address: str = "0.0.0.0:10256"
+    # False once a flag or the file set it; in loopback mode the default is then 127.0.0.1.
+    healthz_bind_default: bool = True
     metrics_bind_address: str = "127.0.0.1:10249"
     drain_timeout: float = 15.0
     log_level: str = "info"
@@ -409,6 +417,8 @@ def _apply(cfg: KubeProxyConfiguration, doc: dict[str, Any], opts: Options,
                 errors.append(f"{field_name}: {e if isinstance(e, ConfigError) else 'not IP:PORT'}")
             else:
                 setattr(opts, attr, v)
+                if attr == "healthz_bind_address":
+                    opts.healthz_bind_default = False
     if _is_set(cidrs := cfg.cluster_cidr):
         opts.cluster_cidrs = [c.strip() for c in cidrs.split(",") if c.strip()]
         errors += [f"clusterCIDR: {e}" for e in bad_cidrs(opts.cluster_cidrs)]

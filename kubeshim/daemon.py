@@ -1,8 +1,10 @@
 """The daemon: one event loop wiring a source -> ClusterState -> proxy and DNS, plus ops HTTP.
 
-Start order: ops endpoints, then the data plane and DNS (they hold back until the state is
-synced), then the source. Stop order (SIGTERM/SIGINT): the source, then the proxy drains
-connections up to the deadline and removes its VIPs, then DNS and the ops endpoints.
+Start order: the descriptor limit is raised, then ops endpoints, then the data plane and DNS
+(they hold back until the state is synced), then the source. Stop order (SIGTERM/SIGINT): the
+source, then the proxy drains connections up to the deadline and removes its VIPs, then DNS and
+the ops endpoints. SIGHUP re-reads the configuration (file and flags): a bad file is reported
+and changes nothing; the log level applies at once, other changed fields at the next start.
 """
 
 from __future__ import annotations
@@ -12,23 +14,31 @@ import contextlib
 import gc
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from prometheus_client import REGISTRY
 
+from kubeshim.cluster import log as logs
+from kubeshim.cluster.errors import ConfigError
 from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.state import ClusterState
 from kubeshim.config import Options, default_vip_mode
 from kubeshim.healthcheck import ServiceHealthServer
-from kubeshim.ops import Health, build_apps, serve
+from kubeshim.limits import raise_nofile
+from kubeshim.ops import Health, OpsServer, build_apps, serve
 from kubeshim.sources import make_source
 
 log = get_logger("daemon")
 
 
 class Daemon:
-    def __init__(self, opts: Options) -> None:
+    def __init__(self, opts: Options, reload: Callable[[], Options] | None = None) -> None:
         self.opts = opts
+        self._reload = reload
+        self.descriptor_limit = 0
+        self.ops: dict[str, OpsServer] = {}
         self.state = ClusterState(proxy_name=opts.proxy_name, node_name=opts.hostname_override)
         # kube-proxy uses twice its sync period (default 30 s) as the health timeout.
         self.health = Health(timeout=60.0, probe=self._health_probe,
@@ -56,6 +66,11 @@ class Daemon:
             balance=o.balance,  # type: ignore[arg-type]
             tcp_idle_timeout=o.tcp_idle_timeout,
             udp_timeout=o.udp_timeout,
+            max_connections=o.max_connections,
+            max_connections_per_client=o.max_connections_per_client,
+            max_udp_flows=o.max_udp_flows,
+            max_udp_flows_per_client=o.max_udp_flows_per_client,
+            descriptor_limit=self.descriptor_limit,
         )
         return Proxier(self.state, config)
 
@@ -94,6 +109,8 @@ class Daemon:
             "generation": self.state.generation,
             "uptimeSeconds": round(time.time() - self.started, 1),
             "healthy": self.health.healthy(),
+            "descriptorLimit": self.descriptor_limit,
+            "ops": {what: server.status() for what, server in self.ops.items()},
         }
         if self.proxier is not None:
             out["proxy"] = self.proxier.status()
@@ -124,20 +141,25 @@ class Daemon:
         o = self.opts
         for line in o.ignored:
             log.warning("configuration field ignored", field=line)
+        self.descriptor_limit = raise_nofile()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_config)
 
-        runners = []
+        healthz_address = o.healthz_bind_address
+        if o.healthz_bind_default and (o.vip_mode or default_vip_mode()) == "loopback":
+            # The lab: nothing outside this host probes the node, so do not listen beyond it.
+            healthz_address = "127.0.0.1:10256"
         healthz_app, metrics_app = build_apps(self.health, self.status)
-        for app, address, what in ((healthz_app, o.healthz_bind_address, "healthz"),
+        for app, address, what in ((healthz_app, healthz_address, "healthz"),
                                    (metrics_app, o.metrics_bind_address, "metrics")):
             if address:
                 from kubeshim.config import parse_host_port
 
                 host, port = parse_host_port(address)
-                if port and (runner := await serve(app, host, port, what)) is not None:
-                    runners.append(runner)
+                if port and (server := await serve(app, host, port, what)) is not None:
+                    self.ops[what] = server
 
         if o.proxy:
             self.proxier = self._build_proxier()
@@ -177,10 +199,29 @@ class Daemon:
         if self.dns is not None:
             await self.dns.stop()
             REGISTRY.unregister(dns_metrics)
-        for runner in runners:
-            await runner.cleanup()
+        for server in self.ops.values():
+            await server.cleanup()
         log.info("stopped")
         return code
+
+    def _reload_config(self) -> None:
+        """SIGHUP: re-read the configuration; never stops the daemon."""
+        if self._reload is None:
+            log.info("SIGHUP ignored: no configuration to re-read")
+            return
+        try:
+            new = self._reload()
+        except (ConfigError, OSError, ValueError) as e:
+            log.error("configuration reload failed; keeping the running configuration",
+                      reason=str(e))
+            return
+        changed = sorted(k for k, v in asdict(new).items()
+                         if k not in ("ignored", "log_level") and getattr(self.opts, k) != v)
+        if new.log_level != self.opts.log_level:
+            logs.setup(new.log_level)
+            self.opts.log_level = new.log_level
+        log.info("configuration reloaded", log_level=new.log_level,
+                 restart_needed=",".join(changed) or "-")
 
     def _freeze_after_first_sync(self, _: object) -> None:
         """Move the first full state out of the collector's reach once it is complete.

@@ -15,6 +15,7 @@ proxy and DNS server register their collectors there), kubeshim's /status JSON, 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -129,16 +130,129 @@ def build_apps(
     return healthz, metrics
 
 
-async def serve(app: web.Application, host: str, port: int, what: str) -> web.AppRunner | None:
+# The ops endpoints serve probes and scrapes: short requests from few clients. A connection
+# must send its request head within HEADER_TIMEOUT, may idle between requests KEEPALIVE_TIMEOUT,
+# and one client address may hold PER_CLIENT of the MAX_CONNECTIONS, so slow or piled-up
+# clients cannot take the descriptors or the port from the kubelet's and load balancers' probes.
+MAX_CONNECTIONS = 256
+PER_CLIENT = 32
+HEADER_TIMEOUT = 10.0
+KEEPALIVE_TIMEOUT = 15.0
+
+
+class _Limits:
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.active = 0
+        self.by_client: dict[str, int] = {}
+        self.refused = 0
+        self.timed_out = 0
+
+
+class _Guard(asyncio.Protocol):
+    """Wraps aiohttp's request handler: admission by the caps, and a deadline for the head."""
+
+    def __init__(self, inner: Any, limits: _Limits) -> None:
+        self.inner = inner
+        self.limits = limits
+        self.client = ""
+        self.admitted = False
+        self.transport: Any = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.tail = b""
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client = peer[0] if peer else ""
+        lim = self.limits
+        n = lim.by_client.get(self.client, 0)
+        if lim.active >= MAX_CONNECTIONS or n >= PER_CLIENT:
+            lim.refused += 1
+            transport.abort()
+            return
+        self.admitted = True
+        lim.active += 1
+        lim.by_client[self.client] = n + 1
+        self.timer = asyncio.get_running_loop().call_later(HEADER_TIMEOUT, self._head_late)
+        self.inner.connection_made(transport)
+
+    def _head_late(self) -> None:
+        self.limits.timed_out += 1
+        self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self.timer is not None:
+            # Waiting for the first request head: look for its end across chunks.
+            if b"\r\n\r\n" in self.tail + data[:8192]:
+                self.timer.cancel()
+                self.timer = None
+            elif len(self.tail) < 16384:
+                self.tail = (self.tail + data)[-16384:]
+            else:
+                self.timer.cancel()
+                self.timer = None
+                self.transport.abort()  # a head past aiohttp's own limits: no request
+                return
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()  # type: ignore[no-any-return]
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.admitted:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        lim = self.limits
+        lim.active -= 1
+        n = lim.by_client.get(self.client, 0) - 1
+        if n > 0:
+            lim.by_client[self.client] = n
+        else:
+            lim.by_client.pop(self.client, None)
+        self.inner.connection_lost(exc)
+
+
+class OpsServer:
+    """One HTTP endpoint: aiohttp's handler behind the connection caps and timeouts."""
+
+    def __init__(self, runner: web.AppRunner, server: asyncio.AbstractServer,
+                 limits: _Limits) -> None:
+        self.runner = runner
+        self.server = server
+        self.limits = limits
+
+    def status(self) -> dict[str, int]:
+        lim = self.limits
+        return {"active": lim.active, "refused": lim.refused, "headerTimeouts": lim.timed_out}
+
+    async def cleanup(self) -> None:
+        self.server.close()
+        await self.runner.cleanup()
+
+
+async def serve(app: web.Application, host: str, port: int, what: str) -> OpsServer | None:
     """Start one HTTP endpoint; a bind failure is logged and the daemon keeps going."""
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT)
     await runner.setup()
+    handler = runner.server
+    assert handler is not None
+    limits = _Limits(what)
+    loop = asyncio.get_running_loop()
     try:
-        await web.TCPSite(runner, host, port, reuse_address=True).start()
+        server = await loop.create_server(lambda: _Guard(handler(), limits), host, port,
+                                          reuse_address=True, backlog=128)
     except OSError as e:
         log.error("cannot serve endpoint", what=what, address=f"{host}:{port}",
                   reason=e.strerror or str(e))
         await runner.cleanup()
         return None
     log.info("serving", what=what, address=f"{host}:{port}")
-    return runner
+    return OpsServer(runner, server, limits)

@@ -28,5 +28,12 @@ class ProxyConfig:
     connect_retries: int = 2
     # --udp-timeout: how long an idle UDP flow keeps its endpoint.
     udp_timeout: float = 30.0
-    udp_max_flows: int = 65536
+    udp_max_flows: int = 65536  # per listener; the oldest flow goes when it is full
+    # Caps in total and per client address (0: sized from the descriptor limit, proxy/budget.py).
+    max_connections: int = 0
+    max_connections_per_client: int = 0
+    max_udp_flows: int = 0
+    max_udp_flows_per_client: int = 0
+    # RLIMIT_NOFILE the caps are sized from (0: read it at start).
+    descriptor_limit: int = 0
     listen_backlog: int = 4096

@@ -26,6 +26,8 @@ CONNECT_TIMEOUT = "connect_timeout"
 UPSTREAM_RESET = "upstream_reset"
 UDP_SEND_FAILED = "udp_send_failed"
 UDP_FLOW_EVICTED = "udp_flow_evicted"
+UDP_NO_SOCKET = "udp_no_socket"
+# Refused at a cap (proxy/budget.py): LIMIT_TOTAL, LIMIT_CLIENT.
 
 
 class PortCounters:

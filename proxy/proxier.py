@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import resource
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from kubeshim.cluster.model import NamespacedName, Node, ServicePortName
 from kubeshim.cluster.netaddr import ip_family
 from kubeshim.cluster.state import ClusterState, EndpointInfo, ServiceChange, ServiceInfo
 from kubeshim.proxy.balancer import Clock
+from kubeshim.proxy.budget import Budget, caps_for_limit
 from kubeshim.proxy.config import ProxyConfig
 from kubeshim.proxy.listeners import (
     ListenerKey,
@@ -127,6 +129,12 @@ class Proxier:
         self._failing: set[NamespacedName] = set()  # Services with errors
         self._vip_users: dict[str, set[NamespacedName]] = {}
         self.connections: set[ClientSide] = set()
+        caps = caps_for_limit(
+            config.descriptor_limit or resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            config.max_connections, config.max_connections_per_client, config.max_udp_flows,
+            config.max_udp_flows_per_client)
+        self.tcp_budget = Budget("connections", caps.connections, caps.connections_per_client)
+        self.udp_budget = Budget("udp flows", caps.udp_flows, caps.udp_flows_per_client)
         self._dirty: dict[NamespacedName, float] = {}
         self._sync_task: asyncio.Task[None] | None = None
         self._retry_handles: dict[NamespacedName, asyncio.TimerHandle] = {}
@@ -150,7 +158,11 @@ class Proxier:
         self.node_ips = await self._netlink.call(
             nodeport_addresses, list(cfg.nodeport_addresses), exclude)
         log.info("proxy starting", vip_mode=cfg.vip_mode, node=cfg.node_name or "-",
-                 nodeport_addresses=",".join(self.node_ips) or "-", balance=cfg.balance)
+                 nodeport_addresses=",".join(self.node_ips) or "-", balance=cfg.balance,
+                 max_connections=self.tcp_budget.limit,
+                 max_connections_per_client=self.tcp_budget.per_client,
+                 max_udp_flows=self.udp_budget.limit,
+                 max_udp_flows_per_client=self.udp_budget.per_client)
         self.state.subscribe(self._on_changes)
         self.state.subscribe_node(self._on_node)
         now = time.monotonic()
@@ -384,12 +396,13 @@ class Proxier:
         k = spec.key
         if k.protocol == "TCP":
             sock = listen_socket(k.ip, k.port, self.config.listen_backlog)
-            fe = listener.tcp = TcpFrontend(table, spec.external, self.config, self.connections)
+            fe = listener.tcp = TcpFrontend(table, spec.external, self.config, self.connections,
+                                            self.tcp_budget)
             listener.server = await loop.create_server(fe, sock=sock,
                                                        backlog=self.config.listen_backlog)
         else:
             sock = bind_socket(k.ip, k.port)
-            udp = UdpFrontend(table, spec.external, self.config)
+            udp = UdpFrontend(table, spec.external, self.config, self.udp_budget)
             await loop.create_datagram_endpoint(lambda: udp, sock=sock)
             listener.udp = udp
         return listener
@@ -491,6 +504,8 @@ class Proxier:
             "connections": len(self.connections),
             "udpFlows": sum(len(li.udp.flows) for rt in self.services.values()
                             for li in rt.listeners.values() if li.udp is not None),
+            "budget": {"tcpConnections": self.tcp_budget.status(),
+                       "udpFlows": self.udp_budget.status()},
         }
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from kubeshim.cluster.netaddr import socket_family
 from kubeshim.cluster.state import EndpointInfo
+from kubeshim.proxy.budget import Budget
 from kubeshim.proxy.config import ProxyConfig
 from kubeshim.proxy.metrics import CONNECT_FAILED, CONNECT_TIMEOUT, NO_ENDPOINTS, UPSTREAM_RESET
 from kubeshim.proxy.table import PortTable
@@ -42,11 +43,13 @@ class TcpFrontend:
     """The protocol factory of one listener: which port table, and whether traffic is external."""
 
     def __init__(self, table: PortTable, external: bool, config: ProxyConfig,
-                 connections: set[ClientSide]) -> None:
+                 connections: set[ClientSide], budget: Budget | None = None) -> None:
         self.table = table
         self.external = external
         self.config = config
         self.connections = connections
+        # Shared by every listener: connections in total and per client address.
+        self.budget = budget or Budget("connections", 1 << 62, 1 << 62)
         self.loop = asyncio.get_running_loop()
 
     def __call__(self) -> ClientSide:
@@ -87,6 +90,13 @@ class ClientSide(asyncio.Protocol):
         ep = self.table.pick(self.client_ip, fe.external)
         if ep is None:
             counters.error(NO_ENDPOINTS)
+            self._closed = True
+            reset(transport)
+            return
+        refused = fe.budget.admit(self.client_ip)
+        if refused is not None:
+            # At the cap: refuse this one cleanly, the others keep their descriptors.
+            counters.error(refused)
             self._closed = True
             reset(transport)
             return
@@ -143,6 +153,7 @@ class ClientSide(asyncio.Protocol):
             else:
                 reset(up)
         self.counters.connections_active -= 1
+        self.fe.budget.release(self.client_ip)
         if self.endpoint is not None:
             self.table.closed(self.endpoint)
         self.fe.connections.discard(self)

@@ -14,16 +14,34 @@ import socket
 from collections.abc import Collection
 from typing import Any
 
+from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.netaddr import socket_family
 from kubeshim.cluster.state import EndpointInfo
 from kubeshim.proxy.balancer import EndpointKey
+from kubeshim.proxy.budget import Budget
 from kubeshim.proxy.config import ProxyConfig
-from kubeshim.proxy.metrics import NO_ENDPOINTS, UDP_FLOW_EVICTED, UDP_SEND_FAILED
+from kubeshim.proxy.metrics import (
+    NO_ENDPOINTS,
+    UDP_FLOW_EVICTED,
+    UDP_NO_SOCKET,
+    UDP_SEND_FAILED,
+)
 from kubeshim.proxy.table import PortTable
+
+log = get_logger("proxy")
 
 MAX_DATAGRAM = 65535
 # Replies read per readiness callback before yielding to the loop.
 READ_BATCH = 32
+
+
+class _Episode:
+    """Whether a failure is in progress and already logged (one line per episode)."""
+
+    reported = False
+
+
+_no_socket = _Episode()
 
 
 class UdpFlow:
@@ -71,10 +89,13 @@ class UdpFlow:
 class UdpFrontend(asyncio.DatagramProtocol):
     """One UDP listener of a service port and its flow table."""
 
-    def __init__(self, table: PortTable, external: bool, config: ProxyConfig) -> None:
+    def __init__(self, table: PortTable, external: bool, config: ProxyConfig,
+                 budget: Budget | None = None) -> None:
         self.table = table
         self.external = external
         self.config = config
+        # Shared by every listener: flows in total and per client address.
+        self.budget = budget or Budget("udp flows", 1 << 62, 1 << 62)
         self.loop = asyncio.get_running_loop()
         self.transport: Any = None
         self.flows: dict[Any, UdpFlow] = {}  # insertion order = age, for eviction
@@ -111,13 +132,32 @@ class UdpFrontend(asyncio.DatagramProtocol):
         if len(self.flows) >= self.config.udp_max_flows:
             table.counters.error(UDP_FLOW_EVICTED)
             self.drop(next(iter(self.flows.values())))
+        refused = self.budget.admit(addr[0])
+        if refused is not None:
+            table.counters.error(refused)  # dropped, counted; the client retries or times out
+            return None
         family = socket_family(ep.ip)
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+        except OSError as e:
+            # Out of descriptors (or buffers): drop and count; say so once per episode.
+            self.budget.release(addr[0])
+            table.counters.error(UDP_NO_SOCKET)
+            if not _no_socket.reported:
+                _no_socket.reported = True
+                log.error("cannot open a socket for a UDP flow; dropping new flows",
+                          service=str(table.name), reason=e.strerror or str(e),
+                          flows=self.budget.active)
+            return None
+        if _no_socket.reported:
+            _no_socket.reported = False
+            log.info("UDP flows get sockets again", service=str(table.name))
         sock.setblocking(False)
         try:
             sock.connect((ep.ip, ep.port))
         except OSError:
             sock.close()
+            self.budget.release(addr[0])
             table.counters.error(UDP_SEND_FAILED)
             return None
         flow = UdpFlow(self, addr, ep, sock)
@@ -137,6 +177,7 @@ class UdpFrontend(asyncio.DatagramProtocol):
         if flow.timer is not None:
             flow.timer.cancel()
         flow.sock.close()
+        self.budget.release(flow.client[0])
         self.table.closed(flow.endpoint)
         self.table.counters.flows_active -= 1
 

@@ -520,7 +520,7 @@ class ManifestSource:
 
     def _start_inotify(self) -> None:
         try:
-            from inotify_simple import INotify  # type: ignore[import-untyped]
+            from inotify_simple import INotify
         except ImportError:
             log.warning("inotify_simple not installed; polling the manifest folder",
                         interval=self.poll_interval)
@@ -551,7 +551,7 @@ class ManifestSource:
     def _sync_watches(self, walked: Walk) -> None:
         if self._inotify is None:
             return
-        from inotify_simple import flags  # type: ignore[import-untyped]
+        from inotify_simple import flags
 
         mask = (flags.CLOSE_WRITE | flags.MOVED_TO | flags.MOVED_FROM | flags.CREATE
                 | flags.DELETE | flags.ATTRIB | flags.DELETE_SELF | flags.MOVE_SELF)
@@ -578,7 +578,7 @@ class ManifestSource:
         self._watches = watches
 
     def _on_inotify(self) -> None:
-        from inotify_simple import flags  # type: ignore[import-untyped]
+        from inotify_simple import flags
 
         try:
             events = self._inotify.read(timeout=0)
