@@ -246,17 +246,31 @@ def test_out_of_descriptors_is_not_a_deletion(daemon: Daemon) -> None:
     (daemon.manifests / "late.yaml").write_text(
         yaml.safe_dump_all(objects("late", f"{SVC_NET}.3", 1)))
     wait_for(lambda: len(daemon.status()["proxy"]["services"]) == 3, what="late served")
+    late = daemon.served_at("late")
     limit = run("prlimit", "-p", str(pid), "--nofile", "--raw", "--noheadings").stdout.split()
-    in_use = len(os.listdir(f"/proc/{pid}/fd"))
-    # No descriptor left: every open, listing and accept fails with EMFILE.
-    run("prlimit", "-p", str(pid), f"--nofile={in_use}:{limit[-2]}")
-    try:
-        (daemon.manifests / "sub").mkdir()  # a directory event: the folder is walked again
+
+    def exhaust() -> bool:
+        # The kernel hands out the lowest free descriptor and fails with EMFILE when that is
+        # not below the soft limit: set the limit there, so every open, listing and accept
+        # fails. A descriptor closed meanwhile frees a lower slot: then try again.
+        fds = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+        lowest = min(set(range(max(fds) + 2)) - fds)
+        run("prlimit", "-p", str(pid), f"--nofile={lowest}:{limit[-2]}")
+        (daemon.manifests / "sub").mkdir(exist_ok=True)  # a directory event: walk again
         (daemon.manifests / "late.yaml").write_text(
             yaml.safe_dump_all(objects("late", f"{SVC_NET}.3", 2)))
-        wait_for(lambda: "Too many open files" in daemon.log.read_text(), what="EMFILE seen")
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline:
+            if "Too many open files" in daemon.log.read_text():
+                return True
+            time.sleep(0.05)
+        (daemon.manifests / "sub").rmdir()
+        return False
+
+    try:
+        assert any(exhaust() for _ in range(10)), "EMFILE never reached"
         # DNS over UDP needs no new descriptor: it answers, and nothing was withdrawn.
-        assert daemon.dig("late.default.svc.cluster.local") == [daemon.served_at("late")]
+        assert daemon.dig("late.default.svc.cluster.local") == [late]
     finally:
         run("prlimit", "-p", str(pid), f"--nofile={limit[-3]}:{limit[-2]}")
     # Once descriptors are back, the pending edit applies (the retry), and all serves.
