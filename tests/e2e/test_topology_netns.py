@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.netns import Lab, LiveConnection, Netns
+from tests.netns import NODE_IP, Lab, LiveConnection, Netns
 
 pytestmark = pytest.mark.e2e
 
@@ -278,13 +278,31 @@ def test_healthz_follows_the_nodes_autoscaler_taint(lab4: Lab4) -> None:
         body, code = out.stdout.rsplit("\n", 1)
         return int(code), json.loads(body)
 
+    def service_check() -> tuple[int, dict[str, Any]]:
+        out = lab4.client.run(["curl", "-sS", "-w", "\n%{http_code}",
+                               f"http://{NODE_IP}:32100/"], check=False)
+        if out.returncode != 0:
+            return 0, {}
+        body, code = out.stdout.rsplit("\n", 1)
+        return int(code), json.loads(body)
+
+    # A LoadBalancer Service with externalTrafficPolicy Local has a health-check nodePort.
+    lab4.put(service("lb-local", "10.96.1.10", [{**HTTP[0], "nodePort": 30100}],
+                     type="LoadBalancer", externalTrafficPolicy="Local",
+                     healthCheckNodePort=32100),
+             slice_("lb-local", [lab4.endpoint("pod-a"), lab4.endpoint("pod-c")]))
+    lab4.wait(lambda: service_check()[0] == 200, "the health-check nodePort")
     assert healthz()[0] == 200 and healthz()[1]["nodeEligible"] is True
     taint = {"key": "ToBeDeletedByClusterAutoscaler", "value": "1", "effect": "NoSchedule"}
     try:
         lab4.put(node("zone-a", [taint]))
         lab4.wait(lambda: healthz()[0] == 503 and healthz()[1]["nodeEligible"] is False, "503")
         # Traffic still flows: eligibility is for load balancers, not for the data plane.
-        assert set(lab4.curl("http://10.96.1.2/", 4)) <= {"pod-a", "pod-b"}
+        assert set(lab4.curl("http://10.96.1.10/", 6)) == {"pod-a", "pod-c"}
+        # The per-Service checks keep answering for their local endpoints: kube-proxy's
+        # service health server asks only whether the proxy is healthy, not the node.
+        code, doc = service_check()
+        assert (code, doc["localEndpoints"], doc["serviceProxyHealthy"]) == (200, 1, True)
     finally:
         lab4.put(node("zone-a"))
     lab4.wait(lambda: healthz()[0] == 200 and healthz()[1]["nodeEligible"] is True, "200")
