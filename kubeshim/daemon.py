@@ -25,9 +25,9 @@ from kubeshim.cluster.errors import ConfigError
 from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.state import ClusterState
 from kubeshim.config import Options, default_vip_mode
-from kubeshim.healthcheck import ServiceHealthServer
 from kubeshim.limits import raise_nofile
 from kubeshim.ops import Health, OpsServer, build_apps, serve
+from kubeshim.proxy.healthcheck import ServiceHealthServer
 from kubeshim.sources import make_source
 
 log = get_logger("daemon")

@@ -11,7 +11,7 @@ import pytest
 
 from kubeshim.cluster.model import decode
 from kubeshim.cluster.state import ClusterState, EventType, WatchEvent
-from kubeshim.healthcheck import ServiceHealthServer, wanted_health_check
+from kubeshim.proxy.healthcheck import ServiceHealthServer, wanted_health_check
 
 NODE = "node-a"
 
@@ -165,7 +165,7 @@ async def test_services_of_another_proxy_get_no_listener(lab: Any) -> None:
 
 
 async def test_a_taken_port_is_retried(lab: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kubeshim.healthcheck as hc
+    import kubeshim.proxy.healthcheck as hc
 
     monkeypatch.setattr(hc, "RETRY_SECONDS", 0.2)
     state, _, _ = lab
