@@ -5,6 +5,9 @@
 Loads N ClusterIP Services (loopback mode: N real listeners) then, repeatedly, moves one
 Service's endpoint to the other of two backends and measures (a) state change -> sync applied
 and (b) state change -> a new connection answered by the new backend. Prints p50/p99/max.
+Then changes this node's zone label (Node object) a few times: the Services whose endpoints carry
+zone hints (every --hinted-every-th) are resynced; prints how long that takes beside the
+initial sync.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
-from kubeshim.cluster.model import NamespacedName  # noqa: E402
+from kubeshim.cluster.model import NamespacedName, Node, decode  # noqa: E402
 from kubeshim.cluster.state import ClusterState, EventType, WatchEvent  # noqa: E402
 from kubeshim.proxy.config import ProxyConfig  # noqa: E402
 from kubeshim.proxy.proxier import Proxier  # noqa: E402
@@ -32,6 +35,25 @@ from tests.proxy_helpers import endpoint, endpoint_slice, name_server, service  
 
 BACKENDS = ("127.0.1.1", "127.0.1.2")
 BACKEND_PORT = 18999
+
+
+NODE = "bench-node"
+
+
+def node(zone: str) -> Node:
+    obj = decode("Node", {"metadata": {"name": NODE,
+                                       "labels": {"topology.kubernetes.io/zone": zone}}})
+    assert isinstance(obj, Node)
+    return obj
+
+
+def zoned(ep: dict[str, object]) -> dict[str, object]:
+    return {**ep, "zone": "zone-0", "hints": {"forZones": [{"name": "zone-0"}]}}
+
+
+async def settled(proxier: Proxier, poll: float = 0.05) -> None:
+    while proxier._dirty or (proxier._sync_task and not proxier._sync_task.done()):
+        await asyncio.sleep(poll)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -42,14 +64,18 @@ async def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--services", type=int, default=10000)
     p.add_argument("--changes", type=int, default=300)
+    p.add_argument("--zone-changes", type=int, default=3)
+    p.add_argument("--hinted-every", type=int, default=10,
+                   help="every Nth Service's endpoints carry zone hints (PreferClose)")
     p.add_argument("--gc-freeze", action="store_true",
                    help="gc.freeze() after the initial sync (long-lived objects out of GC scans)")
     a = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, a.services + 4096), hard))
     servers = [await name_server(ip, BACKEND_PORT, ip) for ip in BACKENDS]
-    state = ClusterState()
-    proxier = Proxier(state, ProxyConfig(vip_mode="loopback", nodeport_addresses=["127.0.0.1/32"]),
+    state = ClusterState(node_name=NODE)
+    proxier = Proxier(state, ProxyConfig(vip_mode="loopback", nodeport_addresses=["127.0.0.1/32"],
+                                         node_name=NODE),
                       registry=CollectorRegistry())
     await proxier.start()
     base = int(ipaddress.IPv4Address("10.100.0.0"))
@@ -59,11 +85,13 @@ async def main() -> None:
     ips = [str(ipaddress.IPv4Address(base + 1 + i)) for i in range(a.services)]
     t0 = time.monotonic()
     state.replace("Service", [service(n, ip, ports) for n, ip in zip(names, ips, strict=True)])
-    state.replace("EndpointSlice", [endpoint_slice(n, [endpoint(BACKENDS[0])], eports)
-                                    for n in names])
-    while proxier._dirty or (proxier._sync_task and not proxier._sync_task.done()):
-        await asyncio.sleep(0.05)
-    print(f"initial sync of {a.services} services: {time.monotonic() - t0:.2f}s "
+    state.replace("EndpointSlice", [
+        endpoint_slice(n, [zoned(endpoint(BACKENDS[0])) if i % a.hinted_every == 0
+                           else endpoint(BACKENDS[0])], eports)
+        for i, n in enumerate(names)])
+    await settled(proxier)
+    initial = time.monotonic() - t0
+    print(f"initial sync of {a.services} services: {initial:.2f}s "
           f"({sum(len(rt.listeners) for rt in proxier.services.values())} listeners)")
 
     if a.gc_freeze:
@@ -91,6 +119,19 @@ async def main() -> None:
                           ("change -> new connection answered by new endpoint", conn_times)):
         print(f"{label}: p50 {pct(values, 0.5):.2f} ms, p99 {pct(values, 0.99):.2f} ms, "
               f"max {max(values) * 1000:.2f} ms, mean {statistics.mean(values) * 1000:.2f} ms")
+    zone_times = []
+    for i in range(a.zone_changes):
+        start = time.perf_counter()
+        state.apply([WatchEvent(EventType.MODIFIED, node(f"zone-{i}"))])
+        await settled(proxier, 0.001)
+        zone_times.append(time.perf_counter() - start)
+    if zone_times:
+        took = statistics.median(zone_times)
+        hinted = len(range(0, a.services, a.hinted_every))
+        print(f"node zone label change -> the {hinted} zone-hinted of {a.services} services "
+              "resynced: median "
+              f"{took:.3f}s over {len(zone_times)} changes "
+              f"({took / initial:.2f}x the initial sync)")
     await proxier.stop(0)
     for s in servers:
         s.close()

@@ -220,11 +220,16 @@ class Proxier:
         # NodeTopologyConfig, any other change to the Node leaves the Services alone.
         if (before.zone if before else "") == (after.zone if after else ""):
             return
+        # Only Services with zone hints can route differently: the rest are left alone, so a
+        # label change costs O(hinted Services), not a resync of the whole node.
         now = time.monotonic()
-        for key in self.state.services:
+        hinted = [key for key, info in self.state.services.items() if _has_zone_hints(info)]
+        for key in hinted:
             self._dirty.setdefault(key, now)
         log.info("node topology changed, resyncing services", node=self.config.node_name,
-                 zone=after.zone if after else "-", numServices=len(self.state.services))
+                 zone=after.zone if after else "-", numServices=len(hinted))
+        if not hinted:
+            return
         if self.last_queued is None:
             self.last_queued = now
         self._schedule()
@@ -507,6 +512,10 @@ class Proxier:
             "budget": {"tcpConnections": self.tcp_budget.status(),
                        "udpFlows": self.udp_budget.status()},
         }
+
+
+def _has_zone_hints(info: ServiceInfo) -> bool:
+    return any(ep.zone_hints for spi in info.ports for ep in spi.endpoints)
 
 
 def _endpoint_status(table: PortTable, ep: EndpointInfo) -> dict[str, Any]:
