@@ -11,6 +11,7 @@ declared; msgspec ignores the rest. Every decoding or validation failure becomes
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
@@ -118,6 +119,7 @@ class ServiceSpec(_Struct):
     # PreferClose, PreferSameZone, PreferSameNode: the EndpointSlice controller turns it into
     # endpoint hints, and the proxy routes by those hints (proxy/topology.py).
     traffic_distribution: str | None = None
+    load_balancer_source_ranges: list[str] = []
 
 
 class LoadBalancerIngress(_Struct):
@@ -178,6 +180,13 @@ class Service(_Struct, kw_only=True):
         (KEP-1860; pkg/proxy serviceport.go)."""
         lb = self.status.load_balancer
         return [i.ip for i in (lb.ingress or []) if i.ip and i.ip_mode != "Proxy"] if lb else []
+
+    @property
+    def proxy_mode_ips(self) -> list[str]:
+        """LoadBalancer ingress IPs with ipMode Proxy: the load balancer delivers traffic with
+        its own address, so kube-proxy leaves them alone (KEP-1860)."""
+        lb = self.status.load_balancer
+        return [i.ip for i in (lb.ingress or []) if i.ip and i.ip_mode == "Proxy"] if lb else []
 
     @property
     def internal_local(self) -> bool:
@@ -428,6 +437,11 @@ def _validate_service(svc: Service) -> None:
     for i, ingress in enumerate(lb.ingress or () if lb else ()):
         if ingress.ip:
             _check_ip(svc, f"status.loadBalancer.ingress[{i}].ip", ingress.ip)
+    for i, cidr in enumerate(spec.load_balancer_source_ranges):
+        try:
+            ipaddress.ip_network(cidr.strip(), strict=False)
+        except ValueError:
+            _fail(svc, f"spec.loadBalancerSourceRanges[{i}]", f"{cidr!r} is not a CIDR")
     if spec.type == "ExternalName" and not spec.external_name:
         _fail(svc, "spec.externalName", "required for type ExternalName")
     ports = svc.ports

@@ -75,9 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     px = run.add_argument_group("proxy")
     px.add_argument("--no-proxy", dest="proxy", action="store_false", default=None, help="DNS only")
-    px.add_argument("--vip-mode", choices=["interface", "loopback"],
-                    help="interface: assign ClusterIPs to --vip-interface (root); "
-                    "loopback: map them to 127.x")
+    px.add_argument("--vip-mode", choices=["tproxy", "interface", "loopback"],
+                    help="tproxy (default as root): nftables hands Service traffic to "
+                    "transparent listeners; interface: assign ClusterIPs to --vip-interface; "
+                    "loopback (default without root): map them to 127.x")
+    px.add_argument("--capture-port", type=int, metavar="PORT",
+                    help="tproxy mode: port of the transparent listeners on 127.0.0.1 and ::1 "
+                    "(default 10265)")
     px.add_argument("--vip-interface", metavar="NAME", help="default kubeshim0")
     px.add_argument("--nodeport-addresses", metavar="CIDRS",
                     help="CIDRs and 'primary', 'localhost', 'all' (comma separated): "
@@ -113,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     state = sub.add_parser("state", help="print the Services and endpoints kubeshim sees")
     _add_source_flags(state)
     state.add_argument("-o", "--output", choices=["table", "json"], default="table")
-    state.add_argument("--vip-mode", choices=["interface", "loopback"],
+    state.add_argument("--vip-mode", choices=["tproxy", "interface", "loopback"],
                        help="show where each ClusterIP is served in this mode")
 
     status = sub.add_parser("status", help="ask a running daemon what it serves")
@@ -134,6 +138,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         "healthz_bind_address": "healthz_bind_address",
         "metrics_bind_address": "metrics_bind_address", "drain_timeout": "drain_timeout",
         "proxy": "proxy", "vip_mode": "vip_mode", "vip_interface": "vip_interface",
+        "capture_port": "capture_port",
         "balance": "balance", "udp_timeout": "udp_timeout", "tcp_idle_timeout": "tcp_idle_timeout",
         "dns": "dns", "cluster_domain": "cluster_domain", "dns_ttl": "dns_ttl",
         "dns_negative_ttl": "dns_negative_ttl", "pod_records": "pod_records",
@@ -151,7 +156,9 @@ def options_from_args(args: argparse.Namespace) -> Options:
     if getattr(args, "verbose", False):
         opts.log_level = "debug"
     if getattr(args, "cluster_cidr", None):
-        opts.cluster_cidrs = [c for c in args.cluster_cidr.split(",") if c]
+        opts.cluster_cidrs = [c.strip() for c in args.cluster_cidr.split(",") if c.strip()]
+        if bad := bad_cidrs(opts.cluster_cidrs):
+            raise ConfigError(f"--cluster-cidr: {'; '.join(bad)}")
     if getattr(args, "service_cluster_ip_range", None):
         opts.service_cidrs = [c for c in args.service_cluster_ip_range.split(",") if c]
         if bad := bad_cidrs(opts.service_cidrs):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, TypeGuard, TypeVar, get_args, get_type_hints
@@ -41,7 +42,8 @@ class Options:
     service_cidrs: list[str] = field(default_factory=list)
     # proxy
     proxy: bool = True
-    vip_mode: str = ""  # "" = interface as root, loopback otherwise
+    vip_mode: str = ""  # "" = tproxy as root (interface without nft), loopback otherwise
+    capture_port: int = 10265
     vip_interface: str = "kubeshim0"
     nodeport_addresses: list[str] = field(default_factory=list)
     balance: str = "round-robin"
@@ -316,8 +318,8 @@ _IGNORED_REASONS = {
     "nftables": "no nftables rules: traffic is proxied in user space",
     "winkernel": "Linux only",
     "windowsRunAsService": "Linux only",
-    "detectLocalMode": "the proxy sees each client's address on its socket",
-    "detectLocal": "the proxy sees each client's address on its socket",
+    "detectLocalMode": "only ClusterCIDR (clusterCIDR, --cluster-cidr) tells local pods apart",
+    "detectLocal": "only ClusterCIDR (clusterCIDR, --cluster-cidr) tells local pods apart",
     "oomScoreAdj": "set it with the service manager (systemd OOMScoreAdjust=, the pod spec)",
     "conntrack": "no kernel conntrack entries are made for proxied traffic",
     "conntrack.udpStreamTimeout": "one idle timeout per UDP flow: conntrack.udpTimeout",
@@ -451,9 +453,12 @@ def _apply(cfg: KubeProxyConfiguration, doc: dict[str, Any], opts: Options,
     if cfg.dns is not None:
         _apply_dns(cfg.dns, opts, errors)
 
+    honoured = set(_HONOURED)
+    if cfg.detect_local_mode == "ClusterCIDR":
+        honoured.add("detectLocalMode")  # the default with clusterCIDR set, and what is done
     reported: set[str] = set()
     for key, value in _leaves({k: v for k, v in doc.items() if k not in ("kind", "apiVersion")}):
-        if not _is_set(value) or any(key == h or key.startswith(h + ".") for h in _HONOURED):
+        if not _is_set(value) or any(key == h or key.startswith(h + ".") for h in honoured):
             continue
         if key in ("logging.options", "logging.flushFrequency", "logging.format") and (
                 key != "logging.format" or value == "text"):
@@ -552,4 +557,8 @@ def parse_duration(value: Any) -> float:
 
 
 def default_vip_mode() -> str:
-    return "interface" if os.geteuid() == 0 else "loopback"
+    """tproxy as root where nft is installed (the proxy falls back to interface mode when the
+    kernel refuses the table), interface as root without it, loopback without root."""
+    if os.geteuid() != 0:
+        return "loopback"
+    return "tproxy" if shutil.which("nft") else "interface"

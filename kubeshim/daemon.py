@@ -71,6 +71,8 @@ class Daemon:
             max_udp_flows=o.max_udp_flows,
             max_udp_flows_per_client=o.max_udp_flows_per_client,
             descriptor_limit=self.descriptor_limit,
+            capture_port=o.capture_port,
+            cluster_cidrs=list(o.cluster_cidrs),
         )
         return Proxier(self.state, config)
 
@@ -79,7 +81,7 @@ class Daemon:
         from kubeshim.dns.server import DNSServer
 
         o = self.opts
-        binds = o.dns_binds or [("0.0.0.0", 53) if default_vip_mode() == "interface"
+        binds = o.dns_binds or [("0.0.0.0", 53) if default_vip_mode() != "loopback"
                                 else ("127.0.0.1", 5353)]
         upstreams = o.upstreams or resolv_conf_nameservers()
         config = DNSConfig(

@@ -110,6 +110,15 @@ def _errors_text(errors: Any) -> str:
     return str(errors or "-")
 
 
+def _served_text(port: dict[str, Any]) -> str:
+    """Listening sockets, or in tproxy mode each captured tuple with its verdict."""
+    if "capture" not in port:
+        return " ".join(port.get("listeners", []))
+    return " ".join(f"{e['address']}={e['verdict']}"
+                    + (f"(from {','.join(e['sourceRanges'])})" if e.get("sourceRanges") else "")
+                    for e in port["capture"])
+
+
 def print_status(data: dict[str, Any], console: Console | None = None) -> None:
     """`kubeshim status`: what a running daemon serves, from its GET /status answer."""
     console = console or Console(width=200)
@@ -130,15 +139,16 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
             f"UDP flows {proxy.get('udpFlows', 0)}"
         )
         table = Table(title="Services")
-        for column in ("SERVICE", "CLUSTER-IP", "PORT", "LISTENING ON", "ENDPOINTS",
-                       "ACTIVE", "TOTAL", "ERRORS"):
+        capture = proxy.get("capture") is not None
+        for column in ("SERVICE", "CLUSTER-IP", "PORT", "CAPTURE" if capture else "LISTENING ON",
+                       "ENDPOINTS", "ACTIVE", "TOTAL", "ERRORS"):
             table.add_column(column)
         for svc in proxy.get("services", []):
             served = svc.get("servedAt") or {}
             ips = " ".join(
                 ip + (f" -> {at}" if at != ip else "") for ip, at in sorted(served.items())
             ) or ",".join(svc.get("clusterIPs") or []) or "-"
-            ports = [p for p in svc.get("ports", []) if p.get("listeners")]
+            ports = [p for p in svc.get("ports", []) if p.get("listeners") or p.get("capture")]
             if not ports:
                 table.add_row(svc.get("name", ""), ips, "", "[dim]not proxied[/]", "", "", "",
                               "")
@@ -153,7 +163,7 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
                     svc.get("name", "") if i == 0 else "",
                     ips if i == 0 else "",
                     f"{port.get('name') or '-'} {port.get('port')}{node}/{port.get('protocol')}",
-                    " ".join(port.get("listeners", [])),
+                    _served_text(port),
                     endpoints,
                     str(port.get("active", 0)),
                     str(port.get("connections", 0)),

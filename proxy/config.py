@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-VipMode = Literal["interface", "loopback"]
+VipMode = Literal["tproxy", "interface", "loopback"]
 BalancePolicy = Literal["round-robin", "random", "least-connections"]
 
 
 @dataclass
 class ProxyConfig:
+    # "tproxy": nftables hands the Service tuples to transparent listeners (proxy/capture.py);
     # "interface": ClusterIPs (and externalIPs / LoadBalancer IPs) are assigned to
     # `vip_interface`, like IPVS mode's kube-ipvs0; "loopback": each one maps to a 127/8 address.
     vip_mode: VipMode
@@ -37,3 +38,8 @@ class ProxyConfig:
     # RLIMIT_NOFILE the caps are sized from (0: read it at start).
     descriptor_limit: int = 0
     listen_backlog: int = 4096
+    # tproxy mode: the port of the transparent listeners (on 127.0.0.1 and ::1).
+    capture_port: int = 10265
+    # Pod CIDRs (kube-proxy's clusterCIDR, detectLocalMode ClusterCIDR): which clients are
+    # local pods, for Local-policy short-circuits and keeping the client's address.
+    cluster_cidrs: list[str] = field(default_factory=list)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import resource
 import time
 from collections.abc import Iterable, Sequence
@@ -25,6 +26,7 @@ from kubeshim.cluster.netaddr import ip_family
 from kubeshim.cluster.state import ClusterState, EndpointInfo, ServiceChange, ServiceInfo
 from kubeshim.proxy.balancer import Clock
 from kubeshim.proxy.budget import Budget, caps_for_limit
+from kubeshim.proxy.capture import CaptureEntry, PortEndpoints, Verdict, capture_entries
 from kubeshim.proxy.config import ProxyConfig
 from kubeshim.proxy.listeners import (
     ListenerKey,
@@ -36,6 +38,7 @@ from kubeshim.proxy.listeners import (
 from kubeshim.proxy.metrics import PortCounters, ProxyMetrics
 from kubeshim.proxy.table import PortTable
 from kubeshim.proxy.tcp import ClientSide, TcpFrontend, listen_socket
+from kubeshim.proxy.transparent import Capture, CaptureError, Target
 from kubeshim.proxy.udp import UdpFrontend, bind_socket
 from kubeshim.proxy.vip import (
     InterfaceVips,
@@ -43,6 +46,7 @@ from kubeshim.proxy.vip import (
     NetlinkWorker,
     VipError,
     local_addresses,
+    local_networks,
     nodeport_addresses,
 )
 
@@ -94,6 +98,7 @@ class ServiceRuntime:
     vips: set[str] = field(default_factory=set)
     errors: dict[str, str] = field(default_factory=dict)  # what -> why
     ports: set[TableKey] = field(default_factory=set)  # its entries in Proxier.tables
+    capture: list[CaptureEntry] = field(default_factory=list)  # tproxy mode
     retries: int = 0
 
 
@@ -119,6 +124,8 @@ class Proxier:
         self.metrics.collector.add(self, self._counter_rows)
         self.mapper = LoopbackMapper()
         self.vips: InterfaceVips | None = None
+        self.capture: Capture | None = None
+        self._capture_owners: dict[tuple[int, str, str, int], NamespacedName] = {}
         self._netlink = NetlinkWorker()
         self.node_ips: list[str] = []
         self._local_ips: set[str] = set()
@@ -150,6 +157,22 @@ class Proxier:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         cfg = self.config
+        if cfg.vip_mode == "tproxy":
+            # NodePorts: the configured CIDRs, the word "primary" resolved now; none means
+            # every local address, whenever it appears.
+            cidrs = [c for c in cfg.nodeport_addresses if c != "primary"]
+            if "primary" in cfg.nodeport_addresses:
+                cidrs += [ip for ip in await self._netlink.call(nodeport_addresses, ["primary"])]
+            capture = Capture(cfg, self.connections, cidrs)
+            try:
+                await capture.start(self._netlink)
+                self.capture = capture
+            except CaptureError as e:
+                # Where the kernel has no nftables TPROXY, the Service addresses go on an
+                # interface instead.
+                await capture.stop(self._netlink)
+                log.warning("tproxy capture unavailable, using interface mode", reason=str(e))
+                cfg.vip_mode = "interface"
         exclude = cfg.vip_interface if cfg.vip_mode == "interface" else ""
         if cfg.vip_mode == "interface":
             self.vips = InterfaceVips(cfg.vip_interface)
@@ -157,6 +180,10 @@ class Proxier:
         self._local_ips = {ip for ip, _ in await self._netlink.call(local_addresses, exclude)}
         self.node_ips = await self._netlink.call(
             nodeport_addresses, list(cfg.nodeport_addresses), exclude)
+        if self.capture is not None:
+            self.capture.sources.node_addresses = self._local_ips
+            self.capture.sources.links = [
+                ipaddress.ip_network(n) for n in await self._netlink.call(local_networks, exclude)]
         log.info("proxy starting", vip_mode=cfg.vip_mode, node=cfg.node_name or "-",
                  nodeport_addresses=",".join(self.node_ips) or "-", balance=cfg.balance,
                  max_connections=self.tcp_budget.limit,
@@ -185,6 +212,8 @@ class Proxier:
         for rt in self.services.values():
             for listener in rt.listeners.values():
                 listener.close()
+        if self.capture is not None:
+            self.capture.close_listeners()
         deadline = time.monotonic() + drain_timeout
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -201,6 +230,8 @@ class Proxier:
             rt.listeners.clear()
         if self.vips is not None:
             await self._netlink.call(self.vips.close)
+        if self.capture is not None:
+            await self.capture.stop(self._netlink)
         self._netlink.close()
         log.info("proxy stopped")
 
@@ -269,7 +300,16 @@ class Proxier:
                 self._retry_later(key)
             else:
                 self.services.get(key, ServiceRuntime(key)).retries = 0
-            self.metrics.network_programming.observe(time.monotonic() - queued)
+            if self.capture is None:
+                self.metrics.network_programming.observe(time.monotonic() - queued)
+        if self.capture is not None:
+            # One transaction for the whole batch; the rules are the data plane here.
+            if not await self.capture.flush():
+                for key in dirty:
+                    self._retry_later(key)
+            now = time.monotonic()
+            for queued in dirty.values():
+                self.metrics.network_programming.observe(now - queued)
         end = time.monotonic()
         self.metrics.sync_duration.observe(end - start)
         self.metrics.last_sync.set(time.time())
@@ -328,11 +368,17 @@ class Proxier:
                         table = self.tables[tkey] = PortTable(
                             spi, family, self.config.balance, self._clock, counters)
                         table.node_addresses = self._local_ips
+                        if self.capture is not None:
+                            table.local_pod = self.capture.sources.local_pod
                     stale = table.update(info.service, spi, self.config.node_name,
                                          self.state.node_zone)
                     if stale:
                         self._drop_udp_flows(rt, spi.name, stale)
 
+        if self.capture is not None:
+            # tproxy mode: rules instead of listeners and addresses.
+            self._sync_capture(rt, info, errors)
+            desired = {}
         close, open_ = diff_listeners({k: li.spec for k, li in rt.listeners.items()}, desired)
         for k in close:
             if k in desired and (table := self.tables.get(
@@ -394,6 +440,49 @@ class Proxier:
         # A Service that can never be served (e.g. SCTP only) does not retry.
         return not any(k not in rt.listeners for k in desired)
 
+    def _port_endpoints(self, name: ServicePortName, family: int) -> PortEndpoints:
+        table = self.tables.get((name, family))
+        if table is None:
+            return PortEndpoints(False, False, False)
+        return PortEndpoints(table.categorized.has_any, bool(table.internal), bool(table.external))
+
+    def _sync_capture(self, rt: ServiceRuntime, info: ServiceInfo | None,
+                      errors: dict[str, str]) -> None:
+        """The Service's capture entries into the index and the pending transaction."""
+        cap = self.capture
+        assert cap is not None
+        key = rt.key
+        proxied = info is not None and info.proxied
+        new = capture_entries(info, self._port_endpoints) if info is not None and proxied else []
+        kept: list[CaptureEntry] = []
+        for e in new:
+            owner = self._capture_owners.get(e.key)
+            if owner is not None and owner != key:
+                errors[str(e)] = f"{e} is already captured for service {owner}"
+            else:
+                kept.append(e)
+        kept_keys = {e.key for e in kept}
+        for e in rt.capture:
+            if e.key not in kept_keys:
+                cap.index.remove(e)
+                del self._capture_owners[e.key]
+        for e in kept:
+            self._capture_owners[e.key] = key
+            if e.verdict == Verdict.NOT_CAPTURED:
+                cap.index.remove(e)
+            else:
+                cap.index.add(e, Target(self.tables[(e.port_name, e.family)],
+                                        e.kind != "ClusterIP"))
+        rt.capture = kept
+        cap.set_service(key, kept, info.service.cluster_ips if info is not None and proxied
+                        else [])
+        for spi in info.ports if info is not None and proxied else ():
+            for ep in spi.endpoints:
+                if ep.ip in cap.index.addresses:
+                    errors[f"endpoint {ep.address}"] = (
+                        f"{ep.ip} is a Service address that kubeshim captures; connections to "
+                        "it are refused (they would loop)")
+
     async def _open(self, spec: ListenerSpec) -> Listener:
         table = self.tables[(spec.port_name, spec.family)]
         listener = Listener(spec, table)
@@ -439,6 +528,9 @@ class Proxier:
     def _drop_udp_flows(self, rt: ServiceRuntime, name: ServicePortName,
                         stale: Iterable[tuple[str, int]]) -> None:
         stale = set(stale)
+        if self.capture is not None:
+            for udp in self.capture.udp:
+                udp.drop_endpoints(name, stale)
         for listener in rt.listeners.values():
             if listener.udp is not None and listener.spec.port_name == name:
                 listener.udp.drop_endpoints(stale)
@@ -454,7 +546,7 @@ class Proxier:
 
     def vip_address(self, ip: str) -> str:
         """Where a ClusterIP / externalIP / LoadBalancer IP is really served."""
-        if self.config.vip_mode == "interface":
+        if self.config.vip_mode != "loopback":
             return ip
         return self.mapper.address(ip)
 
@@ -477,6 +569,11 @@ class Proxier:
                     "protocol": spi.spec.protocol, "nodePort": spi.spec.node_port or None,
                     "listeners": listeners,
                 }
+                if self.capture is not None:
+                    entry["capture"] = [
+                        {"address": str(e), "kind": e.kind, "verdict": str(e.verdict),
+                         **({"sourceRanges": list(e.source_ranges)} if e.source_ranges else {})}
+                        for e in rt.capture if e.port_name == spi.name]
                 if tables:
                     entry["endpoints"] = [
                         _endpoint_status(table, ep) for table in tables for ep in table.endpoints
@@ -503,12 +600,17 @@ class Proxier:
         return {
             "vipMode": self.config.vip_mode,
             "vipInterface": self.config.vip_interface if self.vips is not None else None,
+            "capture": ({"table": "inet kubeshim", "port": self.capture.listen.port,
+                         "families": self.capture.families,
+                         "transactions": self.capture.transactions}
+                        if self.capture is not None else None),
             "nodePortAddresses": self.node_ips,
             "synced": self.state.synced,
             "services": services,
             "connections": len(self.connections),
             "udpFlows": sum(len(li.udp.flows) for rt in self.services.values()
-                            for li in rt.listeners.values() if li.udp is not None),
+                            for li in rt.listeners.values() if li.udp is not None)
+            + (sum(len(u.flows) for u in self.capture.udp) if self.capture is not None else 0),
             "budget": {"tcpConnections": self.tcp_budget.status(),
                        "udpFlows": self.udp_budget.status()},
         }

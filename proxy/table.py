@@ -7,7 +7,7 @@ an endpoint change never touches a socket.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from kubeshim.cluster.model import Service
 from kubeshim.cluster.netaddr import ip_family
@@ -21,6 +21,10 @@ def port_policy(svc: Service, spi: ServicePortInfo) -> PortPolicy:
     # kube-proxy's BaseServicePort.ExternallyAccessible: per port, from what the Service has.
     accessible = bool(spi.spec.node_port or svc.spec.external_ips or svc.load_balancer_ips)
     return PortPolicy(svc.internal_local, svc.external_local, accessible)
+
+
+def _no_local_pods(ip: str) -> bool:
+    return False
 
 
 class PortTable:
@@ -48,6 +52,8 @@ class PortTable:
         # Clients on this node bypass externalTrafficPolicy Local (kube-proxy short-circuits
         # node-originated external traffic to cluster endpoints).
         self.node_addresses: Collection[str] = ()
+        # ... and so do this node's pods (kube-proxy's detectLocal), where the proxy knows them.
+        self.local_pod: Callable[[str], bool] = _no_local_pods
         self._external_uses_cluster = True
 
     def update(self, svc: Service, spi: ServicePortInfo, node_name: str,
@@ -71,6 +77,11 @@ class PortTable:
             self.affinity = AffinityTable(timeout, self._clock)
         return before - set(self._internal_keys) - set(self._external_keys)
 
+    @property
+    def external_local(self) -> bool:
+        """externalTrafficPolicy: Local."""
+        return not self._external_uses_cluster
+
     def usable(self, key: EndpointKey) -> bool:
         return key in self._internal_keys or key in self._external_keys
 
@@ -78,7 +89,8 @@ class PortTable:
         self, client_ip: str, external: bool, exclude: Collection[EndpointInfo] = ()
     ) -> EndpointInfo | None:
         """The endpoint for a new connection from `client_ip`, or None (reject)."""
-        if external and not self._external_uses_cluster and client_ip in self.node_addresses:
+        if external and not self._external_uses_cluster and (
+                client_ip in self.node_addresses or self.local_pod(client_ip)):
             external = False
             endpoints, keys = self.categorized.cluster, None
         elif external:

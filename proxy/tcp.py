@@ -55,17 +55,23 @@ class TcpFrontend:
     def __call__(self) -> ClientSide:
         return ClientSide(self)
 
+    async def dial(self, client: ClientSide, ep: EndpointInfo) -> None:
+        """Connect to the endpoint; the UpstreamSide reports back to `client`."""
+        await self.loop.create_connection(lambda: UpstreamSide(client), ep.ip, ep.port)
+
 
 class ClientSide(asyncio.Protocol):
     """The accepted connection; owns the connection's lifecycle and accounting."""
 
-    __slots__ = ("fe", "table", "counters", "transport", "upstream", "endpoint", "client_ip",
-                 "_eofs", "_client_eof", "_active", "_idle", "_dial", "_closed", "_early")
+    __slots__ = ("fe", "table", "counters", "external", "transport", "upstream", "endpoint",
+                 "client_ip", "_eofs", "_client_eof", "_active", "_idle", "_dial", "_closed",
+                 "_early")
 
     def __init__(self, fe: TcpFrontend) -> None:
         self.fe = fe
         self.table = fe.table
         self.counters = fe.table.counters
+        self.external = fe.external
         self.transport: Any = None
         self.upstream: Any = None
         self.endpoint: EndpointInfo | None = None
@@ -87,7 +93,7 @@ class ClientSide(asyncio.Protocol):
         counters.connections_total += 1
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
-        ep = self.table.pick(self.client_ip, fe.external)
+        ep = self.table.pick(self.client_ip, self.external)
         if ep is None:
             counters.error(NO_ENDPOINTS)
             self._closed = True
@@ -167,7 +173,7 @@ class ClientSide(asyncio.Protocol):
         while True:
             try:
                 async with asyncio.timeout(config.tcp_connect_timeout):
-                    await fe.loop.create_connection(lambda: UpstreamSide(self), ep.ip, ep.port)
+                    await fe.dial(self, ep)
                 return
             except (OSError, TimeoutError) as e:
                 self.counters.error(CONNECT_TIMEOUT if isinstance(e, TimeoutError)
@@ -178,7 +184,7 @@ class ClientSide(asyncio.Protocol):
             if self._closed:
                 return
             # A failed connect retries the next endpoint, a bounded number of times.
-            next_ep = (self.table.pick(self.client_ip, fe.external, tried)
+            next_ep = (self.table.pick(self.client_ip, self.external, tried)
                        if len(tried) <= config.connect_retries else None)
             if next_ep is None:
                 reset(self.transport)

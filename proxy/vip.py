@@ -190,6 +190,21 @@ def local_addresses(exclude_ifname: str = "") -> list[tuple[str, str]]:
     return out
 
 
+def local_networks(exclude_ifname: str = "") -> list[str]:
+    """The on-link networks of this host's addresses (wider than /32 and /128)."""
+    out: set[str] = set()
+    with _iproute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for a in ipr.get_addr():
+            if names.get(a["index"], "") == exclude_ifname:
+                continue
+            net = ipaddress.ip_network(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}",
+                                       strict=False)
+            if net.num_addresses > 1 and not net.is_loopback:
+                out.add(str(net))
+    return sorted(out)
+
+
 def primary_addresses(addresses: Iterable[tuple[str, str]]) -> list[str]:
     """The node's primary IPs: the first global address of each family on the interface of a
     default route, else the first global (non-loopback) address of each family."""

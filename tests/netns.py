@@ -29,6 +29,8 @@ import pytest
 
 POD_PREFIX = "10.244.0"
 NODE_IP = f"{POD_PREFIX}.1"
+OUTSIDE_PREFIX = "192.168.50"
+OUTSIDE_NODE_IP = f"{OUTSIDE_PREFIX}.1"  # the node's address on the outside segment
 
 
 def require_root() -> None:
@@ -156,11 +158,43 @@ class Lab:
             self.node.delete()
             raise
 
-    def add_host(self, name: str, ip: str | None = None) -> Netns:
-        """A namespace with one veth into the node's bridge, routed through the node."""
+    def add_host(self, name: str, ip: str | None = None, routed: bool = False) -> Netns:
+        """A namespace with one veth into the node's bridge, routed through the node.
+
+        `routed`: a pod the way routed CNI plugins (Calico, kindnet) attach one: its own /32 on
+        a veth that is not in the bridge, reaching everything (other pods too) via the node."""
         if ip is None:
             ip = f"{POD_PREFIX}.{self._next}"
             self._next += 1
+        host = self._attach(name, "" if routed else "br0")
+        if routed:
+            peer = f"v{len(self.hosts)}"
+            self.node.run(["ip", "route", "add", f"{ip}/32", "dev", peer])
+            host.run(["ip", "addr", "add", f"{ip}/32", "dev", "eth0"])
+            host.run(["ip", "link", "set", "eth0", "up"])
+            host.run(["ip", "route", "add", NODE_IP, "dev", "eth0"])
+        else:
+            host.run(["ip", "addr", "add", f"{ip}/24", "dev", "eth0"])
+            host.run(["ip", "link", "set", "eth0", "up"])
+        host.run(["ip", "route", "add", "default", "via", NODE_IP])
+        host.ip = ip
+        return host
+
+    def add_outside(self, name: str, ip: str) -> Netns:
+        """A host off the node (a client, an on-link neighbour) on a second segment, the
+        node's `ext0` bridge (OUTSIDE_NODE_IP/24), routed through the node."""
+        if "ext0" not in self.node.run(["ip", "-o", "link"]).stdout:
+            self.node.run(["ip", "link", "add", "ext0", "type", "bridge"])
+            self.node.run(["ip", "addr", "add", f"{OUTSIDE_NODE_IP}/24", "dev", "ext0"])
+            self.node.run(["ip", "link", "set", "ext0", "up"])
+        host = self._attach(name, "ext0")
+        host.run(["ip", "addr", "add", f"{ip}/24", "dev", "eth0"])
+        host.run(["ip", "link", "set", "eth0", "up"])
+        host.run(["ip", "route", "add", "default", "via", OUTSIDE_NODE_IP])
+        host.ip = ip
+        return host
+
+    def _attach(self, name: str, bridge: str) -> Netns:
         host = Netns(f"{self.prefix}-{name}")
         self.hosts[name] = host
         peer = f"v{len(self.hosts)}"
@@ -169,11 +203,9 @@ class Lab:
              "peer", "name", peer, "netns", self.node.name],
             check=True,
         )
-        self.node.run(["ip", "link", "set", peer, "master", "br0", "up"])
-        host.run(["ip", "addr", "add", f"{ip}/24", "dev", "eth0"])
-        host.run(["ip", "link", "set", "eth0", "up"])
-        host.run(["ip", "route", "add", "default", "via", NODE_IP])
-        host.ip = ip
+        if bridge:
+            self.node.run(["ip", "link", "set", peer, "master", bridge])
+        self.node.run(["ip", "link", "set", peer, "up"])
         return host
 
     def close(self) -> None:

@@ -3,8 +3,9 @@
     python3 proxy_backend.py NAME [--http 8080] [--bulk 9000]
 
 HTTP/1.1 (keep-alive unless the client says close): any path answers "NAME\n", except /hits
-which answers how many other requests were served. The bulk port reads until the client's EOF
-(half-close), then answers "<bytes> <sha256 hex>\n" and closes.
+which answers how many other requests were served and /peer, the client address it sees. The
+bulk port reads until the client's EOF (half-close), then answers "<bytes> <sha256 hex>\n" and
+closes.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Http(asyncio.Protocol):
             path = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b"/"
             if path == b"/hits":
                 body = f"{Http.hits}\n".encode()
+            elif path == b"/peer":
+                body = f"{self.transport.get_extra_info('peername')[0]}\n".encode()
             else:
                 Http.hits += 1
                 body = self.name + b"\n"

@@ -1,0 +1,564 @@
+"""TPROXY mode's IO: the kubeshim nftables table, the policy route, the transparent listeners.
+
+The kernel hands every captured Service tuple to one IP_TRANSPARENT listener per protocol and
+family, bound to a loopback address on a port of kubeshim's own (`capture_port`), so no host
+program ever collides with a Service port and no Service address is a local address. The
+original destination is the accepted socket's own address (TCP) or IP_RECVORIGDSTADDR (UDP);
+`CaptureIndex` maps it to the port table. Listeners set SO_REUSEPORT, so several processes
+could share them.
+
+Outbound sockets carry SO_MARK `BYPASS_MARK`, so the table never captures kubeshim's own
+traffic. Where kube-proxy keeps the client's address (a local pod to a ClusterIP, external
+traffic under `externalTrafficPolicy: Local`), the outbound socket binds that address with
+IP_TRANSPARENT; the endpoint's replies come back through the node and the table's `socket
+transparent` rule delivers them to it.
+
+Rules change in one `nft -f -` transaction per sync (kube-proxy's knftables does the same); a
+failed transaction changes nothing and the whole table is written again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import socket
+import struct
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kubeshim.cluster.log import get_logger
+from kubeshim.cluster.model import NamespacedName, ServicePort, ServicePortName
+from kubeshim.cluster.state import EndpointInfo, ServicePortInfo
+from kubeshim.proxy.balancer import EndpointKey
+from kubeshim.proxy.capture import (
+    BYPASS_MARK,
+    CAPTURE_MARK,
+    ROUTE_TABLE,
+    TABLE,
+    CaptureEntry,
+    ElementStore,
+    ListenPorts,
+    Ruleset,
+    elements_of,
+)
+from kubeshim.proxy.config import ProxyConfig
+from kubeshim.proxy.metrics import NO_ENDPOINTS, UDP_FLOW_EVICTED, UDP_SEND_FAILED
+from kubeshim.proxy.table import PortTable
+from kubeshim.proxy.tcp import ClientSide, TcpFrontend, UpstreamSide, reset
+from kubeshim.proxy.udp import MAX_DATAGRAM, READ_BATCH
+
+log = get_logger("proxy")
+
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+IP_RECVORIGDSTADDR = 20
+IPV6_RECVORIGDSTADDR = 74
+SO_MARK = 36
+NO_CAPTURE = "no_capture_entry"
+
+
+class CaptureError(Exception):
+    """The capture layer cannot be set up; the message says what and why."""
+
+
+def _transparent(sock: socket.socket, family: int) -> None:
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+
+
+def transparent_listener(kind: int, family: int, address: str, port: int,
+                         backlog: int) -> socket.socket:
+    sock = socket.socket(family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        _transparent(sock, family)
+        if kind == socket.SOCK_DGRAM:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+            else:
+                sock.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+        sock.bind((address, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def original_destination(ancillary: Sequence[tuple[int, int, bytes]]) -> tuple[str, int] | None:
+    """The (address, port) a captured datagram was sent to (a sockaddr_in / sockaddr_in6)."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_IP and kind == IP_RECVORIGDSTADDR:
+            return socket.inet_ntop(socket.AF_INET, data[4:8]), struct.unpack("!H", data[2:4])[0]
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_RECVORIGDSTADDR:
+            return socket.inet_ntop(socket.AF_INET6, data[8:24]), struct.unpack("!H", data[2:4])[0]
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    table: PortTable
+    external: bool
+
+
+class CaptureIndex:
+    """Original destination -> the port table that serves it."""
+
+    def __init__(self) -> None:
+        self.tuples: dict[tuple[str, str, int], Target] = {}  # (protocol, address, port)
+        self.nodeports: dict[tuple[str, int, int], Target] = {}  # (protocol, port, family)
+        self.addresses: dict[str, int] = {}  # captured Service address -> tuples using it
+
+    def lookup(self, protocol: str, address: str, port: int) -> Target | None:
+        t = self.tuples.get((protocol, address, port))
+        if t is None:
+            t = self.nodeports.get((protocol, port, 6 if ":" in address else 4))
+        return t
+
+    def add(self, entry: CaptureEntry, target: Target) -> None:
+        if entry.kind == "NodePort":
+            self.nodeports[(entry.protocol, entry.port, entry.family)] = target
+        else:
+            key = (entry.protocol, entry.address, entry.port)
+            if key not in self.tuples:
+                self.addresses[entry.address] = self.addresses.get(entry.address, 0) + 1
+            self.tuples[key] = target
+
+    def remove(self, entry: CaptureEntry) -> None:
+        if entry.kind == "NodePort":
+            self.nodeports.pop((entry.protocol, entry.port, entry.family), None)
+        elif self.tuples.pop((entry.protocol, entry.address, entry.port), None) is not None:
+            n = self.addresses[entry.address] - 1
+            if n:
+                self.addresses[entry.address] = n
+            else:
+                del self.addresses[entry.address]
+
+
+class SourcePolicy:
+    """Which client addresses an endpoint sees (kube-proxy's masquerade decisions).
+
+    kube-proxy keeps the client's address for traffic from a local pod (detectLocal: the
+    cluster CIDRs) to a ClusterIP and for external traffic under a Local policy; it
+    masquerades node-originated traffic, external traffic under a Cluster policy and hairpin
+    traffic (the endpoint is the client). A client and an endpoint on one link of the node
+    would talk directly, past kubeshim, so they get the node's address too."""
+
+    def __init__(self, cluster_cidrs: Sequence[str]) -> None:
+        self.cluster = [ipaddress.ip_network(c, strict=False) for c in cluster_cidrs]
+        self.node_addresses: Collection[str] = ()
+        self.links: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+
+    def source(self, client: str, endpoint: str, external: bool, table: PortTable) -> str | None:
+        if not client or client == endpoint or client in self.node_addresses:
+            return None
+        addr = ipaddress.ip_address(client)
+        local_pod = any(addr in net for net in self.cluster)
+        if external:
+            if not table.external_local:
+                return None
+        elif not local_pod:
+            return None
+        ep = ipaddress.ip_address(endpoint)
+        if any(addr in net and ep in net for net in self.links):
+            return None
+        return client
+
+    def local_pod(self, client: str) -> bool:
+        if not self.cluster:
+            return False
+        addr = ipaddress.ip_address(client)
+        return any(addr in net for net in self.cluster)
+
+
+def _unmatched_table() -> PortTable:
+    name = ServicePortName(NamespacedName("", ""), "", "TCP")
+    return PortTable(ServicePortInfo(name, ServicePort(port=0), ()), 4, "round-robin",
+                     lambda: 0.0)
+
+
+# --- TCP ---------------------------------------------------------------------------------------
+
+
+class CaptureTcpFrontend(TcpFrontend):
+    """The protocol factory of a transparent TCP listener: the table comes per connection."""
+
+    def __init__(self, capture: Capture, config: ProxyConfig,
+                 connections: set[ClientSide]) -> None:
+        super().__init__(_unmatched_table(), False, config, connections)
+        self.capture = capture
+
+    def __call__(self) -> ClientSide:
+        return CapturedClientSide(self)
+
+    async def dial(self, client: ClientSide, ep: EndpointInfo) -> None:
+        sock = self.capture.outbound(socket.SOCK_STREAM, client.client_ip, ep, client.external,
+                                     client.table)
+        try:
+            await self.loop.sock_connect(sock, (ep.ip, ep.port))
+        except BaseException:
+            sock.close()
+            raise
+        await self.loop.create_connection(lambda: UpstreamSide(client), sock=sock)
+
+
+class CapturedClientSide(ClientSide):
+    __slots__ = ()
+
+    def connection_made(self, transport: Any) -> None:
+        fe = self.fe
+        assert isinstance(fe, CaptureTcpFrontend)
+        local = transport.get_extra_info("sockname")
+        target = fe.capture.index.lookup("TCP", local[0], local[1]) if local else None
+        if target is None:
+            self.transport = transport
+            self.counters.error(NO_CAPTURE)
+            self._closed = True
+            reset(transport)
+            return
+        self.table = target.table
+        self.counters = target.table.counters
+        self.external = target.external
+        super().connection_made(transport)
+
+
+# --- UDP ---------------------------------------------------------------------------------------
+
+
+class CapturedFlow:
+    """One UDP client of one original destination: a socket that answers from the Service
+    address (bound to it, connected to the client, so the kernel hands it the client's next
+    datagrams) and a socket connected to the endpoint."""
+
+    __slots__ = ("udp", "key", "table", "endpoint", "down", "up", "active", "timer")
+
+    def __init__(self, udp: CaptureUdp, key: tuple[Any, Any], table: PortTable,
+                 endpoint: EndpointInfo, down: socket.socket, up: socket.socket) -> None:
+        self.udp = udp
+        self.key = key
+        self.table = table
+        self.endpoint = endpoint
+        self.down = down
+        self.up = up
+        self.active = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def from_client(self) -> None:
+        counters = self.table.counters
+        for _ in range(READ_BATCH):
+            try:
+                data = self.down.recv(MAX_DATAGRAM)
+                self.up.send(data)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                counters.error(UDP_SEND_FAILED)
+                return
+            counters.bytes_in += len(data)
+            counters.datagrams_in += 1
+            self.active = True
+
+    def from_endpoint(self) -> None:
+        counters = self.table.counters
+        for _ in range(READ_BATCH):
+            try:
+                data = self.up.recv(MAX_DATAGRAM)
+                self.down.send(data)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                # ICMP port unreachable from the endpoint surfaces here (ECONNREFUSED).
+                counters.error(UDP_SEND_FAILED)
+                return
+            counters.bytes_out += len(data)
+            counters.datagrams_out += 1
+            self.active = True
+
+    def idle_check(self) -> None:
+        if self.active:
+            self.active = False
+            self.timer = self.udp.loop.call_later(self.udp.config.udp_timeout, self.idle_check)
+        else:
+            self.timer = None
+            self.udp.drop(self)
+
+
+class CaptureUdp:
+    """A transparent UDP listener: first datagrams of new flows arrive here."""
+
+    def __init__(self, capture: Capture, sock: socket.socket, config: ProxyConfig) -> None:
+        self.capture = capture
+        self.sock = sock
+        self.config = config
+        self.loop = asyncio.get_running_loop()
+        self.flows: dict[tuple[Any, Any], CapturedFlow] = {}
+        self.loop.add_reader(sock.fileno(), self.readable)
+
+    def readable(self) -> None:
+        for _ in range(READ_BATCH):
+            try:
+                data, anc, _flags, client = self.sock.recvmsg(MAX_DATAGRAM, 128)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            dst = original_destination(anc)
+            if dst is None:
+                continue
+            key = (client[:2], dst)
+            flow = self.flows.get(key)
+            if flow is None:
+                flow = self._new_flow(key, client[:2], dst)
+                if flow is None:
+                    continue
+            try:
+                flow.up.send(data)
+            except OSError:
+                flow.table.counters.error(UDP_SEND_FAILED)
+                continue
+            flow.table.counters.bytes_in += len(data)
+            flow.table.counters.datagrams_in += 1
+            flow.active = True
+
+    def _new_flow(self, key: tuple[Any, Any], client: tuple[str, int],
+                  dst: tuple[str, int]) -> CapturedFlow | None:
+        target = self.capture.index.lookup("UDP", dst[0], dst[1])
+        if target is None:
+            return None
+        table = target.table
+        ep = table.pick(client[0], target.external)
+        if ep is None:
+            table.counters.error(NO_ENDPOINTS)
+            return None
+        if len(self.flows) >= self.config.udp_max_flows:
+            table.counters.error(UDP_FLOW_EVICTED)
+            self.drop(next(iter(self.flows.values())))
+        family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
+        down = socket.socket(family, socket.SOCK_DGRAM)
+        up: socket.socket | None = None
+        try:
+            down.setblocking(False)
+            down.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            down.setsockopt(socket.SOL_SOCKET, SO_MARK, BYPASS_MARK)
+            _transparent(down, family)
+            down.bind(dst)
+            down.connect(client)
+            up = self.capture.outbound(socket.SOCK_DGRAM, client[0], ep, target.external, table)
+            up.connect((ep.ip, ep.port))
+        except OSError:
+            down.close()
+            if up is not None:
+                up.close()
+            table.counters.error(UDP_SEND_FAILED)
+            return None
+        flow = CapturedFlow(self, key, table, ep, down, up)
+        self.flows[key] = flow
+        self.loop.add_reader(down.fileno(), flow.from_client)
+        self.loop.add_reader(up.fileno(), flow.from_endpoint)
+        flow.timer = self.loop.call_later(self.config.udp_timeout, flow.idle_check)
+        table.opened(ep)
+        table.counters.connections_total += 1
+        table.counters.flows_active += 1
+        return flow
+
+    def drop(self, flow: CapturedFlow) -> None:
+        if self.flows.get(flow.key) is not flow:
+            return
+        del self.flows[flow.key]
+        for sock in (flow.down, flow.up):
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        if flow.timer is not None:
+            flow.timer.cancel()
+        flow.table.closed(flow.endpoint)
+        flow.table.counters.flows_active -= 1
+
+    def drop_endpoints(self, name: ServicePortName, stale: Collection[EndpointKey]) -> int:
+        gone = [f for f in self.flows.values()
+                if f.table.name == name and (f.endpoint.ip, f.endpoint.port) in stale]
+        for flow in gone:
+            self.drop(flow)
+        return len(gone)
+
+    def close(self) -> None:
+        for flow in list(self.flows.values()):
+            self.drop(flow)
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+# --- the capture layer -------------------------------------------------------------------------
+
+
+class Capture:
+    """The kubeshim table, its policy route and the transparent listeners of one node."""
+
+    def __init__(self, config: ProxyConfig, connections: set[ClientSide],
+                 nodeport_cidrs: Sequence[str] = ()) -> None:
+        self.config = config
+        self.connections = connections
+        self.listen = ListenPorts(config.capture_port)
+        self.rules = Ruleset(self.listen, list(config.cluster_cidrs), list(nodeport_cidrs))
+        self.store = ElementStore()
+        self.index = CaptureIndex()
+        self.sources = SourcePolicy(config.cluster_cidrs)
+        self.servers: list[asyncio.AbstractServer] = []
+        self.udp: list[CaptureUdp] = []
+        self.families: list[int] = []
+        self.transactions = 0
+
+    # --- lifecycle ---
+
+    async def start(self, netlink: Any) -> None:
+        await self._nft(self.rules.full(self.store.current()))
+        await netlink.call(policy_routes, True)
+        loop = asyncio.get_running_loop()
+        fe = CaptureTcpFrontend(self, self.config, self.connections)
+        for family, address in ((socket.AF_INET, self.listen.ipv4),
+                                (socket.AF_INET6, self.listen.ipv6)):
+            try:
+                tcp = transparent_listener(socket.SOCK_STREAM, family, address,
+                                           self.listen.port, self.config.listen_backlog)
+            except OSError as e:
+                if family == socket.AF_INET6 and e.errno in (errno.EADDRNOTAVAIL,
+                                                             errno.EAFNOSUPPORT):
+                    log.info("no IPv6 capture", reason=e.strerror)
+                    continue
+                raise CaptureError(f"cannot listen on {address} port {self.listen.port}: "
+                                   f"{e.strerror}") from None
+            self.servers.append(await loop.create_server(fe, sock=tcp,
+                                                         backlog=self.config.listen_backlog))
+            udp = transparent_listener(socket.SOCK_DGRAM, family, address, self.listen.port, 0)
+            self.udp.append(CaptureUdp(self, udp, self.config))
+            self.families.append(6 if family == socket.AF_INET6 else 4)
+        if _bridge_calls_nftables():
+            log.warning("bridged traffic is not captured",
+                        reason="net.bridge.bridge-nf-call-iptables=1: br_netfilter runs the "
+                        "rules on bridge ports, where TPROXY cannot deliver; pods behind a "
+                        "bridge reach Services only through a routed hop")
+        log.info("capture ready", table=f"inet {TABLE}", port=self.listen.port,
+                 families=",".join(map(str, self.families)))
+
+    def close_listeners(self) -> None:
+        for server in self.servers:
+            server.close()
+        for udp in self.udp:
+            udp.close()
+        self.servers.clear()
+        self.udp.clear()
+
+    async def stop(self, netlink: Any) -> None:
+        """Remove the table and the policy route (after the drain)."""
+        self.close_listeners()
+        try:
+            await self._nft(f"delete table inet {TABLE}\n")
+        except CaptureError as e:
+            log.warning("cannot remove the capture table", reason=str(e))
+        await netlink.call(policy_routes, False)
+
+    # --- rules ---
+
+    def set_service(self, key: NamespacedName, entries: Sequence[CaptureEntry],
+                    cluster_ips: Sequence[str]) -> None:
+        self.store.replace(key, elements_of(entries, cluster_ips))
+
+    async def flush(self) -> bool:
+        """Apply the pending element changes as one transaction; True when applied."""
+        text = self.store.pending()
+        if not text:
+            return True
+        try:
+            await self._nft(text)
+        except CaptureError as e:
+            # The transaction changed nothing: write the whole table as it should be.
+            log.error("capture transaction failed, rewriting the table", reason=str(e))
+            try:
+                await self._nft(self.rules.full(self.store.current()))
+            except CaptureError as e2:
+                log.error("cannot write the capture table", reason=str(e2))
+                return False
+        self.store.applied()
+        return True
+
+    async def _nft(self, text: str) -> None:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "nft", "-f", "-", stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        except OSError as e:
+            raise CaptureError(f"cannot run nft: {e.strerror}") from None
+        _, err = await proc.communicate(text.encode())
+        self.transactions += 1
+        if proc.returncode != 0:
+            raise CaptureError(err.decode(errors="replace").strip() or f"nft exited "
+                               f"{proc.returncode}")
+
+    # --- outbound ---
+
+    def outbound(self, kind: int, client: str, ep: EndpointInfo, external: bool,
+                 table: PortTable) -> socket.socket:
+        """A non-blocking socket to `ep` that the table never captures, bound to the client's
+        address where kube-proxy would keep it. Refuses an endpoint that is itself a captured
+        Service address."""
+        if ep.ip in self.index.addresses:
+            raise OSError(errno.ELOOP, f"endpoint {ep.ip} is a captured Service address")
+        family = socket.AF_INET6 if ":" in ep.ip else socket.AF_INET
+        sock = socket.socket(family, kind)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, BYPASS_MARK)
+            source = self.sources.source(client, ep.ip, external, table)
+            if source is not None and (":" in source) == (family == socket.AF_INET6):
+                _transparent(sock, family)
+                sock.bind((source, 0))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+def _bridge_calls_nftables() -> bool:
+    try:
+        with open("/proc/sys/net/bridge/bridge-nf-call-iptables") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def policy_routes(add: bool) -> None:
+    """fwmark CAPTURE_MARK -> a table whose default route is local (the TPROXY recipe), for both
+    families; removes them when `add` is False. Runs on the netlink thread (iproute2 here:
+    pyroute2 builds no `local` default route)."""
+    for version, default in (("-4", "0.0.0.0/0"), ("-6", "::/0")):
+        rule = [version, "rule", "{}", "fwmark", hex(CAPTURE_MARK), "lookup", str(ROUTE_TABLE),
+                "priority", "100"]
+        route = [version, "route", "{}", "local", default, "dev", "lo", "table", str(ROUTE_TABLE)]
+        # A stale rule from an earlier run goes first, so there is exactly one.
+        while _ip(rule, "del") == "":
+            pass
+        if not add:
+            _ip(route, "del")
+            continue
+        for what, argv in (("rule", rule), ("route", route)):
+            err = _ip(argv, "add" if what == "rule" else "replace")
+            if err and not (version == "-6" and "not supported" in err.lower()):
+                raise CaptureError(f"cannot add the capture policy {what}: {err}")
+
+
+def _ip(argv: list[str], op: str) -> str:
+    """Run `ip` with `op` in place of "{}"; "" on success, else the error it printed."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["ip", *(op if a == "{}" else a for a in argv)],
+                             capture_output=True, text=True, timeout=10, check=False)
+    except OSError as e:
+        return e.strerror or str(e)
+    return "" if out.returncode == 0 else (out.stderr.strip() or f"ip exited {out.returncode}")
