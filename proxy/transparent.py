@@ -32,6 +32,7 @@ from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.model import NamespacedName, ServicePort, ServicePortName
 from kubeshim.cluster.state import EndpointInfo, ServicePortInfo
 from kubeshim.proxy.balancer import EndpointKey
+from kubeshim.proxy.budget import Budget
 from kubeshim.proxy.capture import (
     BYPASS_MARK,
     CAPTURE_MARK,
@@ -191,8 +192,8 @@ class CaptureTcpFrontend(TcpFrontend):
     """The protocol factory of a transparent TCP listener: the table comes per connection."""
 
     def __init__(self, capture: Capture, config: ProxyConfig,
-                 connections: set[ClientSide]) -> None:
-        super().__init__(_unmatched_table(), False, config, connections)
+                 connections: set[ClientSide], budget: Budget | None = None) -> None:
+        super().__init__(_unmatched_table(), False, config, connections, budget)
         self.capture = capture
 
     def __call__(self) -> ClientSide:
@@ -401,8 +402,9 @@ class Capture:
     """The kubeshim table, its policy route and the transparent listeners of one node."""
 
     def __init__(self, config: ProxyConfig, connections: set[ClientSide],
-                 nodeport_cidrs: Sequence[str] = ()) -> None:
+                 nodeport_cidrs: Sequence[str] = (), tcp_budget: Budget | None = None) -> None:
         self.config = config
+        self.tcp_budget = tcp_budget
         self.connections = connections
         self.listen = ListenPorts(config.capture_port)
         self.rules = Ruleset(self.listen, list(config.cluster_cidrs), list(nodeport_cidrs))
@@ -420,7 +422,7 @@ class Capture:
         await self._nft(self.rules.full(self.store.current()))
         await netlink.call(policy_routes, True)
         loop = asyncio.get_running_loop()
-        fe = CaptureTcpFrontend(self, self.config, self.connections)
+        fe = CaptureTcpFrontend(self, self.config, self.connections, self.tcp_budget)
         for family, address in ((socket.AF_INET, self.listen.ipv4),
                                 (socket.AF_INET6, self.listen.ipv6)):
             try:
