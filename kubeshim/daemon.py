@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -42,7 +43,8 @@ class Daemon:
         self.state = ClusterState(proxy_name=opts.proxy_name, node_name=opts.hostname_override)
         # kube-proxy uses twice its sync period (default 30 s) as the health timeout.
         self.health = Health(timeout=60.0, probe=self._health_probe,
-                             node_eligible=lambda: self.state.node_eligible)
+                             node_eligible=lambda: self.state.node_eligible,
+                             families=self._families)
         self._started_mono = time.monotonic()
         self.proxier: Any = None
         self.dns: Any = None
@@ -121,6 +123,12 @@ class Daemon:
         if self.service_health is not None:
             out["healthCheckNodePorts"] = self.service_health.status()
         return out
+
+    @staticmethod
+    def _families() -> list[str]:
+        """The families kube-proxy would run a proxier for: IPv6 too wherever the kernel has
+        it (kube-proxy v1.37 is dual-stack whenever the host supports both)."""
+        return ["IPv4", "IPv6"] if os.path.exists("/proc/net/if_inet6") else ["IPv4"]
 
     def _node_status(self) -> dict[str, Any] | None:
         node = self.state.node

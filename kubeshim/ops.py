@@ -2,11 +2,12 @@
 
 Health follows kube-proxy's proxier health server (pkg/proxy/healthcheck/proxier_health.go):
 healthy unless a change has been queued for the data plane and has waited longer than the health
-timeout (kube-proxy: twice the sync period) without being applied. Both paths answer JSON with
-lastUpdated and currentTime, printed as Go prints a time.Time; /healthz adds nodeEligible and
-fails (503) while the node is not eligible (proxy_health.go healthzHandler: tainted
-ToBeDeletedByClusterAutoscaler or being deleted); /livez ignores the node. Each
-answer is counted in kubeproxy_proxy_healthz_total / kubeproxy_proxy_livez_total by code.
+timeout (kube-proxy: twice the sync period) without being applied. Both paths answer the JSON
+kube-proxy v1.37 marshals (healthcheck/proxy_health.go ProxyHealth): lastUpdated, currentTime,
+healthy and the per-family status, times in Go's JSON form (RFC 3339 with nanoseconds);
+/healthz adds nodeEligible and fails (503) while the node is not eligible (tainted
+ToBeDeletedByClusterAutoscaler or being deleted); /livez ignores the node. Each answer is
+counted in kubeproxy_proxy_healthz_total / kubeproxy_proxy_livez_total by code.
 
 The metrics address serves prometheus_client's default registry (process metrics included; the
 proxy and DNS server register their collectors there), kubeshim's /status JSON, and a plain
@@ -16,8 +17,9 @@ proxy and DNS server register their collectors there), kubeshim's /status JSON, 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -51,6 +53,8 @@ class Health:
     probe: Callable[[], tuple[float, float | None]]
     # Whether this node may take load-balancer traffic (ClusterState.node_eligible).
     node_eligible: Callable[[], bool] = field(default=lambda: True)
+    # The IP families the data plane serves ("IPv4", "IPv6"): kube-proxy's per-family status.
+    families: Callable[[], Sequence[str]] = field(default=lambda: ("IPv4",))
 
     def check(self) -> tuple[bool, float, float]:
         """(healthy, last_updated, now), the two times as wall-clock seconds (0: never)."""
@@ -66,17 +70,14 @@ class Health:
 
 
 def go_time(ts: float) -> str:
-    """A time as Go's time.Time.String() prints it in UTC, e.g. 2024-05-01 10:00:00.5 +0000 UTC.
-
-    kube-proxy formats lastUpdated/currentTime with %q of a time.Time; its zero value is
-    0001-01-01 00:00:00 +0000 UTC. (Go also appends a monotonic reading, m=+..., which means
-    nothing outside that process and is left out.)
-    """
+    """A time as Go's encoding/json writes a time.Time in UTC (RFC 3339 with up to nine
+    fraction digits, trailing zeros dropped), e.g. 2024-05-01T10:00:00.5Z; the zero time is
+    0001-01-01T00:00:00Z."""
     if ts <= 0:
-        return "0001-01-01 00:00:00 +0000 UTC"
+        return "0001-01-01T00:00:00Z"
     dt = datetime.fromtimestamp(ts, UTC)
     frac = f"{dt.microsecond:06d}".rstrip("0")
-    return dt.strftime("%Y-%m-%d %H:%M:%S") + (f".{frac}" if frac else "") + " +0000 UTC"
+    return dt.strftime("%Y-%m-%dT%H:%M:%S") + (f".{frac}" if frac else "") + "Z"
 
 
 def health_handler(health: Health, livez: bool) -> Handler:
@@ -84,18 +85,24 @@ def health_handler(health: Health, livez: bool) -> Handler:
     counter = LIVEZ_TOTAL if livez else HEALTHZ_TOTAL
 
     async def handle(_: web.Request) -> web.Response:
-        healthy, last_updated, now = health.check()
+        proxy_healthy, last_updated, now = health.check()
         node_eligible = health.node_eligible()
+        healthy = proxy_healthy and (livez or node_eligible)
+        # kube-proxy reports a "recent" lastUpdated whenever it is healthy, as older releases
+        # did when their sync loop ran even with nothing to change; the per-family status
+        # keeps the real time. "healthy" is the proxier's own health, without the node.
+        doc: dict[str, Any] = {"lastUpdated": go_time(now if healthy else last_updated),
+                               "currentTime": go_time(now)}
         if not livez:
-            healthy = healthy and node_eligible
-        if healthy:
-            # kube-proxy reports a "recent" lastUpdated whenever it is healthy, as older
-            # releases did when their sync loop ran even with nothing to change.
-            last_updated = now
+            doc["nodeEligible"] = node_eligible
+        doc["healthy"] = proxy_healthy
+        if last_updated:  # kube-proxy lists only families that have synced (omitempty)
+            doc["status"] = {family: {"lastUpdated": go_time(last_updated),
+                                      "healthy": proxy_healthy}
+                             for family in sorted(health.families())}
         status = 200 if healthy else 503
         counter.labels(code=str(status)).inc()
-        body = f'{{"lastUpdated": "{go_time(last_updated)}","currentTime": "{go_time(now)}"'
-        body += "}" if livez else f', "nodeEligible": {str(node_eligible).lower()}}}'
+        body = json.dumps(doc, separators=(",", ":"))
         return web.Response(status=status, body=body.encode(), headers={
             "Content-Type": "application/json", "X-Content-Type-Options": "nosniff"})
 
