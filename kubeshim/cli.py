@@ -106,7 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     dn = run.add_argument_group("dns")
     dn.add_argument("--no-dns", dest="dns", action="store_false", default=None, help="proxy only")
     dn.add_argument("--dns-bind", action="append", metavar="HOST:PORT",
-                    help="repeatable; default 0.0.0.0:53 as root, 127.0.0.1:5353 otherwise")
+                    help="repeatable; default: the node's bindAddress:53 if set, else "
+                         "127.0.0.1:53 as root, 127.0.0.1:5353 otherwise (never all addresses)")
+    dn.add_argument("--dns-transparent-bind", action="append", metavar="HOST:PORT",
+                    help="repeatable; also serve on this (non-local) address with "
+                         "IP_TRANSPARENT, e.g. the kube-dns ClusterIP handed over by TPROXY")
+    dn.add_argument("--dns-allowed-client", action="append", metavar="CIDR",
+                    help="repeatable; clients that may query (others get REFUSED); default: "
+                         "loopback, --cluster-cidr and the node's own networks")
+    dn.add_argument("--dns-rate-limit", type=float, metavar="PER_SECOND",
+                    help="UDP responses per second per client /24 (/56), slip 2; default 0: off")
     dn.add_argument("--cluster-domain", metavar="ZONE", help="default cluster.local")
     dn.add_argument("--upstream", action="append", metavar="HOST[:PORT]",
                     help="repeatable; default: the nameservers of /etc/resolv.conf")
@@ -168,6 +177,12 @@ def options_from_args(args: argparse.Namespace) -> Options:
             [c for c in args.nodeport_addresses.split(",") if c], opts.node_ip)
     if getattr(args, "dns_bind", None):
         opts.dns_binds = [parse_host_port(b, 53) for b in args.dns_bind]
+    if getattr(args, "dns_transparent_bind", None):
+        opts.dns_transparent_binds = [parse_host_port(b, 53) for b in args.dns_transparent_bind]
+    if getattr(args, "dns_allowed_client", None):
+        opts.dns_allowed_clients = list(args.dns_allowed_client)
+    if getattr(args, "dns_rate_limit", None) is not None:
+        opts.dns_rrl = args.dns_rate_limit
     if getattr(args, "upstream", None):
         opts.upstreams = [parse_host_port(u, 53) for u in args.upstream]
     opts.cluster_domain = opts.cluster_domain.strip(".")

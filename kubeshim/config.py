@@ -69,6 +69,17 @@ class Options:
     dns_upstream_cache_size: int = 10000  # upstream answers, each of positive and negative
     dns_upstream_max_ttl: int = 3600
     dns_reverse_cidrs: list[str] = field(default_factory=list)
+    # Binds opened with IP_TRANSPARENT (served when a TPROXY rule hands their packets over,
+    # e.g. the kube-dns ClusterIP); each is also served like a bind.
+    dns_transparent_binds: list[tuple[str, int]] = field(default_factory=list)
+    # Who may query: None = loopback, the clusterCIDR(s) and the node's own networks.
+    dns_allowed_clients: list[str] | None = None
+    dns_rrl: float = 0.0  # UDP responses per second per client prefix; 0 = no limit
+    dns_rrl_slip: int = 2
+    dns_rrl_ipv4_prefix: int = 24
+    dns_rrl_ipv6_prefix: int = 56
+    dns_tcp_max_connections: int = 256
+    dns_tcp_max_connections_per_client: int = 16
     # operations
     healthz_bind_address: str = "0.0.0.0:10256"
     # False once a flag or the file set it; in loopback mode the default is then 127.0.0.1.
@@ -193,6 +204,16 @@ class DNSSection(_Section):
     upstream_cache_size: int | None = None
     upstream_max_ttl: int | None = msgspec.field(default=None, name="upstreamMaxTTL")
     reverse_cidrs: list[Any] | None = msgspec.field(default=None, name="reverseCIDRs")
+    transparent_binds: list[Any] | None = None
+    allowed_clients: list[Any] | None = None
+    responses_per_second: float | None = None
+    slip: int | None = None
+    ipv4_prefix_length: int | None = msgspec.field(default=None, name="ipv4PrefixLength")
+    ipv6_prefix_length: int | None = msgspec.field(default=None, name="ipv6PrefixLength")
+    tcp_max_connections: int | None = msgspec.field(default=None, name="tcpMaxConnections")
+    tcp_max_connections_per_client: int | None = msgspec.field(
+        default=None, name="tcpMaxConnectionsPerClient"
+    )
 
 
 class KubeProxyConfiguration(_Section):
@@ -333,7 +354,11 @@ _DNS_FIELDS: dict[str, str] = {
     "upstreams": "upstreams", "ttl": "dns_ttl", "negativeTTL": "dns_negative_ttl",
     "podRecords": "pod_records", "cacheSize": "dns_cache_size",
     "upstreamCacheSize": "dns_upstream_cache_size", "upstreamMaxTTL": "dns_upstream_max_ttl",
-    "reverseCIDRs": "dns_reverse_cidrs",
+    "reverseCIDRs": "dns_reverse_cidrs", "transparentBinds": "dns_transparent_binds",
+    "allowedClients": "dns_allowed_clients", "responsesPerSecond": "dns_rrl",
+    "slip": "dns_rrl_slip", "ipv4PrefixLength": "dns_rrl_ipv4_prefix",
+    "ipv6PrefixLength": "dns_rrl_ipv6_prefix", "tcpMaxConnections": "dns_tcp_max_connections",
+    "tcpMaxConnectionsPerClient": "dns_tcp_max_connections_per_client",
 }
 POD_RECORDS = ("disabled", "insecure", "verified")
 
@@ -508,9 +533,9 @@ def _apply_dns(section: DNSSection, opts: Options, errors: list[str]) -> None:
         if value is None:
             continue
         try:
-            if key in ("binds", "upstreams"):
+            if key in ("binds", "upstreams", "transparentBinds"):
                 value = [parse_host_port(str(item), 53) for item in value]
-            elif key == "reverseCIDRs":
+            elif key in ("reverseCIDRs", "allowedClients"):
                 value = [str(item) for item in value]
                 if bad := bad_cidrs(value):
                     raise ConfigError(bad[0])
@@ -520,7 +545,11 @@ def _apply_dns(section: DNSSection, opts: Options, errors: list[str]) -> None:
                     raise ConfigError("must not be empty")
             elif key == "podRecords" and value not in POD_RECORDS:
                 raise ConfigError(f"{value!r} is not one of {', '.join(POD_RECORDS)}")
-            elif isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            elif key == "ipv4PrefixLength" and (value % 8 or not 8 <= value <= 32):
+                raise ConfigError(f"{value} is not 8, 16, 24 or 32")
+            elif key == "ipv6PrefixLength" and (value % 8 or not 8 <= value <= 128):
+                raise ConfigError(f"{value} is not a multiple of 8 up to 128")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
                 raise ConfigError(f"{value} is negative")
         except ConfigError as e:
             errors.append(f"dns.{key}: {e}")

@@ -83,9 +83,17 @@ class Daemon:
         from kubeshim.dns.server import DNSServer
 
         o = self.opts
-        binds = o.dns_binds or [("0.0.0.0", 53) if default_vip_mode() != "loopback"
-                                else ("127.0.0.1", 5353)]
+        # Never all addresses by default: that would answer (and recurse for) anyone who
+        # reaches the node, and take port 53 from UDP Services. Pods reach kubeshim at the
+        # address the kubelet's clusterDNS names (see deploy/ and the README).
+        default = (o.node_ip or "127.0.0.1", 53) if default_vip_mode() != "loopback" else (
+            "127.0.0.1", 5353)
+        binds = list(o.dns_binds or ([] if o.dns_transparent_binds else [default]))
+        binds += [b for b in o.dns_transparent_binds if b not in binds]
         upstreams = o.upstreams or resolv_conf_nameservers()
+        allowed = o.dns_allowed_clients
+        if allowed is None:
+            allowed = ["127.0.0.0/8", "::1/128", *o.cluster_cidrs, *node_networks()]
         config = DNSConfig(
             zone=o.cluster_domain,
             binds=binds,
@@ -98,6 +106,14 @@ class Daemon:
             upstream_negative_cache_size=o.dns_upstream_cache_size,
             upstream_max_ttl=o.dns_upstream_max_ttl,
             reverse_cidrs=list(o.dns_reverse_cidrs),
+            transparent_binds=list(o.dns_transparent_binds),
+            allowed_clients=allowed,
+            rrl_responses_per_second=o.dns_rrl,
+            rrl_slip=o.dns_rrl_slip,
+            rrl_ipv4_prefix=o.dns_rrl_ipv4_prefix,
+            rrl_ipv6_prefix=o.dns_rrl_ipv6_prefix,
+            tcp_max_connections=o.dns_tcp_max_connections,
+            tcp_max_connections_per_client=o.dns_tcp_max_connections_per_client,
         )
         address_map = None
         if self.proxier is not None and (o.vip_mode or default_vip_mode()) == "loopback":
@@ -250,3 +266,27 @@ class Daemon:
             return self.proxier.last_updated, self.proxier.last_queued
         # Without a proxy, the state is applied as it arrives; healthy while starting.
         return (self._started_mono if self.state.synced else 0.0), None
+
+
+def node_networks() -> list[str]:
+    """The networks of this node's own addresses (`ip -j address`), e.g. 10.244.0.0/24 for
+    10.244.0.1/24 on a bridge: clients there are the node and its neighbours. Loopback and
+    link-local IPv6 are left out; empty when `ip` cannot be run."""
+    import ipaddress
+    import json
+    import subprocess
+
+    try:
+        out = subprocess.run(["ip", "-j", "address", "show"], capture_output=True, text=True,
+                             timeout=5, check=True).stdout
+        links = json.loads(out)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        log.warning("node networks unknown: DNS answers loopback and clusterCIDR clients only")
+        return []
+    nets: list[str] = []
+    for link in links:
+        for a in link.get("addr_info", []):
+            net = ipaddress.ip_network(f"{a['local']}/{a['prefixlen']}", strict=False)
+            if not (net.is_loopback or net.is_link_local) and str(net) not in nets:
+                nets.append(str(net))
+    return nets

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   iproute2 procps iputils-ping curl dnsutils socat netcat-openbsd nftables
   wrk iperf3 dnsperf dnsmasq-base haproxy nginx libnginx-mod-stream systemd
+  musl-tools  # musl-gcc: the DNS tests build a getaddrinfo client against musl
 )
 
 missing=()

@@ -1,8 +1,12 @@
 """Cluster DNS end to end: `kubeshim run` in a node namespace, a client namespace resolving short
-names through the glibc resolver with the kubelet's search path, like a pod.
+names through the glibc resolver (and a musl-built getaddrinfo client) with the kubelet's search
+path, like a pod.
 
 The client's resolv.conf is what the kubelet writes for a pod in namespace `default`
 (`search default.svc.<zone> svc.<zone> <zone>`, `options ndots:5`, the node's DNS address).
+kubeshim serves a node-local link-local address (169.254.20.10, NodeLocal DNSCache's), never
+the node's own address, and only for the allowed clients (10.244.0.0/25 here): an outsider
+on 10.244.0.200 gets REFUSED.
 An upstream (dnsmasq in its own namespace) answers one outside name. The daemon serves a
 manifest folder with the proxy in interface mode, so `curl http://web/` reaches a pod.
 """
@@ -27,9 +31,13 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 ZONE = "cluster.local"
 OUTSIDE = ("outside.example", "192.0.2.55")
+LINK_LOCAL = "169.254.20.10"
 RESOLV_CONF = (
-    f"search default.svc.{ZONE} svc.{ZONE} {ZONE}\nnameserver {NODE_IP}\noptions ndots:5\n"
+    f"search default.svc.{ZONE} svc.{ZONE} {ZONE}\nnameserver {LINK_LOCAL}\noptions ndots:5\n"
 )
+OUTSIDER = "10.244.0.200"  # on the node's bridge, outside the allowed 10.244.0.0/25
+MANY = [f"10.245.0.{i}" for i in range(1, 101)]  # a headless Service's 100 endpoints
+V6_EDGES = ["2001:db8:3333:4444:5555:6666::", "::1"]
 
 
 def service(name: str, cluster_ip: str, port: int = 80, target: int = 8080) -> dict[str, Any]:
@@ -44,7 +52,9 @@ def service(name: str, cluster_ip: str, port: int = 80, target: int = 8080) -> d
     }
 
 
-def endpoint_slice(svc: str, pods: list[tuple[str, str | None]]) -> dict[str, Any]:
+def endpoint_slice(
+    svc: str, pods: list[tuple[str, str | None]], address_type: str = "IPv4"
+) -> dict[str, Any]:
     endpoints = []
     for ip, hostname in pods:
         ep: dict[str, Any] = {"addresses": [ip], "conditions": {"ready": True}}
@@ -59,7 +69,7 @@ def endpoint_slice(svc: str, pods: list[tuple[str, str | None]]) -> dict[str, An
             "namespace": "default",
             "labels": {"kubernetes.io/service-name": svc},
         },
-        "addressType": "IPv4",
+        "addressType": address_type,
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
         "endpoints": endpoints,
     }
@@ -126,6 +136,16 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         )
         client = lab.add_host("client")
         client.write_resolv_conf(RESOLV_CONF)
+        outsider = lab.add_host("outsider", ip=OUTSIDER)
+        outsider.write_resolv_conf(RESOLV_CONF)
+        lab.node.run(["ip", "addr", "add", f"{LINK_LOCAL}/32", "dev", "lo"])
+        many = endpoint_slice("many", [(ip, None) for ip in MANY])
+        n.write("many", service("many", "None"), many)
+        n.write(
+            "v6",
+            service("v6", "None"),
+            endpoint_slice("v6", [(ip, None) for ip in V6_EDGES], address_type="IPv6"),
+        )
         a, b = n.pods["pod-a"].ip, n.pods["pod-b"].ip
         n.write("web", service("web", "10.96.0.20"), endpoint_slice("web", [(a, None), (b, None)]))
         n.write("db", service("db", "None"), endpoint_slice("db", [(a, "db-0"), (b, "db-1")]))
@@ -156,7 +176,9 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
                     "--hostname-override",
                     "node-1",
                     "--dns-bind",
-                    f"{NODE_IP}:53",
+                    f"{LINK_LOCAL}:53",
+                    "--dns-allowed-client",
+                    "10.244.0.0/25",
                     "--cluster-domain",
                     ZONE,
                     "--upstream",
@@ -172,7 +194,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
                 stderr=log_file,
             )
         try:
-            lab.node.wait_port(NODE_IP, 53, "udp", timeout=20)
+            lab.node.wait_port(LINK_LOCAL, 53, "udp", timeout=20)
             n.wait(lambda: n.getent("hosts", "web").returncode == 0, "web to resolve")
         except (TimeoutError, AssertionError):
             print(log_path.read_text())
@@ -234,3 +256,64 @@ def test_new_service_resolves_after_a_manifest_edit(node: Node) -> None:
     assert node.getent("hosts", "api").stdout.split()[0] == "10.96.0.30"
     (node.folder / "api.yaml").unlink()
     node.wait(lambda: node.getent("hosts", "api").returncode == 2, "api to disappear")
+
+
+def musl_resolver(tmp: Path) -> Path:
+    """tests/e2e/musl_resolve.c built statically against musl (Debian's musl-tools)."""
+    if shutil.which("musl-gcc") is None:
+        pytest.fail("musl-gcc is needed (apt-get install musl-tools; scripts/setup.sh does)")
+    binary = tmp / "musl_resolve"
+    subprocess.run(
+        ["musl-gcc", "-static", "-O2", "-o", str(binary), str(ROOT / "tests/e2e/musl_resolve.c")],
+        check=True,
+    )
+    return binary
+
+
+def test_musl_client_gets_addresses_of_a_headless_service_with_100_endpoints(
+    node: Node, tmp_path: Path
+) -> None:
+    # musl (before 1.2.4) asks over UDP with a 512-byte buffer and never retries over TCP:
+    # it gets exactly the whole records the truncated reply carries.
+    out = node.client.run([str(musl_resolver(tmp_path)), "many"], check=False, timeout=20)
+    assert out.returncode == 0, out.stderr
+    got = out.stdout.split()
+    # 29 A records fit 512 bytes beside `many.default.svc.cluster.local`; the first 29.
+    assert sorted(got, key=MANY.index) == MANY[:29], got
+
+
+def test_glibc_resolver_gets_all_100_endpoints_over_tcp_after_truncation(node: Node) -> None:
+    out = node.getent("ahostsv4", "many")
+    assert out.returncode == 0, out.stderr
+    assert {line.split()[0] for line in out.stdout.splitlines()} == set(MANY)
+
+
+def test_endpoint_names_of_ipv6_edge_addresses_are_valid_and_resolve(node: Node) -> None:
+    out = node.client.run(
+        ["dig", f"@{LINK_LOCAL}", "+short", "SRV", f"v6.default.svc.{ZONE}"], timeout=20
+    )
+    targets = sorted(line.split()[3] for line in out.stdout.splitlines())
+    assert targets == [
+        f"0--1.v6.default.svc.{ZONE}.",
+        f"2001-db8-3333-4444-5555-6666--0.v6.default.svc.{ZONE}.",
+    ]
+    out = node.getent("ahostsv6", "2001-db8-3333-4444-5555-6666--0.v6")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == V6_EDGES[0]
+
+
+def test_outsiders_are_refused_and_the_node_address_does_not_answer(node: Node) -> None:
+    outsider = node.lab.hosts["outsider"]
+    for name in (f"web.default.svc.{ZONE}", OUTSIDE[0]):  # cluster names and recursion alike
+        out = outsider.run(["dig", f"@{LINK_LOCAL}", "+tries=1", "+time=2", name], timeout=20)
+        assert "status: REFUSED" in out.stdout, out.stdout
+    assert outsider.run(["getent", "hosts", "web"], check=False, timeout=20).returncode != 0
+    # Nothing listens on the node's own address: the pods' DNS is the link-local one.
+    out = node.client.run(
+        ["dig", f"@{NODE_IP}", "+tries=1", "+time=1", f"web.default.svc.{ZONE}"],
+        check=False,
+        timeout=20,
+    )
+    assert "status:" not in out.stdout
+    out = node.client.run(["dig", f"@{LINK_LOCAL}", "+short", f"web.default.svc.{ZONE}"])
+    assert out.stdout.split() == ["10.96.0.20"]
