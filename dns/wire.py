@@ -170,11 +170,12 @@ def error_reply(qid: int, flags: int, rcode: int) -> bytes:
 def finish(reply: DNSRecord, query: Query, limit: int, max_udp: int) -> bytes:
     """Pack `reply` with an OPT when the query had one, truncated to `limit` bytes if over it.
 
-    Truncation keeps as many whole records as fit, answer section first, then authority,
-    then additional (the order CoreDNS's `Msg.Truncate` fills them), and sets TC when a record
-    of the answer or authority section was left out (RFC 2181 9: additional records alone may
-    be dropped without TC). The OPT stays (RFC 6891 7). Clients that never retry over TCP
-    still get the addresses that fit; the packet never exceeds `limit`.
+    Truncation keeps, section by section (answer, authority, additional), the longest run of
+    whole records that fits beside what is already kept, and sets TC when any record was left
+    out: what CoreDNS does (miekg/dns `Msg.Truncate`, which also sets TC for additional
+    records alone, where RFC 2181 9 would allow leaving it clear). The OPT stays (RFC 6891 7).
+    Clients that never retry over TCP still get the addresses that fit; the packet never
+    exceeds `limit`.
     """
     opt = None
     if query.edns is not None:
@@ -206,9 +207,7 @@ def finish(reply: DNSRecord, query: Query, limit: int, max_udp: int) -> bytes:
             else:
                 high = mid - 1
         kept[i] = section[:low]
-        if low < len(section):
-            break  # later sections would only fill the space a dropped record left
-    truncated = len(kept[0]) < len(sections[0]) or len(kept[1]) < len(sections[1])
+    truncated = any(len(k) < len(s) for k, s in zip(kept, sections, strict=True))
     out = bytearray(pack(*kept))
     if truncated:
         out[2] |= FLAG_TC >> 8

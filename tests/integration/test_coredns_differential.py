@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dnslib import CLASS, QTYPE, RCODE, DNSRecord
+from dnslib import CLASS, EDNS0, QTYPE, RCODE, DNSRecord
 
 from tests.peers.cluster import ControlPlane, Peers
 from tests.peers.coredns import CoreDNS
@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[2]
 NS = "dnsdiff"
 ZONE = "cluster.local"
 OUTSIDE = ("outside.example", "192.0.2.55")
+V6_END = "fd00:10:244:1::"  # dashed: fd00-10-244-1--0 (both, since coredns/coredns#7430)
+V6_START = "::a:1"  # dashed: 0--a-1 (kubeshim); CoreDNS keeps `--a-1`, not an RFC 1123 label
 
 # ALLOWED (the documented differences) is defined after Answer, below.
 
@@ -100,6 +102,12 @@ OBJECTS: list[dict[str, Any]] = [
     # ExternalName to an outside name and to an in-cluster name.
     svc("ext", {"type": "ExternalName", "externalName": OUTSIDE[0]}),
     svc("ext-in", {"type": "ExternalName", "externalName": f"web.{NS}.svc.{ZONE}"}),
+    # Headless with 100 endpoints: more than a 512- or 1232-byte UDP reply holds.
+    svc("big", {"clusterIP": "None", "ports": [{**HTTP}]}),
+    eps("big", [ep(f"10.244.6.{i}") for i in range(1, 101)], [HTTP]),
+    # Headless, IPv6 endpoints at the edges: one ending and one starting with `::`.
+    svc("v6edge", {"clusterIP": "None", "ports": [{**PG}]}),
+    eps("v6edge", [ep(V6_END), ep(V6_START)], [PG], address_type="IPv6"),
     # The last object written: both servers answer it once they have everything.
     svc("zz-last", {"ports": [{**HTTP}]}),
 ]
@@ -115,14 +123,15 @@ def reverse(ip: str) -> str:
 def questions(cluster_ips: dict[str, str]) -> list[tuple[str, str]]:
     s = f"{NS}.svc.{ZONE}"
     names = ["web", "single", "empty", "db", "db6", "pnr", "anon", "hempty", "hnotready",
-             "ext", "ext-in", "nosuch"]
+             "ext", "ext-in", "nosuch", "v6edge"]
     qs: list[tuple[str, str]] = []
     for name in names:
         for qtype in ("A", "AAAA", "SRV", "ANY", "TXT", "MX", "CNAME", "NS", "SOA", "PTR"):
             qs.append((f"{name}.{s}", qtype))
     for host in ("db-0.db", "db-1.db", "db-2.db", "db-9.db", "db6-0.db6",
                  "fd00-10-244--2.db6", "pnr-0.pnr", "10-244-3-2.pnr", "10-244-4-1.anon",
-                 "10-244-4-9.anon", "x.hnotready", "10-244-1-1.web", "a.b.db"):
+                 "10-244-4-9.anon", "x.hnotready", "10-244-1-1.web", "a.b.db",
+                 "fd00-10-244-1--0.v6edge", "0--a-1.v6edge", "--a-1.v6edge"):
         for qtype in ("A", "AAAA", "SRV", "TXT"):
             qs.append((f"{host}.{s}", qtype))
     for srv in ("_http._tcp.web", "_dns-udp._udp.web", "_http._udp.web", "_dns-udp._tcp.web",
@@ -163,7 +172,7 @@ def questions(cluster_ips: dict[str, str]) -> list[tuple[str, str]]:
     # (fall through to the upstream), and IPv6.
     for ip in (cluster_ips["web"], cluster_ips["single"], "10.244.2.1", "10.244.2.3",
                "10.244.3.1", "10.244.4.1", "10.244.1.1", "10.96.255.254", "fd00:10:244::1",
-               "fd00:10:244::2", "192.0.2.1"):
+               "fd00:10:244::2", "192.0.2.1", V6_END, V6_START):
         for qtype in ("PTR", "A"):
             qs.append((reverse(ip), qtype))
     qs += [(f"{reverse(cluster_ips['web']).split('.', 1)[1]}", "PTR"), ("in-addr.arpa", "SOA"),
@@ -295,6 +304,13 @@ ALLOWED: dict[str, tuple[str, Allowed]] = {
         "(<dashed-ip>.<svc>...) that itself does not resolve; kubeshim forwards the question",
         lambda n, t, o, c: t == "PTR" and n == reverse("10.244.1.1") and o.rcode == "SERVFAIL"
         and _data(c)),
+    "ipv6-leading-colons": (
+        "an endpoint address starting with `::` is named with a leading 0 (`0--a-1`), an "
+        "RFC 1123 label; CoreDNS's fix (coredns/coredns#7430) covers only a trailing `::`, so "
+        "it names it `--a-1`, which resolvers reject (SRV targets, PTR targets, the name)",
+        lambda n, t, o, c: (".v6edge." in f".{n}" or n == reverse(V6_START))
+        and (any("--a-1." in rr[0] + rr[2] for rr in o.answer | c.answer)
+             or {n.split(".")[0]} & {"0--a-1", "--a-1"} != set())),
     "reverse-zone-apex": (
         "kubeshim answers names in the reverse zones, not their apex: in-addr.arpa SOA is "
         "forwarded; CoreDNS answers its own SOA for the zone",
@@ -407,3 +423,30 @@ def test_cached_answers_match_too(servers: Servers) -> None:
         assert ask(servers.kubeshim, name, "A") == ask(servers.coredns, name, "A")
     assert ask(servers.kubeshim, name, "A").answer == {
         (f"{name}.", "A", servers.cluster_ips["web"])}
+
+
+def udp_reply(port: int, name: str, payload: int | None) -> tuple[bytes, DNSRecord]:
+    query = DNSRecord.question(name, "A")
+    if payload is not None:
+        query.add_ar(EDNS0(udp_len=payload))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(3)
+        s.sendto(bytes(query.pack()), ("127.0.0.1", port))
+        data = s.recv(65535)
+    return data, DNSRecord.parse(data)
+
+
+def test_truncated_udp_answers_match_coredns(servers: Servers) -> None:
+    # A headless Service with 100 endpoints over UDP: both keep the whole records that fit
+    # the client's size (512 without EDNS, else its EDNS size), set TC, never exceed it.
+    name = f"big.{NS}.svc.{ZONE}"
+    every = {f"10.244.6.{i}" for i in range(1, 101)}
+    for payload, limit in ((None, 512), (1232, 1232), (4096, 4096)):
+        kept = []
+        for port in (servers.kubeshim, servers.coredns):
+            data, reply = udp_reply(port, name, payload)
+            addresses = [str(rr.rdata) for rr in reply.rr]
+            assert len(data) <= limit and set(addresses) <= every, (port, payload)
+            kept.append((bool(reply.header.tc), len(addresses)))
+        assert kept[0] == kept[1], (payload, kept)
+    assert kept[0] == (False, 100)  # 4096 holds them all
