@@ -6,6 +6,7 @@ environment that already holds dnspython, and imports both from outside the sour
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import venv
@@ -16,8 +17,11 @@ from tests.conftest import ROOT
 
 
 def run(*argv: str | Path, cwd: Path) -> str:
+    # Without the source tree on PYTHONPATH (tests/conftest.py puts it there for daemons): its
+    # top-level dns/ folder would hide dnspython, which is what this test is about.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([str(a) for a in argv], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=env)
     assert proc.returncode == 0, f"{argv}: {proc.stdout}\n{proc.stderr}"
     return proc.stdout
 
