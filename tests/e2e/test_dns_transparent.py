@@ -1,0 +1,100 @@
+"""The kube-dns ClusterIP answered on the node itself: kubeshim's DNS on a transparent bind
+(`--dns-transparent-bind 10.96.0.10:53`, IP_TRANSPARENT) receives what a TPROXY rule in the
+node hands it, the way a capture layer or NodeLocal DNSCache intercepts the cluster DNS
+address. The rule and its policy route are the test's own, in the node namespace it creates.
+A pod namespace resolves through the ClusterIP with the glibc resolver, over UDP and TCP, and
+nothing listens on the node's own address or on all addresses."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from test_dns_netns import endpoint_slice, service
+
+from tests.netns import NODE_IP, Lab, Netns
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+ZONE = "cluster.local"
+KUBE_DNS = "10.96.0.10"
+NFT = f"""
+table ip dnscapture {{
+    chain prerouting {{
+        type filter hook prerouting priority mangle; policy accept;
+        iifname "br0" ip daddr {KUBE_DNS} meta l4proto {{ tcp, udp }} th dport 53 \\
+            tproxy to {KUBE_DNS}:53 meta mark set 0x53 accept
+    }}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Netns]]:
+    for tool in ("nft", "getent", "dig"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is needed for this test")
+    folder = tmp_path_factory.mktemp("manifests")
+    with Lab("dnstp") as lab:
+        pod = lab.add_host("pod")
+        pod.write_resolv_conf(
+            f"search default.svc.{ZONE} svc.{ZONE} {ZONE}\nnameserver {KUBE_DNS}\n"
+            "options ndots:5\n"
+        )
+        (folder / "web.yaml").write_text(yaml.safe_dump_all([
+            service("web", "10.96.0.20"), endpoint_slice("web", [(pod.ip, None)])
+        ]))
+        node = lab.node
+        # This namespace's own bridge netfilter switch (per network namespace): with it on,
+        # the rules would see bridged frames, where TPROXY cannot deliver.
+        node.run(["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0"], check=False)
+        node.run(["nft", "-f", "-"], input=NFT)
+        node.run(["ip", "rule", "add", "fwmark", "0x53", "lookup", "153"])
+        node.run(["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "153"])
+        log_path = folder.parent / "kubeshim-tp.log"
+        with open(log_path, "w") as log_file:
+            daemon = node.popen(
+                [sys.executable, "-m", "kubeshim", "run", "--manifests", str(folder),
+                 "--no-proxy", "--hostname-override", "node-1",
+                 "--dns-transparent-bind", f"{KUBE_DNS}:53", "--cluster-cidr", "10.244.0.0/16",
+                 "--upstream", "127.0.0.1:9", "--healthz-bind-address", "",
+                 "--metrics-bind-address", ""],
+                cwd=ROOT, stderr=log_file,
+            )
+        try:
+            node.wait_port(KUBE_DNS, 53, "udp", timeout=20)
+            deadline = time.monotonic() + 15
+            while pod.run(["getent", "hosts", "web"], check=False).returncode != 0:
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+        except (TimeoutError, AssertionError):
+            print(log_path.read_text())
+            raise
+        yield lab, pod
+        daemon.terminate()
+        daemon.wait(15)
+        assert "Traceback" not in log_path.read_text()
+
+
+def test_pod_resolves_through_the_kube_dns_clusterip_on_its_node(lab: tuple[Lab, Netns]) -> None:
+    _, pod = lab
+    out = pod.run(["getent", "hosts", "web"])
+    assert out.stdout.split() == ["10.96.0.20", f"web.default.svc.{ZONE}"]
+    for transport in ("+notcp", "+tcp"):
+        out = pod.run(["dig", f"@{KUBE_DNS}", transport, "+short", f"web.default.svc.{ZONE}"])
+        assert out.stdout.split() == ["10.96.0.20"], transport
+
+
+def test_only_the_clusterip_tuple_is_served(lab: tuple[Lab, Netns]) -> None:
+    node, pod = lab[0].node, lab[1]
+    listening = node.run(["ss", "-lunH", "sport = :53"]).stdout.split("\n")
+    assert [line.split()[3] for line in listening if line.strip()] == [f"{KUBE_DNS}:53"]
+    out = pod.run(["dig", f"@{NODE_IP}", "+tries=1", "+time=1", "web.default.svc.cluster.local"],
+                  check=False)
+    assert "status:" not in out.stdout  # the node's own address does not answer
