@@ -1,11 +1,10 @@
 # kubeshim's image: the daemon, plus the example backend and the clients the compose lab uses.
 #   docker build -t kubeshim:0.1.0 .
-FROM python:3.11-slim
-
-# iproute2: the lab client routes the Service CIDR; curl and dig: clients for the lab.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends iproute2 curl dnsutils \
-    && rm -rf /var/lib/apt/lists/*
+# The recipe is scripts/image-install.sh; tests/peers/images.py runs the same script over a
+# debootstrapped Debian base without a container engine. Any Debian bookworm base works:
+#   docker build --build-arg BASE=my-debian-base:bookworm -t kubeshim:0.1.0 .
+ARG BASE=debian:bookworm-slim
+FROM ${BASE}
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -13,7 +12,8 @@ COPY cluster cluster
 COPY proxy proxy
 COPY dns dns
 COPY kubeshim kubeshim
-RUN pip install --no-cache-dir . && rm -rf build
+COPY scripts/image-install.sh /usr/local/lib/kubeshim/image-install.sh
+RUN sh /usr/local/lib/kubeshim/image-install.sh
 COPY examples examples
 
 # healthz (/healthz, /livez), metrics (/metrics, /status), DNS.

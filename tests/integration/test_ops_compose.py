@@ -26,7 +26,7 @@ from kubeshim.cluster.model import decode
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_GO = "github.com/compose-spec/compose-go/v2"
 COMPOSE_GO_VERSION = "v2.16.2"
-PUBLIC_IMAGES = {"python:3.11-slim", "curlimages/curl", "busybox"}
+PUBLIC_IMAGES = {"debian:bookworm-slim", "curlimages/curl", "busybox"}
 LOCAL_IMAGE = "kubeshim:0.1.0"
 
 
@@ -79,7 +79,11 @@ def test_images_come_from_this_repository_or_standard_ones(compose: dict[str, An
         if image == LOCAL_IMAGE and "build" not in svc:
             assert svc.get("pull_policy") == "never", f"{name} must not pull the local image"
     dockerfile = (ROOT / "Dockerfile").read_text().splitlines()
+    # FROM ${BASE}: the ARG's default is the base a plain `docker build` uses.
+    args = dict(line.split()[1].split("=", 1) for line in dockerfile
+                if line.startswith("ARG ") and "=" in line)
     bases = [line.split()[1] for line in dockerfile if line.startswith("FROM ")]
+    bases = [args.get(b.strip("${}"), b) if b.startswith("$") else b for b in bases]
     assert bases and all(b in PUBLIC_IMAGES for b in bases)
     for line in dockerfile:
         if line.startswith("COPY "):

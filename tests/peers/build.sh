@@ -2,12 +2,13 @@
 # Builds the real Kubernetes peers the tests compare against, from their published Go
 # modules at the versions pinned in versions.env, into a cache laid out like envtest's:
 #
-#   $KUBESHIM_PEERS_DIR/k8s/<k8s version>-linux-amd64/{kube-apiserver,etcd,kubectl,kube-proxy}
+#   $KUBESHIM_PEERS_DIR/k8s/<k8s version>-linux-amd64/{kube-apiserver,etcd,kubectl,kube-proxy,
+#       kubelet,kube-controller-manager,kube-scheduler,agnhost}
 #   $KUBESHIM_PEERS_DIR/coredns/<coredns version>-linux-amd64/coredns
 #
 # Each binary has a <name>.stamp beside it; a binary whose stamp matches is not rebuilt.
 # With KUBEBUILDER_ASSETS set, kube-apiserver, etcd and kubectl are taken from there and
-# not built. Prints one line per peer: name, version, path.
+# not built. Prints one line per peer: name, version, build seconds (0 when cached), path.
 #
 # Usage: tests/peers/build.sh [--update]
 #   --update  regenerate the go.mod/go.sum files of the wrapper modules from the pinned
@@ -68,7 +69,9 @@ update_k8s() {
   done
   (cd "$dir" && "$GO" mod edit "${args[@]}")
   finish_module "$dir" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-proxy \
-    k8s.io/kubernetes/cmd/kubectl
+    k8s.io/kubernetes/cmd/kubectl k8s.io/kubernetes/cmd/kubelet \
+    k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler \
+    k8s.io/kubernetes/test/images/agnhost
 }
 
 update_etcd() {
@@ -87,10 +90,14 @@ if ((update)) || ! pinned "$here/k8s" k8s.io/kubernetes "$KUBERNETES_VERSION"; t
 if ((update)) || ! pinned "$here/etcd" go.etcd.io/etcd/server/v3 "$ETCD_VERSION"; then update_etcd; fi
 if ((update)) || ! pinned "$here/coredns" github.com/coredns/coredns "$COREDNS_VERSION"; then update_coredns; fi
 
+# Seconds each binary took to build in this run (0: its stamp matched, nothing built).
+declare -A took
+
 # build <wrapper dir> <package> <out> <version> [extra -ldflags]
 build() {
   local dir=$1 pkg=$2 out=$3 version=$4 extra=${5-}
   local stamp="$version $go_version $(sha256sum "$dir/go.sum" | cut -c1-16)"
+  took[$(basename "$out")]=0
   if [[ -x $out && -f $out.stamp && $(cat "$out.stamp") == "$stamp" ]]; then
     return 0
   fi
@@ -100,6 +107,7 @@ build() {
   (cd "$dir" && nice -n 10 "$GO" build -mod=readonly -ldflags "-s -w $extra" -o "$out.tmp" "$pkg")
   mv -f "$out.tmp" "$out"
   echo "$stamp" >"$out.stamp"
+  took[$(basename "$out")]=$((SECONDS - start))
   echo "build.sh: built $(basename "$out") in $((SECONDS - start))s" >&2
 }
 
@@ -124,12 +132,24 @@ else
   build "$here/k8s" k8s.io/kubernetes/cmd/kube-apiserver "$k8s_dir/kube-apiserver" "$KUBERNETES_VERSION" "$k8s_ldflags"
 fi
 build "$here/k8s" k8s.io/kubernetes/cmd/kube-proxy "$k8s_dir/kube-proxy" "$KUBERNETES_VERSION" "$k8s_ldflags"
+# The node (tests/peers/node.py): kubelet, the two controllers, and agnhost, the test
+# server the node tests and Kubernetes' e2e tests run in their pods.
+for cmd in kubelet kube-controller-manager kube-scheduler; do
+  build "$here/k8s" "k8s.io/kubernetes/cmd/$cmd" "$k8s_dir/$cmd" "$KUBERNETES_VERSION" "$k8s_ldflags"
+done
+build "$here/k8s" k8s.io/kubernetes/test/images/agnhost "$k8s_dir/agnhost" "$KUBERNETES_VERSION"
 build "$here/coredns" github.com/coredns/coredns "$coredns_dir/coredns" "$COREDNS_VERSION"
 
-# One line per peer, with the version the binary itself reports.
+# One line per peer, with the version the binary itself reports and its build time.
 first() { head -n1 | tr -s ' '; }
-echo "etcd           $("$assets/etcd" --version | first)  $assets/etcd"
-echo "kube-apiserver $("$assets/kube-apiserver" --version | first)  $assets/kube-apiserver"
-echo "kubectl        $("$assets/kubectl" version --client | first)  $assets/kubectl"
-echo "kube-proxy     $("$k8s_dir/kube-proxy" --version | first)  $k8s_dir/kube-proxy"
-echo "coredns        $("$coredns_dir/coredns" -version | first)  $coredns_dir/coredns"
+line() { # <name> <version output> <path>
+  printf '%-23s %-24s %4ss  %s\n' "$1" "$2" "${took[$(basename "$3")]:-0}" "$3"
+}
+line etcd "$("$assets/etcd" --version | first)" "$assets/etcd"
+line kube-apiserver "$("$assets/kube-apiserver" --version | first)" "$assets/kube-apiserver"
+line kubectl "$("$assets/kubectl" version --client | first)" "$assets/kubectl"
+for b in kube-proxy kubelet kube-controller-manager kube-scheduler; do
+  line "$b" "$("$k8s_dir/$b" --version | first)" "$k8s_dir/$b"
+done
+line agnhost "agnhost $KUBERNETES_VERSION" "$k8s_dir/agnhost"
+line coredns "$("$coredns_dir/coredns" -version | first)" "$coredns_dir/coredns"
