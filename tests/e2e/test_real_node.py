@@ -92,7 +92,7 @@ def _deployment(replicas: int) -> dict[str, Any]:
                         "name": "netexec", "image": AGNHOST_IMAGE,
                         "imagePullPolicy": "Never",
                         # After SIGTERM: /readyz fails at once, serving goes on for 8 s.
-                        "args": ["netexec", "--http-port=8080", "--udp-port=-1",
+                        "args": ["netexec", "--http-port=8080",
                                  "--delay-shutdown=8"],
                         "ports": [{"containerPort": 8080}],
                         "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8080},
@@ -207,3 +207,36 @@ def test_scale_roll_and_delete_pods_while_traffic_flows(workload: Cluster) -> No
     assert len(codes) > 100, out[-2000:]
     failed = [c for c in codes if c != "200"]
     assert failed == [], f"{len(failed)} of {len(codes)} requests failed: {out[-2000:]}"
+
+
+def _pids_in(cgroup: str) -> set[int]:
+    root = Path("/sys/fs/cgroup/pids") / cgroup
+    return {int(p) for f in root.rglob("cgroup.procs") for p in f.read_text().split()}
+
+
+def _processes_in_netns(inode: int) -> list[int]:
+    found = []
+    for ns in Path("/proc").glob("[0-9]*/ns/net"):
+        try:
+            if ns.stat().st_ino == inode:
+                found.append(int(ns.parts[2]))
+        except OSError:
+            continue
+    return found
+
+
+def test_teardown_after_the_node_is_killed(workload: Cluster) -> None:
+    """Last in the module: SIGKILL the node's inside process, which leaves the runtime's shims
+    and the containers running; stop() must still leave the host as it was."""
+    node = workload
+    assert node.inside is not None
+    netns = Path(f"/proc/{node.inside.pid}/ns/net").stat().st_ino
+    node.inside.kill()
+    node.inside.wait(30)
+    orphans = _pids_in(node.cgroup)
+    assert orphans, "the crash left nothing behind, so this test proves nothing"
+    assert node.stop() == []
+    assert not any(Path(h, node.cgroup).exists() for h in Path("/sys/fs/cgroup").iterdir())
+    assert not [pid for pid in orphans if Path(f"/proc/{pid}/cmdline").exists()
+                and Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert _processes_in_netns(netns) == []

@@ -209,8 +209,6 @@ class NodeControlPlane(ControlPlane):
         cert = workdir / "apiserver-kubelet-client.crt"
         key = workdir / "apiserver-kubelet-client.key"
         super().__init__(workdir, peers, extra_apiserver_args=[
-            # Later flags win: the Node authorizer for the kubelet's identity, then RBAC.
-            "--authorization-mode=Node,RBAC",
             "--enable-admission-plugins=NodeRestriction",
             "--allow-privileged=true",
             "--kubelet-preferred-address-types=InternalIP",
@@ -232,6 +230,11 @@ class NodeControlPlane(ControlPlane):
             for role, (user, group) in self.tokens.items():
                 f.write(f'{self.token[role]},{user},{user}-uid,"{group}"\n' if group
                         else f"{self.token[role]},{user},{user}-uid\n")
+
+    def _apiserver_argv(self) -> list[str]:
+        # The Node authorizer for the kubelet's identity, then RBAC.
+        return [("--authorization-mode=Node,RBAC" if a == "--authorization-mode=RBAC" else a)
+                for a in super()._apiserver_argv()]
 
     def kubeconfig_for(self, role: str) -> Path:
         return write_kubeconfig(self.workdir / f"{role}.kubeconfig", self.server, self.ca_file,
@@ -354,7 +357,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             f"--root-ca-file={cp.ca_file}",
             f"--cluster-cidr={CLUSTER_CIDR}", "--allocate-node-cidrs=true",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--controllers=*,-cloud-node-lifecycle,-service,-route",
         ])
         self._start("kube-scheduler", [
             str(self.k8s / "kube-scheduler"),
@@ -469,7 +471,7 @@ class Cluster:
     def __init__(self, workdir: Path, proxy: str = "kubeshim") -> None:
         self.workdir = workdir
         self.proxy = proxy
-        self.cgroup = f"kubeshim-node-{os.getpid()}"
+        self.cgroup = f"kubeshim-node-{os.getpid()}-{secrets.token_hex(3)}"
         self.port = free_port()
         self.server = f"https://127.0.0.1:{self.port}"
         self.kubeconfig = workdir / "kubeconfig"
@@ -569,7 +571,10 @@ class Cluster:
         for proc in (getattr(self, "inner_bridge", None), self.bridge):
             if proc is not None:
                 proc.stop()
-        return teardown(self.workdir)
+        left = teardown(self.cgroup, self.sysctls) if self.sysctls else []
+        if not left:
+            (self.workdir / STATE_FILE).unlink(missing_ok=True)
+        return left
 
     def __enter__(self) -> Cluster:
         self.start()
@@ -579,14 +584,20 @@ class Cluster:
         self.stop()
 
 
-def teardown(workdir: Path) -> list[str]:
+def teardown(cgroup: str, sysctls: dict[str, str]) -> list[str]:
     """Kill what is left in the node's cgroups, remove them, restore the kernel settings."""
+    left = remove_cgroups(cgroup)
+    restore_sysctls(sysctls)
+    return left
+
+
+def teardown_from_state(workdir: Path) -> list[str]:
+    """teardown() for a run whose `up` was killed, from the state file it left."""
     state_file = workdir / STATE_FILE
     if not state_file.exists():
         return []
     state = json.loads(state_file.read_text())
-    left = remove_cgroups(state["cgroup"])
-    restore_sysctls(state["sysctls"])
+    left = teardown(state["cgroup"], state["sysctls"])
     if not left:
         state_file.unlink()
     return left
@@ -666,7 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "_inside":
         return _inside(args)
     if args.command == "down":
-        left = teardown(Path(args.workdir))
+        left = teardown_from_state(Path(args.workdir))
         for line in left:
             print(f"left over: {line}", file=sys.stderr)
         return 1 if left else 0
