@@ -4,12 +4,12 @@ Owns the node: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, ku
 containerd (Debian's, with runc and the CNI bridge plugin), all in one network and mount
 namespace of their own, and its teardown: processes, mounts, cgroups and kernel settings.
 
-    python tests/peers/node.py up [--proxy kubeshim|kube-proxy|none] [--workdir DIR]
+    python tests/peers/node.py up [--proxy kubeshim|none] [--workdir DIR]
 
 prints a kubeconfig for 127.0.0.1 and serves until Ctrl-C/SIGTERM. With `--proxy kubeshim`
 (the default) kubeshim is installed as README.md tells users (`kubectl apply -k deploy/`,
-only the ConfigMap's API server address changed); `kube-proxy` runs kube-proxy (nftables) and
-CoreDNS instead; `none` leaves the node without a Service proxy or DNS.
+only the ConfigMap's API server address changed); `none` leaves the node without a Service
+proxy or DNS.
 
 Layout (cgroup v1 machines, 2 cores):
 - `up` (this process, in the root namespaces) keeps a socat bridge from 127.0.0.1:<port> to a
@@ -420,8 +420,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     def install_proxy(self) -> None:
         if self.proxy == "kubeshim":
             install_kubeshim(self.cp.kubectl, self.workdir, "127.0.0.1", self.cp.port)
-        elif self.proxy == "kube-proxy":
-            raise NotImplementedError("--proxy kube-proxy is not implemented yet")
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -666,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start a one-node cluster and serve until interrupted")
     up.add_argument("--workdir", help="keep data, logs and kubeconfigs here")
-    up.add_argument("--proxy", choices=("kubeshim", "kube-proxy", "none"), default="kubeshim")
+    up.add_argument("--proxy", choices=("kubeshim", "none"), default="kubeshim")
     down = sub.add_parser("down", help="clean up after an `up` that was killed")
     down.add_argument("--workdir", required=True)
     inside = sub.add_parser("_inside")
