@@ -48,6 +48,7 @@ from kubeshim.proxy.vip import (
     local_addresses,
     local_networks,
     nodeport_addresses,
+    remove_interface,
 )
 
 log = get_logger("proxy")
@@ -167,6 +168,9 @@ class Proxier:
             try:
                 await capture.start(self._netlink)
                 self.capture = capture
+                if await self._netlink.call(remove_interface, cfg.vip_interface):
+                    log.info("removed the interface of an earlier interface-mode run",
+                             interface=cfg.vip_interface)
             except CaptureError as e:
                 # Where the kernel has no nftables TPROXY, the Service addresses go on an
                 # interface instead.

@@ -171,6 +171,16 @@ class InterfaceVips:
         self._ipr.close()
 
 
+def remove_interface(ifname: str) -> bool:
+    """Delete a VIP interface left by an interface-mode run (its Service addresses would still
+    answer ARP and reach host sockets); True if there was one."""
+    with _iproute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if found:
+            ipr.link("del", index=found[0])
+    return bool(found)
+
+
 # --- node addresses (NodePorts) -------------------------------------------------------------
 
 
