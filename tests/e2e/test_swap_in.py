@@ -1,8 +1,9 @@
 """kubeshim swapped in for kube-proxy and the cluster DNS on a node of a real control plane.
 
     root namespace   etcd + kube-apiserver on 127.0.0.1 (tests/peers), kubectl writes objects
-    node namespace   kubeshim --kubeconfig (the least-privilege ServiceAccount) --vip-mode
-                     interface: ClusterIPs on kubeshim0, NodePorts on 10.244.0.1, DNS on
+    node namespace   kubeshim --kubeconfig (the least-privilege ServiceAccount), once with
+                     --vip-mode interface (ClusterIPs on kubeshim0) and once with --vip-mode
+                     tproxy (the nftables capture table); NodePorts on 10.244.0.1, DNS on
                      10.244.0.1:53; the API server reached through tests/peers/bridge.py
     pod-a, pod-b     HTTP servers (tests/e2e/proxy_backend.py) whose addresses are in the
                      EndpointSlices; pod-a also runs a UDP echo
@@ -107,12 +108,16 @@ def objects(pods: dict[str, str]) -> list[dict[str, Any]]:
     ]
 
 
-@pytest.fixture(scope="module")
-def swap(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
-         ) -> Iterator[Swap]:
+@pytest.fixture(scope="module", params=["interface", "tproxy"])
+def swap(request: pytest.FixtureRequest, control_plane: ControlPlane,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swap]:
     cp = control_plane
+    mode: str = request.param
     tmp = tmp_path_factory.mktemp("swap")
-    with Lab(tag="sw") as lab:
+    with Lab(tag="sw" + mode[0]) as lab:
+        if mode == "tproxy":  # a bridge that does not hand IP traffic to br_netfilter
+            lab.node.run(["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0",
+                          "net.bridge.bridge-nf-call-ip6tables=0"])
         pods = {}
         for name in ("pod-a", "pod-b"):
             pod = lab.add_host(name)
@@ -131,7 +136,7 @@ def swap(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
                 daemon = lab.node.popen(
                     [sys.executable, "-m", "kubeshim", "run",
                      "--kubeconfig", str(cp.kubeshim_kubeconfig),
-                     "--hostname-override", NODE, "--vip-mode", "interface",
+                     "--hostname-override", NODE, "--vip-mode", mode,
                      "--nodeport-addresses", f"{NODE_IP}/32",
                      "--dns-bind", f"{NODE_IP}:53", "--upstream", "127.0.0.1:5399",
                      "--healthz-bind-address", "127.0.0.1:10256",
