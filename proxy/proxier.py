@@ -100,6 +100,7 @@ class ServiceRuntime:
     errors: dict[str, str] = field(default_factory=dict)  # what -> why
     ports: set[TableKey] = field(default_factory=set)  # its entries in Proxier.tables
     capture: list[CaptureEntry] = field(default_factory=list)  # tproxy mode
+    endpoint_ips: set[str] = field(default_factory=set)  # tproxy mode: for capture loops
     retries: int = 0
 
 
@@ -127,6 +128,7 @@ class Proxier:
         self.vips: InterfaceVips | None = None
         self.capture: Capture | None = None
         self._capture_owners: dict[tuple[int, str, str, int], NamespacedName] = {}
+        self._endpoint_users: dict[str, set[NamespacedName]] = {}  # endpoint IP -> Services
         self._netlink = NetlinkWorker()
         self.node_ips: list[str] = []
         self._local_ips: set[str] = set()
@@ -307,6 +309,12 @@ class Proxier:
             if self.capture is None:
                 self.metrics.network_programming.observe(time.monotonic() - queued)
         if self.capture is not None:
+            # A Service address that appeared or went away changes the status of Services
+            # whose endpoints use it (a capture loop): look at those again.
+            for ip in self.capture.index.changed:
+                for user in self._endpoint_users.get(ip, ()):
+                    self._dirty.setdefault(user, time.monotonic())
+            self.capture.index.changed.clear()
             # One transaction for the whole batch; the rules are the data plane here.
             if not await self.capture.flush():
                 for key in dirty:
@@ -480,6 +488,15 @@ class Proxier:
         rt.capture = kept
         cap.set_service(key, kept, info.service.cluster_ips if info is not None and proxied
                         else [])
+        ips = {ep.ip for spi in info.ports for ep in spi.endpoints} if info is not None else set()
+        for ip in rt.endpoint_ips - ips:
+            users = self._endpoint_users[ip]
+            users.discard(key)
+            if not users:
+                del self._endpoint_users[ip]
+        for ip in ips - rt.endpoint_ips:
+            self._endpoint_users.setdefault(ip, set()).add(key)
+        rt.endpoint_ips = ips
         for spi in info.ports if info is not None and proxied else ():
             for ep in spi.endpoints:
                 if ep.ip in cap.index.addresses:

@@ -116,6 +116,7 @@ class CaptureIndex:
         self.tuples: dict[tuple[str, str, int], Target] = {}  # (protocol, address, port)
         self.nodeports: dict[tuple[str, int, int], Target] = {}  # (protocol, port, family)
         self.addresses: dict[str, int] = {}  # captured Service address -> tuples using it
+        self.changed: set[str] = set()  # addresses that appeared or went away since asked
 
     def lookup(self, protocol: str, address: str, port: int) -> Target | None:
         t = self.tuples.get((protocol, address, port))
@@ -129,7 +130,9 @@ class CaptureIndex:
         else:
             key = (entry.protocol, entry.address, entry.port)
             if key not in self.tuples:
-                self.addresses[entry.address] = self.addresses.get(entry.address, 0) + 1
+                n = self.addresses[entry.address] = self.addresses.get(entry.address, 0) + 1
+                if n == 1:
+                    self.changed.add(entry.address)
             self.tuples[key] = target
 
     def remove(self, entry: CaptureEntry) -> None:
@@ -141,6 +144,7 @@ class CaptureIndex:
                 self.addresses[entry.address] = n
             else:
                 del self.addresses[entry.address]
+                self.changed.add(entry.address)
 
 
 class SourcePolicy:
