@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                     "(default 1000,10000; quick 1000)")
     p.add_argument("--changes", type=int, help="endpoint changes measured per scale "
                                                "(default 200; quick 30)")
+    p.add_argument("--contenders", help="comma-separated proxy/DNS contenders to run (default "
+                   "all), e.g. direct,kubeshim-tproxy,haproxy for a quick side-by-side")
+    p.add_argument("--scenarios", help="comma-separated proxy scenarios (default all): "
+                   "tcp_keepalive, tcp_newconn, tcp_bulk, udp_rr")
     p.add_argument("--subject-cpu", default="1", help="CPU of the process under test")
     p.add_argument("--load-cpu", default="0", help="CPU of clients, backends and the fake API")
     p.add_argument("--nice", type=int, default=-10,
@@ -63,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.scales = [int(x) for x in (args.scales or ("1000" if args.quick else "1000,10000"))
                    .split(",") if x]
     args.changes = args.changes or (30 if args.quick else 200)
+    args.contenders = ({x.strip() for x in args.contenders.split(",") if x.strip()}
+                       if args.contenders else None)
     args.only = {x.strip() for x in args.only.split(",") if x.strip()}
     if unknown := args.only - set(PARTS):
         p.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
@@ -128,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_parts(lab: Lab, args: argparse.Namespace, results: dict[str, Any]) -> None:
     s = Settings(reps=args.reps, seconds=args.seconds, latency_seconds=max(2.0, args.seconds / 2),
-                 subject_cpu=args.subject_cpu, load_cpu=args.load_cpu, log=log)
+                 subject_cpu=args.subject_cpu, load_cpu=args.load_cpu, log=log,
+                 scenarios=({x.strip() for x in args.scenarios.split(",")}
+                            if args.scenarios else None))
     ld = args.load_cpu
     records = workload.DNSRecords()
     udp_q = lab.workdir / "udp-queries.txt"
@@ -185,7 +193,8 @@ def _run_contenders(lab: Lab, args: argparse.Namespace, results: dict[str, Any],
                     forward_q: Path) -> None:
     sub = args.subject_cpu
     ks: cs.Contender | None = None
-    if args.only & {"proxy", "dns", "profile"}:
+    if args.only & {"proxy", "dns", "profile"} and (args.contenders is None
+                                                    or "kubeshim" in args.contenders):
         log("starting kubeshim")
         try:
             ks = cs.kubeshim(lab, sub, records)
@@ -196,12 +205,17 @@ def _run_contenders(lab: Lab, args: argparse.Namespace, results: dict[str, Any],
         proxies = [cs.direct()]
         if ks is not None:
             proxies.append(ks)
-        starts = [("haproxy", lambda: cs.haproxy(lab, sub, splice=False)),
+        starts = [("kubeshim-tproxy", lambda: cs.kubeshim_tproxy(lab, sub)),
+                  ("haproxy", lambda: cs.haproxy(lab, sub, splice=False)),
                   ("haproxy-splice", lambda: cs.haproxy(lab, sub, splice=True)),
                   ("nginx-stream", lambda: cs.nginx_stream(lab, sub)),
                   ("nftables-dnat", lambda: cs.nftables_dnat(lab))]
         if peers is not None:
             starts.append(("kube-proxy-nft", lambda: peers.kube_proxy(sub)))
+        wanted = args.contenders
+        if wanted is not None:
+            proxies = [c for c in proxies if c.name in wanted]
+            starts = [(n, f) for n, f in starts if n in wanted]
         for name, start in starts:
             try:
                 proxies.append(start())
@@ -213,6 +227,13 @@ def _run_contenders(lab: Lab, args: argparse.Namespace, results: dict[str, Any],
                                              "cpu": c.proc.cpu if c.proc else "kernel"}
         log(f"proxy scenarios: {', '.join(c.name for c in proxies)}")
         proxy_scenarios(proxies, s, udp_q, results["samples"], results["errors"])
+        tproxy = next((c for c in proxies if c.name == "kubeshim-tproxy"), None)
+        if "profile" in args.only and tproxy is not None:
+            from .profile import profile_kubeshim
+
+            log("profiling kubeshim --vip-mode tproxy under load (py-spy)")
+            results["profile"].update(profile_kubeshim(lab, tproxy, s, cluster_q, forward_q,
+                                                       prefix="tproxy-"))
         for c in proxies:
             if c.proc is not None and c.name != "kubeshim":
                 lab.stop(c.proc)
@@ -236,7 +257,7 @@ def _run_contenders(lab: Lab, args: argparse.Namespace, results: dict[str, Any],
         from .profile import profile_kubeshim
 
         log("profiling kubeshim under load (py-spy)")
-        results["profile"] = profile_kubeshim(lab, ks, s, cluster_q, forward_q)
+        results["profile"].update(profile_kubeshim(lab, ks, s, cluster_q, forward_q))
     if ks is not None and ks.proc is not None:
         results["kubeshim_rss_after_load"] = ks.proc.rss_bytes()
         lab.stop(ks.proc)

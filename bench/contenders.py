@@ -257,6 +257,41 @@ def kubeshim(lab: Lab, cpu: str, records: DNSRecords, extra_args: list[str] | No
     return Contender("kubeshim", proc, targets, "--vip-mode loopback, one process (proxy + DNS)")
 
 
+TPROXY_NET = ("10.96.", "10.201.")  # outside kube-proxy's service CIDR (peers part)
+
+
+def kubeshim_tproxy(lab: Lab, cpu: str, workers: int = 1) -> Contender:
+    """kubeshim in its default root mode: the nftables TPROXY table hands the Service tuples to
+    one transparent listener per protocol and family. Proxy only, its own ClusterIPs (outside
+    kube-proxy's service CIDR, so both tables can live in the namespace)."""
+    name = "kubeshim-tproxy" + (f"-w{workers}" if workers != 1 else "")
+    manifests = lab.workdir / f"manifests-{name}"
+    objects = data_plane_objects()
+    for obj in objects:
+        spec = obj.get("spec", {})
+        if "clusterIP" in spec:
+            ip = spec["clusterIP"].replace(*TPROXY_NET, 1)
+            spec["clusterIP"], spec["clusterIPs"] = ip, [ip]
+    write_manifests(manifests, objects)
+    # A route for node-originated connects; the capture table's output hook reroutes them.
+    lab.sh(f"ip route replace {TPROXY_NET[1]}0.0/16 dev lo", check=False)
+    argv = [
+        PYTHON, "-m", "kubeshim", "run", "--manifests", str(manifests),
+        "--vip-mode", "tproxy", "--hostname-override", "bench-node", "--no-dns",
+        "--service-cluster-ip-range", f"{TPROXY_NET[1]}0.0/16",
+        "--healthz-bind-address", "", "--metrics-bind-address", "",
+        "--log-level", "warning",
+    ]
+    if workers != 1:
+        argv += ["--workers", str(workers)]
+    proc = lab.start(name, argv, cpu, cwd=REPO)
+    targets = {svc: (ip.replace(*TPROXY_NET, 1), port)
+               for svc, (ip, port, _, _) in DATA_SERVICES.items()}
+    wait_tcp(*targets["http"], proc=proc, timeout=30)
+    return Contender(name, proc, targets,
+                     f"--vip-mode tproxy, {workers} worker(s), proxy only (--no-dns)")
+
+
 # --- DNS contenders ----------------------------------------------------------------------------
 
 

@@ -89,7 +89,9 @@ def finish(spy: subprocess.Popen[str], folded: Path, seconds: float) -> dict[str
 
 
 def profile_kubeshim(lab: Lab, ks: Contender, s: Settings, cluster_q: Path,
-                     forward_q: Path) -> dict[str, Any]:
+                     forward_q: Path, prefix: str = "") -> dict[str, Any]:
+    """Profiles under each load the contender serves (a proxy-only one: no DNS loads), keyed
+    `prefix + load`; `s.scenarios` narrows the proxy loads."""
     assert ks.proc is not None
     seconds = max(2.0, s.seconds)
     loads = {
@@ -107,6 +109,11 @@ def profile_kubeshim(lab: Lab, ks: Contender, s: Settings, cluster_q: Path,
     }
     result: dict[str, Any] = {}
     for name, fn in loads.items():
+        if name.startswith("dns_") and prefix:  # the proxy-only contender
+            continue
+        if not name.startswith("dns_") and s.scenarios is not None and name not in s.scenarios:
+            continue
+        name = prefix + name
         folded = lab.workdir / f"profile-{name}.folded"
         spy = record(ks.proc.pid, seconds, folded)
         try:

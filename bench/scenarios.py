@@ -27,6 +27,7 @@ class Settings:
     subject_cpu: str
     load_cpu: str
     wrk_connections: int = 64
+    scenarios: set[str] | None = None  # proxy scenarios to run (None: all)
     log: Callable[[str], None] = print
 
 
@@ -122,6 +123,8 @@ def proxy_scenarios(contenders: list[Contender], s: Settings, udp_queries: Path,
         ("tcp_bulk", "iperf", bulk),
         ("udp_rr", "udp", udp),
     ]
+    if s.scenarios is not None:
+        scenarios = [x for x in scenarios if x[0] in s.scenarios]
     for rep in range(s.reps):
         for scenario, service, fn in scenarios:
             for c in _rotated(contenders, rep):
