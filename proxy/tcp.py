@@ -4,14 +4,19 @@ The hot path is asyncio Protocol callbacks only (no streams, no awaits, no loggi
 one side is written to the other; when a side's write buffer passes its high-water mark, that
 side's `pause_writing` pauses reading on the opposite side, so memory per connection stays
 bounded in both directions. Half-close is preserved: one side's EOF becomes `write_eof()` on the
-other and the other direction keeps flowing. Only the connect to the endpoint is a task, because
-it may retry on the next endpoint.
+other and the other direction keeps flowing.
+
+The connect to the endpoint is no task either: a non-blocking `connect()` on a socket the
+frontend opens (with the options it needs), a writer callback for its completion and one
+`call_later` timer for its timeout; a failed connect retries on the next endpoint. Only the
+connected socket is handed to the loop (`create_connection(sock=...)`) to become a transport.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import struct
 from typing import Any
@@ -55,17 +60,17 @@ class TcpFrontend:
     def __call__(self) -> ClientSide:
         return ClientSide(self)
 
-    async def dial(self, client: ClientSide, ep: EndpointInfo) -> None:
-        """Connect to the endpoint; the UpstreamSide reports back to `client`."""
-        await self.loop.create_connection(lambda: UpstreamSide(client), ep.ip, ep.port)
+    def open(self, client: ClientSide, ep: EndpointInfo) -> socket.socket:
+        """A non-blocking, not yet connected socket to `ep`."""
+        return socket.socket(socket_family(ep.ip), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
 
 
 class ClientSide(asyncio.Protocol):
     """The accepted connection; owns the connection's lifecycle and accounting."""
 
     __slots__ = ("fe", "table", "counters", "external", "transport", "upstream", "endpoint",
-                 "client_ip", "_eofs", "_client_eof", "_active", "_idle", "_dial", "_closed",
-                 "_early")
+                 "client_ip", "_eofs", "_client_eof", "_active", "_idle", "_closed", "_early",
+                 "_sock", "_timer", "_tried")
 
     def __init__(self, fe: TcpFrontend) -> None:
         self.fe = fe
@@ -80,9 +85,12 @@ class ClientSide(asyncio.Protocol):
         self._client_eof = False
         self._active = False
         self._idle: asyncio.TimerHandle | None = None
-        self._dial: asyncio.Task[None] | None = None
         self._closed = False
         self._early: list[bytes] = []
+        # The connect in progress: its socket, its timeout, the endpoints that failed.
+        self._sock: socket.socket | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._tried: list[EndpointInfo] | None = None
 
     # --- asyncio.Protocol callbacks (client side) --------------------------------------------
 
@@ -111,9 +119,7 @@ class ClientSide(asyncio.Protocol):
         transport.pause_reading()  # until the endpoint answers; the kernel buffers meanwhile
         # TCP_NODELAY: uvloop and asyncio both set it on every TCP transport already.
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        self.endpoint = ep
-        self.table.opened(ep)
-        self._dial = fe.loop.create_task(self._connect(ep))
+        self._dial(ep)
 
     def data_received(self, data: bytes) -> None:
         up = self.upstream
@@ -148,8 +154,8 @@ class ClientSide(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
-        if self._dial is not None and not self._dial.done():
-            self._dial.cancel()
+        if self._sock is not None:
+            self._abandon_connect()
         if self._idle is not None:
             self._idle.cancel()
         up = self.upstream
@@ -166,32 +172,76 @@ class ClientSide(asyncio.Protocol):
 
     # --- the endpoint side -------------------------------------------------------------------
 
-    async def _connect(self, ep: EndpointInfo) -> None:
-        fe = self.fe
-        config = fe.config
-        tried: list[EndpointInfo] = []
-        while True:
-            try:
-                async with asyncio.timeout(config.tcp_connect_timeout):
-                    await fe.dial(self, ep)
-                return
-            except (OSError, TimeoutError) as e:
-                self.counters.error(CONNECT_TIMEOUT if isinstance(e, TimeoutError)
-                                    else CONNECT_FAILED)
-            self.table.closed(ep)
-            self.endpoint = None
-            tried.append(ep)
-            if self._closed:
-                return
-            # A failed connect retries the next endpoint, a bounded number of times.
-            next_ep = (self.table.pick(self.client_ip, self.external, tried)
-                       if len(tried) <= config.connect_retries else None)
-            if next_ep is None:
-                reset(self.transport)
-                return
-            ep = next_ep
-            self.endpoint = ep
-            self.table.opened(ep)
+    def _dial(self, ep: EndpointInfo) -> None:
+        """Start a non-blocking connect to `ep`; `_writable` or `_connect_timeout` follows."""
+        self.endpoint = ep
+        self.table.opened(ep)
+        try:
+            sock = self.fe.open(self, ep)
+        except OSError:
+            self._connect_failed(CONNECT_FAILED)
+            return
+        err = sock.connect_ex((ep.ip, ep.port))
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._connect_failed(CONNECT_FAILED)
+            return
+        self._sock = sock
+        loop = self.fe.loop
+        loop.add_writer(sock.fileno(), self._writable)
+        self._timer = loop.call_later(self.fe.config.tcp_connect_timeout, self._connect_timeout)
+
+    def _writable(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err == errno.EINPROGRESS:
+            return
+        self._abandon_connect(close=bool(err))
+        if err:
+            self._connect_failed(CONNECT_FAILED)
+            return
+        # The transport calls UpstreamSide.connection_made -> upstream_made on its own.
+        self.fe.loop.create_task(self.fe.loop.create_connection(
+            lambda: UpstreamSide(self), sock=sock))
+
+    def _connect_timeout(self) -> None:
+        self._timer = None
+        self._abandon_connect()
+        self._connect_failed(CONNECT_TIMEOUT)
+
+    def _abandon_connect(self, close: bool = True) -> None:
+        """Stop waiting for the connect in progress (and close its socket unless kept)."""
+        sock = self._sock
+        if sock is None:
+            return
+        self._sock = None
+        self.fe.loop.remove_writer(sock.fileno())
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if close:
+            sock.close()
+
+    def _connect_failed(self, reason: str) -> None:
+        """A failed connect retries the next endpoint, a bounded number of times."""
+        self.counters.error(reason)
+        ep = self.endpoint
+        assert ep is not None
+        self.table.closed(ep)
+        self.endpoint = None
+        if self._closed:
+            return
+        tried = self._tried
+        if tried is None:
+            tried = self._tried = []
+        tried.append(ep)
+        next_ep = (self.table.pick(self.client_ip, self.external, tried)
+                   if len(tried) <= self.fe.config.connect_retries else None)
+        if next_ep is None:
+            reset(self.transport)
+            return
+        self._dial(next_ep)
 
     def upstream_made(self, transport: Any) -> None:
         if self._closed:

@@ -47,7 +47,7 @@ from kubeshim.proxy.capture import (
 from kubeshim.proxy.config import ProxyConfig
 from kubeshim.proxy.metrics import NO_ENDPOINTS, UDP_FLOW_EVICTED, UDP_SEND_FAILED
 from kubeshim.proxy.table import PortTable
-from kubeshim.proxy.tcp import ClientSide, TcpFrontend, UpstreamSide, reset
+from kubeshim.proxy.tcp import ClientSide, TcpFrontend, reset
 from kubeshim.proxy.udp import MAX_DATAGRAM, READ_BATCH
 
 log = get_logger("proxy")
@@ -203,15 +203,9 @@ class CaptureTcpFrontend(TcpFrontend):
     def __call__(self) -> ClientSide:
         return CapturedClientSide(self)
 
-    async def dial(self, client: ClientSide, ep: EndpointInfo) -> None:
-        sock = self.capture.outbound(socket.SOCK_STREAM, client.client_ip, ep, client.external,
+    def open(self, client: ClientSide, ep: EndpointInfo) -> socket.socket:
+        return self.capture.outbound(socket.SOCK_STREAM, client.client_ip, ep, client.external,
                                      client.table)
-        try:
-            await self.loop.sock_connect(sock, (ep.ip, ep.port))
-        except BaseException:
-            sock.close()
-            raise
-        await self.loop.create_connection(lambda: UpstreamSide(client), sock=sock)
 
 
 class CapturedClientSide(ClientSide):
@@ -516,9 +510,8 @@ class Capture:
         if ep.ip in self.index.addresses:
             raise OSError(errno.ELOOP, f"endpoint {ep.ip} is a captured Service address")
         family = socket.AF_INET6 if ":" in ep.ip else socket.AF_INET
-        sock = socket.socket(family, kind)
+        sock = socket.socket(family, kind | socket.SOCK_NONBLOCK)
         try:
-            sock.setblocking(False)
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, BYPASS_MARK)
             source = self.sources.source(client, ep.ip, external, table)
             if source is not None and (":" in source) == (family == socket.AF_INET6):
