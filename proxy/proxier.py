@@ -166,7 +166,7 @@ class Proxier:
             cidrs = [c for c in cfg.nodeport_addresses if c != "primary"]
             if "primary" in cfg.nodeport_addresses:
                 cidrs += [ip for ip in await self._netlink.call(nodeport_addresses, ["primary"])]
-            capture = Capture(cfg, self.connections, cidrs, self.tcp_budget)
+            capture = Capture(cfg, self.connections, cidrs, self.tcp_budget, self.udp_budget)
             try:
                 await capture.start(self._netlink)
                 self.capture = capture

@@ -292,10 +292,12 @@ class CapturedFlow:
 class CaptureUdp:
     """A transparent UDP listener: first datagrams of new flows arrive here."""
 
-    def __init__(self, capture: Capture, sock: socket.socket, config: ProxyConfig) -> None:
+    def __init__(self, capture: Capture, sock: socket.socket, config: ProxyConfig,
+                 budget: Budget | None = None) -> None:
         self.capture = capture
         self.sock = sock
         self.config = config
+        self.budget = budget or Budget("udp flows", 1 << 62, 1 << 62)
         self.loop = asyncio.get_running_loop()
         self.flows: dict[tuple[Any, Any], CapturedFlow] = {}
         self.loop.add_reader(sock.fileno(), self.readable)
@@ -339,10 +341,15 @@ class CaptureUdp:
         if len(self.flows) >= self.config.udp_max_flows:
             table.counters.error(UDP_FLOW_EVICTED)
             self.drop(next(iter(self.flows.values())))
+        refused = self.budget.admit(client[0])
+        if refused is not None:
+            table.counters.error(refused)  # dropped, counted; the client retries or times out
+            return None
         family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
-        down = socket.socket(family, socket.SOCK_DGRAM)
+        down: socket.socket | None = None
         up: socket.socket | None = None
         try:
+            down = socket.socket(family, socket.SOCK_DGRAM)
             down.setblocking(False)
             down.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             down.setsockopt(socket.SOL_SOCKET, SO_MARK, BYPASS_MARK)
@@ -352,9 +359,10 @@ class CaptureUdp:
             up = self.capture.outbound(socket.SOCK_DGRAM, client[0], ep, target.external, table)
             up.connect((ep.ip, ep.port))
         except OSError:
-            down.close()
-            if up is not None:
-                up.close()
+            for sock in (down, up):
+                if sock is not None:
+                    sock.close()
+            self.budget.release(client[0])
             table.counters.error(UDP_SEND_FAILED)
             return None
         flow = CapturedFlow(self, key, table, ep, down, up)
@@ -376,6 +384,7 @@ class CaptureUdp:
             sock.close()
         if flow.timer is not None:
             flow.timer.cancel()
+        self.budget.release(flow.key[0][0])
         flow.table.closed(flow.endpoint)
         flow.table.counters.flows_active -= 1
 
@@ -400,9 +409,11 @@ class Capture:
     """The kubeshim table, its policy route and the transparent listeners of one node."""
 
     def __init__(self, config: ProxyConfig, connections: set[ClientSide],
-                 nodeport_cidrs: Sequence[str] = (), tcp_budget: Budget | None = None) -> None:
+                 nodeport_cidrs: Sequence[str] = (), tcp_budget: Budget | None = None,
+                 udp_budget: Budget | None = None) -> None:
         self.config = config
         self.tcp_budget = tcp_budget
+        self.udp_budget = udp_budget
         self.connections = connections
         self.listen = ListenPorts(config.capture_port)
         self.rules = Ruleset(self.listen, list(config.cluster_cidrs), list(nodeport_cidrs))
@@ -436,7 +447,7 @@ class Capture:
             self.servers.append(await loop.create_server(fe, sock=tcp,
                                                          backlog=self.config.listen_backlog))
             udp = transparent_listener(socket.SOCK_DGRAM, family, address, self.listen.port, 0)
-            self.udp.append(CaptureUdp(self, udp, self.config))
+            self.udp.append(CaptureUdp(self, udp, self.config, self.udp_budget))
             self.families.append(6 if family == socket.AF_INET6 else 4)
         if _bridge_calls_nftables():
             log.warning("bridged traffic is not captured",
