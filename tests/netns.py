@@ -21,7 +21,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,3 +218,17 @@ class Lab:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def wait_until(check: Callable[[], object], what: str, timeout: float = 10,
+               expected: tuple[type[BaseException], ...] = ()) -> None:
+    """Poll `check` until it is truthy; errors of the `expected` types count as not yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except expected:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")

@@ -24,7 +24,7 @@ import msgspec
 import pytest
 import yaml
 
-from tests.netns import NODE_IP, Lab, Netns
+from tests.netns import NODE_IP, Lab, Netns, wait_until
 from tests.proxy_helpers import endpoint, endpoint_slice, service
 
 pytestmark = pytest.mark.e2e
@@ -89,15 +89,7 @@ class Cluster:
         raise KeyError(service)
 
     def wait(self, check: Callable[[], bool], what: str, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if check():
-                    return
-            except (FileNotFoundError, json.JSONDecodeError, KeyError):
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"timed out waiting for {what}")
+        wait_until(check, what, timeout, (FileNotFoundError, json.JSONDecodeError, KeyError))
 
     def endpoints_of(self, service: str) -> set[str]:
         return {e["address"] for e in self.port_status(service)["endpoints"]}

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.netns import NODE_IP, Lab, LiveConnection, Netns
+from tests.netns import NODE_IP, Lab, LiveConnection, Netns, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -109,15 +109,7 @@ class Lab4:
         raise KeyError(name)
 
     def wait(self, check: Callable[[], bool], what: str, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if check():
-                    return
-            except (json.JSONDecodeError, KeyError):
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"timed out waiting for {what}")
+        wait_until(check, what, timeout, (json.JSONDecodeError, KeyError))
 
     def curl(self, url: str, count: int) -> collections.Counter[str]:
         """`count` connections, one request each; which pod answered how often."""
