@@ -181,8 +181,20 @@ class ClientSide(asyncio.Protocol):
         except OSError:
             self._connect_failed(CONNECT_FAILED)
             return
-        err = sock.connect_ex((ep.ip, ep.port))
-        if err not in (0, errno.EINPROGRESS):
+        address = (ep.ip, ep.port)
+        err = sock.connect_ex(address)
+        if err == errno.EINPROGRESS:
+            # To a local endpoint the handshake is usually over when connect() returns: asking
+            # again says so (0, or EISCONN) and saves waiting for writability (EALREADY: not
+            # yet; an error: it failed).
+            err = sock.connect_ex(address)
+            if err == 0 or err == errno.EISCONN:
+                self._connected(sock)
+                return
+        elif err == 0:
+            self._connected(sock)
+            return
+        if err not in (errno.EALREADY, errno.EINPROGRESS):
             sock.close()
             self._connect_failed(CONNECT_FAILED)
             return
@@ -201,6 +213,9 @@ class ClientSide(asyncio.Protocol):
         if err:
             self._connect_failed(CONNECT_FAILED)
             return
+        self._connected(sock)
+
+    def _connected(self, sock: socket.socket) -> None:
         # The transport calls UpstreamSide.connection_made -> upstream_made on its own.
         self.fe.loop.create_task(self.fe.loop.create_connection(
             lambda: UpstreamSide(self), sock=sock))
