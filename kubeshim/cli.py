@@ -33,6 +33,9 @@ def _add_source_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("source (choose one)")
     g.add_argument("--manifests", type=Path, metavar="DIR",
                    help="serve the Services/EndpointSlices in DIR (YAML/JSON), following edits")
+    g.add_argument("--manifests-poll", action="store_true", default=None,
+                   help="follow DIR by polling every 0.5 s instead of inotify (for network "
+                   "filesystems, which deliver no inotify events)")
     g.add_argument("--kubeconfig", type=Path, metavar="FILE", help="watch the API server of FILE")
     g.add_argument("--context", help="kubeconfig context (default: current-context)")
     g.add_argument("--in-cluster", action="store_true", default=None,
@@ -142,7 +145,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
     if getattr(args, "config", None):
         load_config_file(args.config, opts)
     simple = {
-        "manifests": "manifests", "kubeconfig": "kubeconfig", "context": "context",
+        "manifests": "manifests", "manifests_poll": "manifests_poll",
+        "kubeconfig": "kubeconfig", "context": "context",
         "in_cluster": "in_cluster", "hostname_override": "hostname_override",
         "healthz_bind_address": "healthz_bind_address",
         "metrics_bind_address": "metrics_bind_address", "drain_timeout": "drain_timeout",

@@ -38,6 +38,8 @@ class Options:
     # bindAddress: the node's primary IP, when set (kube-proxy does not bind to it either).
     node_ip: str = ""
     cluster_cidrs: list[str] = field(default_factory=list)
+    # Follow --manifests by polling, not inotify (network filesystems deliver no inotify events).
+    manifests_poll: bool = False
     # kube-apiserver's --service-cluster-ip-range: ClusterIPs read from manifests must lie in it.
     service_cidrs: list[str] = field(default_factory=list)
     # proxy

@@ -38,7 +38,8 @@ def make_source(opts: Options, state: ClusterState) -> Source:
 
         if not opts.manifests.exists():
             raise ConfigError(f"--manifests {opts.manifests}: no such file or directory")
-        return ManifestSource(opts.manifests, state, service_cidrs=opts.service_networks())
+        return ManifestSource(opts.manifests, state, service_cidrs=opts.service_networks(),
+                              use_inotify=not opts.manifests_poll)
     if opts.kubeconfig is not None or opts.in_cluster:
         return _APISourceLauncher(opts, state)
     raise ConfigError("no source: give --manifests DIR, --kubeconfig FILE or --in-cluster")
