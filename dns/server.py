@@ -27,6 +27,7 @@ from typing import Any
 
 from dnslib import RCODE, DNSRecord
 
+from kubeshim.cluster import handover
 from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.netaddr import ip_family, join_host_port, socket_family
 from kubeshim.cluster.state import ClusterState
@@ -313,7 +314,10 @@ class DNSServer:
 
 def _socket(host: str, port: int, kind: int, transparent: bool) -> socket.socket:
     """A non-blocking socket bound to (host, port); IP_TRANSPARENT first when asked, so a
-    non-local address (a ClusterIP behind a TPROXY rule) can be bound."""
+    non-local address (a ClusterIP behind a TPROXY rule) can be bound. A socket handed over by
+    the process this one took over from is used as it is."""
+    if (inherited := handover.take(kind, host, port)) is not None:
+        return inherited
     family = socket_family(host)
     sock = socket.socket(family, kind)
     try:

@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default 127.0.0.1:10249; empty disables")
     run.add_argument("--drain-timeout", type=float, metavar="SECONDS",
                      help="on SIGTERM, wait this long for connections to finish (default 15)")
+    run.add_argument("--control-socket", type=Path, metavar="PATH",
+                     help="a unix socket a later `kubeshim run --takeover` takes the listening "
+                     "sockets over from (e.g. /run/kubeshim/control.sock)")
+    run.add_argument("--takeover", action="store_true", default=None,
+                     help="take over the listening sockets of the daemon at --control-socket, "
+                     "serve, then let it drain and exit: a restart without a gap")
     run.add_argument("--proxy-name",
                      help="claim Services labelled service.kubernetes.io/service-proxy-name=NAME")
 
@@ -146,6 +152,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         load_config_file(args.config, opts)
     simple = {
         "manifests": "manifests", "manifests_poll": "manifests_poll",
+        "control_socket": "control_socket", "takeover": "takeover",
         "kubeconfig": "kubeconfig", "context": "context",
         "in_cluster": "in_cluster", "hostname_override": "hostname_override",
         "healthz_bind_address": "healthz_bind_address",

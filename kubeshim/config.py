@@ -38,6 +38,10 @@ class Options:
     # bindAddress: the node's primary IP, when set (kube-proxy does not bind to it either).
     node_ip: str = ""
     cluster_cidrs: list[str] = field(default_factory=list)
+    # Restart without a gap: where a running daemon hands over its sockets, and whether this
+    # one takes over from it (kubeshim/takeover.py).
+    control_socket: Path | None = None
+    takeover: bool = False
     # Follow --manifests by polling, not inotify (network filesystems deliver no inotify events).
     manifests_poll: bool = False
     # kube-apiserver's --service-cluster-ip-range: ClusterIPs read from manifests must lie in it.

@@ -5,6 +5,8 @@ Start order: the descriptor limit is raised, then ops endpoints, then the data p
 source, then the proxy drains connections up to the deadline and removes its VIPs, then DNS and
 the ops endpoints. SIGHUP re-reads the configuration (file and flags): a bad file is reported
 and changes nothing; the log level applies at once, other changed fields at the next start.
+With --control-socket, a later `--takeover` process receives the listening sockets; this one
+then stops as on SIGTERM but leaves the addresses to it (kubeshim/takeover.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import gc
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -21,6 +24,8 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
+from kubeshim import takeover
+from kubeshim.cluster import handover
 from kubeshim.cluster import log as logs
 from kubeshim.cluster.errors import ConfigError
 from kubeshim.cluster.log import get_logger
@@ -51,6 +56,7 @@ class Daemon:
         self.service_health: ServiceHealthServer | None = None
         self.started = time.time()
         self._stop = asyncio.Event()
+        self._handing_over = False
         self._frozen = False
 
     # --- wiring -------------------------------------------------------------------------
@@ -73,6 +79,7 @@ class Daemon:
             max_udp_flows=o.max_udp_flows,
             max_udp_flows_per_client=o.max_udp_flows_per_client,
             descriptor_limit=self.descriptor_limit,
+            adopt=self.opts.takeover,
             capture_port=o.capture_port,
             cluster_cidrs=list(o.cluster_cidrs),
         )
@@ -168,6 +175,7 @@ class Daemon:
         for line in o.ignored:
             log.warning("configuration field ignored", field=line)
         self.descriptor_limit = raise_nofile()
+        takeover_conn = await self._take_over() if o.takeover else None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -202,6 +210,13 @@ class Daemon:
             dns_metrics = DNSCollector(self.dns)
             REGISTRY.register(dns_metrics)  # CoreDNS's metric names on /metrics
 
+        control = (takeover.ControlSocket(o.control_socket, self._handed_over)
+                   if o.control_socket is not None else None)
+        if takeover_conn is not None:
+            ready_task = asyncio.create_task(self._confirm_when_serving(takeover_conn, control))
+        elif control is not None:
+            control.start()
+
         source = make_source(o, self.state)
         self.state.subscribe(self._freeze_after_first_sync)
         self.state.subscribe_node(self._on_node)
@@ -213,7 +228,12 @@ class Daemon:
             exc = source_task.exception()
             log.error("source stopped", reason=repr(exc) if exc else "ended")
             code = 1
-        log.info("shutting down", drain_timeout=o.drain_timeout)
+        log.info("shutting down", drain_timeout=o.drain_timeout,
+                 handed_over=self._handing_over)
+        if takeover_conn is not None:
+            ready_task.cancel()
+        if control is not None:
+            control.close()
         source_task.cancel()
         stop_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -221,7 +241,8 @@ class Daemon:
         if self.service_health is not None:
             await self.service_health.stop()
         if self.proxier is not None:
-            await self.proxier.stop(o.drain_timeout)
+            # After a handover the new process serves the addresses: leave them in place.
+            await self.proxier.stop(o.drain_timeout, keep_addresses=self._handing_over)
         if self.dns is not None:
             await self.dns.stop()
             REGISTRY.unregister(dns_metrics)
@@ -229,6 +250,48 @@ class Daemon:
             await server.cleanup()
         log.info("stopped")
         return code
+
+    # --- restart without a gap (kubeshim/takeover.py) -------------------------------------
+
+    async def _take_over(self) -> socket.socket | None:
+        """Receive the running daemon's listening sockets for the components to serve on."""
+        path = self.opts.control_socket
+        if path is None:
+            raise ConfigError("--takeover needs --control-socket PATH")
+        try:
+            sockets, conn = await asyncio.to_thread(takeover.request, path)
+        except (OSError, ValueError) as e:
+            log.warning("nothing to take over; starting on fresh sockets", path=str(path),
+                        reason=str(e))
+            return None
+        handover.offer(sockets)
+        log.info("took over listening sockets", count=len(sockets), path=str(path))
+        return conn
+
+    def _serving(self) -> bool:
+        """Synced, and every change applied: the new process can take the traffic alone."""
+        if not self.state.synced:
+            return False
+        p = self.proxier
+        return p is None or (p.last_updated > 0 and p.last_queued is None)
+
+    async def _confirm_when_serving(self, conn: socket.socket,
+                                    control: takeover.ControlSocket | None) -> None:
+        try:
+            while not self._serving():
+                await asyncio.sleep(0.01)
+            leftovers = handover.close_leftovers()
+            await asyncio.to_thread(takeover.confirm, conn)
+            log.info("serving; the previous process drains now",
+                     unused_sockets=len(leftovers))
+            if control is not None:
+                control.start(took_over=True)
+        finally:
+            conn.close()
+
+    def _handed_over(self) -> None:
+        self._handing_over = True
+        self._stop.set()
 
     def _reload_config(self) -> None:
         """SIGHUP: re-read the configuration; never stops the daemon."""

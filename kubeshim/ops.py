@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from aiohttp import web
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.exposition import choose_encoder
 
+from kubeshim.cluster import handover
 from kubeshim.cluster.log import get_logger
 
 log = get_logger("ops")
@@ -253,9 +255,14 @@ async def serve(app: web.Application, host: str, port: int, what: str) -> OpsSer
     assert handler is not None
     limits = _Limits(what)
     loop = asyncio.get_running_loop()
+    inherited = handover.take(socket.SOCK_STREAM, host, port)
     try:
-        server = await loop.create_server(lambda: _Guard(handler(), limits), host, port,
-                                          reuse_address=True, backlog=128)
+        if inherited is not None:
+            server = await loop.create_server(lambda: _Guard(handler(), limits), sock=inherited,
+                                              backlog=128)
+        else:
+            server = await loop.create_server(lambda: _Guard(handler(), limits), host, port,
+                                              reuse_address=True, backlog=128)
     except OSError as e:
         log.error("cannot serve endpoint", what=what, address=f"{host}:{port}",
                   reason=e.strerror or str(e))

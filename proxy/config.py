@@ -35,6 +35,9 @@ class ProxyConfig:
     max_connections_per_client: int = 0
     max_udp_flows: int = 0
     max_udp_flows_per_client: int = 0
+    # Taking over from a running kubeshim: keep the VIP addresses and the capture table it left
+    # until this process has synced (kubeshim/takeover.py).
+    adopt: bool = False
     # RLIMIT_NOFILE the caps are sized from (0: read it at start).
     descriptor_limit: int = 0
     listen_backlog: int = 4096

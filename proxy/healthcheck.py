@@ -22,12 +22,14 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
+from kubeshim.cluster import handover
 from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.model import NamespacedName
 from kubeshim.cluster.state import ClusterState, ServiceChange, ServiceInfo
@@ -154,7 +156,12 @@ class ServiceHealthServer:
         servers: list[asyncio.AbstractServer] = []
         try:
             for host in hosts:
-                servers.append(await loop.create_server(server, host, port, reuse_address=True))
+                inherited = handover.take(socket.SOCK_STREAM, host, port) if host else None
+                if inherited is not None:
+                    servers.append(await loop.create_server(server, sock=inherited))
+                else:
+                    servers.append(await loop.create_server(server, host, port,
+                                                            reuse_address=True))
         except OSError as e:
             for s in servers:
                 s.close()

@@ -168,7 +168,7 @@ class Proxier:
                 cidrs += [ip for ip in await self._netlink.call(nodeport_addresses, ["primary"])]
             capture = Capture(cfg, self.connections, cidrs, self.tcp_budget, self.udp_budget)
             try:
-                await capture.start(self._netlink)
+                await capture.start(self._netlink, adopt=cfg.adopt)
                 self.capture = capture
                 if await self._netlink.call(remove_interface, cfg.vip_interface):
                     log.info("removed the interface of an earlier interface-mode run",
@@ -182,7 +182,7 @@ class Proxier:
         exclude = cfg.vip_interface if cfg.vip_mode == "interface" else ""
         if cfg.vip_mode == "interface":
             self.vips = InterfaceVips(cfg.vip_interface)
-            await self._netlink.call(self.vips.prepare)
+            await self._netlink.call(self.vips.prepare, cfg.adopt)
         self._local_ips = {ip for ip, _ in await self._netlink.call(local_addresses, exclude)}
         self.node_ips = await self._netlink.call(
             nodeport_addresses, list(cfg.nodeport_addresses), exclude)
@@ -206,8 +206,9 @@ class Proxier:
         self._schedule()
         self._housekeeping = self._loop.call_later(HOUSEKEEPING_PERIOD, self._housekeep)
 
-    async def stop(self, drain_timeout: float) -> None:
-        """Stop accepting, let open connections finish until the deadline, then remove VIPs."""
+    async def stop(self, drain_timeout: float, keep_addresses: bool = False) -> None:
+        """Stop accepting, let open connections finish until the deadline, then remove VIPs
+        (unless `keep_addresses`: a process that took over serves them now)."""
         self._stopping = True
         if self._sync_task is not None and not self._sync_task.done():
             self._sync_task.cancel()
@@ -234,10 +235,13 @@ class Proxier:
                 await asyncio.sleep(0.01)
         for rt in self.services.values():
             rt.listeners.clear()
-        if self.vips is not None:
+        if self.vips is not None and not keep_addresses:
             await self._netlink.call(self.vips.close)
         if self.capture is not None:
-            await self.capture.stop(self._netlink)
+            if keep_addresses:
+                self.capture.close_listeners()
+            else:
+                await self.capture.stop(self._netlink)
         self._netlink.close()
         log.info("proxy stopped")
 

@@ -21,6 +21,7 @@ import socket
 import struct
 from typing import Any
 
+from kubeshim.cluster import handover
 from kubeshim.cluster.netaddr import socket_family
 from kubeshim.cluster.state import EndpointInfo
 from kubeshim.proxy.budget import Budget
@@ -357,6 +358,8 @@ class UpstreamSide(asyncio.Protocol):
 
 def listen_socket(ip: str, port: int, backlog: int) -> socket.socket:
     """A bound, listening TCP socket; raises OSError (EADDRINUSE, EADDRNOTAVAIL, EACCES)."""
+    if (inherited := handover.take(socket.SOCK_STREAM, ip, port)) is not None:
+        return inherited
     family = socket_family(ip)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

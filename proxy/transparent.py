@@ -28,6 +28,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kubeshim.cluster import handover
 from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.model import NamespacedName, ServicePort, ServicePortName
 from kubeshim.cluster.state import EndpointInfo, ServicePortInfo
@@ -73,6 +74,8 @@ def _transparent(sock: socket.socket, family: int) -> None:
 
 def transparent_listener(kind: int, family: int, address: str, port: int,
                          backlog: int) -> socket.socket:
+    if (inherited := handover.take(kind, address, port)) is not None:
+        return inherited
     sock = socket.socket(family, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -424,11 +427,17 @@ class Capture:
         self.udp: list[CaptureUdp] = []
         self.families: list[int] = []
         self.transactions = 0
+        self._rewrite = False  # the next flush writes the whole table
 
     # --- lifecycle ---
 
-    async def start(self, netlink: Any) -> None:
-        await self._nft(self.rules.full(self.store.current()))
+    async def start(self, netlink: Any, adopt: bool = False) -> None:
+        if adopt:
+            # The table of the process taken over from keeps capturing until the first flush
+            # replaces it whole, in one transaction.
+            self._rewrite = True
+        else:
+            await self._nft(self.rules.full(self.store.current()))
         await netlink.call(policy_routes, True)
         loop = asyncio.get_running_loop()
         fe = CaptureTcpFrontend(self, self.config, self.connections, self.tcp_budget)
@@ -483,6 +492,8 @@ class Capture:
     async def flush(self) -> bool:
         """Apply the pending element changes as one transaction; True when applied."""
         text = self.store.pending()
+        if self._rewrite:
+            text = self.rules.full(self.store.current())
         if not text:
             return True
         try:
@@ -496,6 +507,7 @@ class Capture:
                 log.error("cannot write the capture table", reason=str(e2))
                 return False
         self.store.applied()
+        self._rewrite = False
         return True
 
     async def _nft(self, text: str) -> None:

@@ -14,6 +14,7 @@ import socket
 from collections.abc import Collection
 from typing import Any
 
+from kubeshim.cluster import handover
 from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.netaddr import socket_family
 from kubeshim.cluster.state import EndpointInfo
@@ -199,6 +200,8 @@ class UdpFrontend(asyncio.DatagramProtocol):
 
 
 def bind_socket(ip: str, port: int) -> socket.socket:
+    if (inherited := handover.take(socket.SOCK_DGRAM, ip, port)) is not None:
+        return inherited
     family = socket_family(ip)
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:

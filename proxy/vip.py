@@ -96,8 +96,10 @@ class InterfaceVips:
         self._index = 0
         self.assigned: set[str] = set()
 
-    def prepare(self) -> None:
-        """Create the interface if missing (dummy, else port-less bridge); drop stale addresses.
+    def prepare(self, adopt: bool = False) -> None:
+        """Create the interface if missing (dummy, else port-less bridge); drop stale addresses,
+        or, when taking over from a running kubeshim (`adopt`), keep them as assigned: they
+        carry its traffic until this process serves the same addresses.
 
         This and the other methods run on the NetlinkWorker thread."""
         from pyroute2.netlink.exceptions import NetlinkError
@@ -124,6 +126,9 @@ class InterfaceVips:
             for a in self._ipr.get_addr(index=self._index)
             if a["scope"] == 0  # global scope; the kernel's own link-local ones stay
         ]
+        if adopt:
+            self.assigned.update(ip for ip, _ in stale)
+            stale = []
         for ip, prefix in stale:
             self._ipr.addr("del", index=self._index, address=ip, prefixlen=prefix)
         if stale:
