@@ -128,6 +128,17 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
         f"healthy={data.get('healthy')}  generation={data.get('generation')}  "
         f"uptime={data.get('uptimeSeconds')}s"
     )
+    node = data.get("nodeObject")
+    if node is None:
+        console.print("Node object: not seen (no topology zone; eligible)")
+    elif node.get("deleted"):
+        console.print("Node object: [red]deleted[/] (not eligible)")
+    else:
+        eligible = "eligible" if node.get("eligible") else "[red]not eligible[/]"
+        taints = ",".join(node.get("taints") or []) or "-"
+        deleting = "  [red]being deleted[/]" if node.get("deleting") else ""
+        console.print(f"Node object: zone={node.get('zone') or '-'}  {eligible}  "
+                      f"taints={taints}{deleting}")
     if proxy:
         where = proxy.get("vipMode", "?")
         if proxy.get("vipInterface"):
@@ -154,7 +165,8 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
                               "")
             for i, port in enumerate(ports):
                 node = f":{port['nodePort']}" if port.get("nodePort") else ""
-                endpoints = " ".join(
+                topology = f"[{port['topology']}] " if port.get("topology") else ""
+                endpoints = topology + " ".join(
                     f"{e.get('address')}({e.get('state')}"
                     + (f",{e['active']} open" if e.get("active") else "") + ")"
                     for e in port.get("endpoints", [])

@@ -208,6 +208,9 @@ def test_the_nodes_zone_label_decides_and_a_change_applies_at_once(lab4: Lab4) -
              slice_("zonal", eps))
     lab4.wait(served(lab4, "zonal", "PreferSameZone"), "zonal")
     assert set(lab4.curl("http://10.96.1.6/", 12)) == {"pod-a", "pod-b"}
+    shown = lab4.lab.node.run([sys.executable, "-m", "kubeshim", "status", "--address", METRICS],
+                              cwd=ROOT).stdout
+    assert "Node object: zone=zone-a  eligible" in shown and "[PreferSameZone]" in shown, shown
     try:
         lab4.put(node("zone-b"))
         lab4.wait(lambda: lab4.status()["nodeObject"]["zone"] == "zone-b", "zone-b")
