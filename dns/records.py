@@ -242,6 +242,11 @@ class ClusterRecords:
                 info, fqdn, name.endpoint or None, name.port, name.protocol
             )
         else:
+            if self._address_map and not any(map(self._address_map, svc.cluster_ips)) and (
+                    svc.cluster_ips):
+                # The Service exists but none of its addresses is served here: NODATA, never
+                # an address that reaches another Service, nor a false NXDOMAIN.
+                return _RRs([]), deps
             targets = self._cluster_ip_targets(info, fqdn, name.port, name.protocol)
         if not targets:
             return None, deps
@@ -251,8 +256,10 @@ class ClusterRecords:
         self, info: ServiceInfo, fqdn: str, port: str, protocol: str
     ) -> list[_Target]:
         svc = info.service
+        # The address map names where each address is served ('' where it is not: a loopback
+        # address that serves another Service's address).
         ips = (
-            [self._address_map(ip) for ip in svc.cluster_ips]
+            [served for ip in svc.cluster_ips if (served := self._address_map(ip))]
             if self._address_map
             else svc.cluster_ips
         )

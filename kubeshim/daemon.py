@@ -124,7 +124,7 @@ class Daemon:
         )
         address_map = None
         if self.proxier is not None and (o.vip_mode or default_vip_mode()) == "loopback":
-            address_map = self.proxier.vip_address
+            address_map = self.proxier.served_address
         return DNSServer(self.state, config, address_map=address_map)
 
     def status(self) -> dict[str, Any]:
@@ -205,6 +205,12 @@ class Daemon:
         if o.dns:
             self.dns = self._build_dns()
             await self.dns.start()
+            if self.proxier is not None:
+                answers = self.dns.handler.answers
+                # A Service whose served addresses change (a loopback collision resolved)
+                # gets fresh answers: the cached ones were computed from the old mapping.
+                self.proxier.served_changed = lambda key: answers.invalidate(
+                    [("svc", key.namespace, key.name)])
             from kubeshim.dns.metrics import DNSCollector
 
             dns_metrics = DNSCollector(self.dns)

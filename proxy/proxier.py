@@ -14,7 +14,7 @@ import errno
 import ipaddress
 import resource
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +139,9 @@ class Proxier:
         self._failing: set[NamespacedName] = set()  # Services with errors
         self._vip_users: dict[str, set[NamespacedName]] = {}
         self.connections: set[ClientSide] = set()
+        self._loopback_owner: dict[str, str] = {}  # loopback address -> the address it serves
+        # Called with a Service whose served addresses or errors changed.
+        self.served_changed: Callable[[NamespacedName], None] | None = None
         caps = caps_for_limit(
             config.descriptor_limit or resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             config.max_connections, config.max_connections_per_client, config.max_udp_flows,
@@ -420,6 +423,9 @@ class Proxier:
             if (ip_problem := errors.get(f"address {spec.service_ip}")) is not None:
                 errors[str(spec.key)] = ip_problem
                 continue
+            if (collision := self._loopback_collision(spec)) is not None:
+                errors[f"address {spec.service_ip}"] = collision
+                continue
             owner = self._owners.get(spec.key)
             if owner is not None and owner != key:
                 errors[str(spec.key)] = f"{spec.key} is already served for service {owner}"
@@ -443,6 +449,8 @@ class Proxier:
                 log.error("cannot serve", service=str(key), what=what, reason=why)
         for what in rt.errors.keys() - errors.keys():
             log.info("serving again", service=str(key), what=what)
+        if errors.keys() != rt.errors.keys() and self.served_changed is not None:
+            self.served_changed(key)  # e.g. DNS answers only addresses that are served
         rt.errors = errors
         if errors:
             self._failing.add(key)
@@ -547,6 +555,10 @@ class Proxier:
         users.discard(key)
         if not users:
             del self._vip_users[ip]
+            if self.config.vip_mode == "loopback":
+                bound = self.mapper.address(ip)
+                if self._loopback_owner.get(bound) == ip:
+                    del self._loopback_owner[bound]
             if self.vips is not None and ip in self.vips.assigned:
                 await self._netlink.call(self.vips.remove, ip)
 
@@ -570,10 +582,30 @@ class Proxier:
     # --- reading -----------------------------------------------------------------------------
 
     def vip_address(self, ip: str) -> str:
-        """Where a ClusterIP / externalIP / LoadBalancer IP is really served."""
+        """Where a ClusterIP / externalIP / LoadBalancer IP is bound."""
         if self.config.vip_mode != "loopback":
             return ip
         return self.mapper.address(ip)
+
+    def served_address(self, ip: str) -> str:
+        """Where clients reach `ip` (what DNS answers); '' when its loopback address serves
+        another address (see _loopback_collision)."""
+        bound = self.vip_address(ip)
+        owner = self._loopback_owner.get(bound)
+        return bound if owner is None or owner == ip else ""
+
+    def _loopback_collision(self, spec: ListenerSpec) -> str | None:
+        """Loopback mode keeps the low 22 bits of an address (proxy/vip.py): two Service
+        addresses that differ only above them map to one loopback address. The first to claim
+        it keeps it; the other is not served (and DNS does not answer it) until it is free."""
+        if self.config.vip_mode != "loopback" or spec.kind == "NodePort":
+            return None
+        owner = self._loopback_owner.setdefault(spec.key.ip, spec.service_ip)
+        if owner == spec.service_ip:
+            return None
+        users = ", ".join(sorted(str(k) for k in self._vip_users.get(owner, ()))) or "-"
+        return (f"{spec.service_ip} maps to loopback address {spec.key.ip}, which serves "
+                f"{owner} (service {users}); loopback mode keeps only the low 22 bits")
 
     def _counter_rows(self) -> Iterable[tuple[str, str, str, PortCounters]]:
         for name, counters in self.counters.items():
@@ -618,7 +650,7 @@ class Proxier:
             services.append({
                 "name": str(key),
                 "clusterIPs": info.service.cluster_ips if info else [],
-                "servedAt": {ip: self.vip_address(ip) for ip in sorted(rt.vips)},
+                "servedAt": {ip: self.served_address(ip) for ip in sorted(rt.vips)},
                 "ports": ports,
                 "errors": [f"{what}: {why}" for what, why in sorted(rt.errors.items())],
             })

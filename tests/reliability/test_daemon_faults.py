@@ -157,8 +157,9 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
             p.wait(timeout=5)
 
 
-def assert_everything_serves(d: Daemon) -> None:
-    """The other Service, DNS over UDP and TCP, /healthz: all answer; nothing withdrawn."""
+def assert_everything_serves(d: Daemon, withdrawals: bool = False) -> None:
+    """The other Service, DNS over UDP and TCP, /healthz: all answer; nothing withdrawn (unless
+    the test removed something itself)."""
     assert d.proc.poll() is None, d.log.read_text()[-3000:]
     code, body = curl(f"http://{d.served_at('api')}/")
     assert (code, body) == (200, "hello from b2\n")
@@ -167,7 +168,8 @@ def assert_everything_serves(d: Daemon) -> None:
     assert d.dig(name, tcp=True) == [d.served_at("web")]
     assert curl(f"http://127.0.0.1:{d.healthz}/healthz")[0] == 200
     log = d.log.read_text()
-    assert "listener closed" not in log and "manifest file removed" not in log
+    if not withdrawals:
+        assert "listener closed" not in log and "manifest file removed" not in log
     assert "Traceback" not in log, log[-3000:]
     assert d.rss_kib() - d.idle_rss < 100 * 1024  # type: ignore[attr-defined]
 
@@ -301,3 +303,33 @@ def test_sighup_reloads_and_never_stops(daemon: Daemon) -> None:
     wait_for(lambda: "configuration reloaded log_level=info" in daemon.log.read_text(),
              what="reload")
     assert_everything_serves(daemon)
+
+
+def test_loopback_collision_is_reported_and_never_answered(daemon: Daemon) -> None:
+    # Loopback mode keeps the low 22 bits: 10.165.x.1 maps where web's 10.101.x.1 is served.
+    twin_ip = f"10.165.{os.getpid() % 250}.1"
+    path = daemon.manifests / "twin.yaml"
+    path.write_text(yaml.safe_dump_all(objects("twin", twin_ip, 2)))
+    try:
+        def twin_errors() -> list[str]:
+            for svc in daemon.status()["proxy"]["services"]:
+                if svc["name"] == "default/twin":
+                    return svc["errors"]  # type: ignore[no-any-return]
+            return []
+
+        wait_for(lambda: any("maps to loopback address" in e for e in twin_errors()),
+                 what="collision reported")
+        web = daemon.served_at("web")
+        assert any(f"which serves {SVC_NET}.1 (service default/web)" in e for e in twin_errors())
+        # DNS: the twin exists but is not served here: NODATA, not web's address, not NXDOMAIN.
+        out = run("dig", "+time=2", "+tries=1", "-p", str(daemon.dns), "@127.0.0.1",
+                  "twin.default.svc.cluster.local", "A").stdout
+        assert "status: NOERROR" in out and "ANSWER: 0" in out, out
+        assert daemon.dig("web.default.svc.cluster.local") == [web]
+        assert curl(f"http://{web}/") == (200, "hello from b1\n")
+        assert "maps to loopback address" in daemon.log.read_text()
+    finally:
+        path.unlink()
+    wait_for(lambda: "default/twin" not in {s["name"] for s in daemon.status()["proxy"][
+        "services"]}, what="twin gone")
+    assert_everything_serves(daemon, withdrawals=True)
