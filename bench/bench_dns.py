@@ -151,7 +151,7 @@ def serve(port: int, services: int, udp_batch: bool) -> None:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await stop.wait()
-        hits, misses = server.answer_hits, server.answer_misses
+        hits, misses = server.metrics.answer_hits, server.metrics.answer_misses
         batched = [u for u in server._udp if isinstance(u, BatchedUDP)]
         shape = ""
         if batched and batched[0].batches:

@@ -57,6 +57,11 @@ class DNSServer:
         self.handler = DNSHandler(state, config, address_map)
         self.metrics = self.handler.metrics
         self.exact = self.handler.exact
+        # The handler's caches (the same objects, never replaced), for status and tests.
+        self.records = self.handler.records
+        self.answers = self.handler.answers
+        self.upstream_cache = self.handler.upstream_cache
+        self.relayed = self.handler.relayed
         self.gate = ClientGate(
             config.allowed_clients,
             config.rrl_responses_per_second,
@@ -80,31 +85,6 @@ class DNSServer:
         self._connections: set[_TCPProtocol] = set()
         self._per_client: dict[str, int] = {}
         self.tcp_refused = 0
-
-    # The handler's caches and counters, for status, metrics and tests.
-    @property
-    def records(self) -> Any:
-        return self.handler.records
-
-    @property
-    def answers(self) -> Any:
-        return self.handler.answers
-
-    @property
-    def upstream_cache(self) -> Any:
-        return self.handler.upstream_cache
-
-    @property
-    def relayed(self) -> Any:
-        return self.handler.relayed
-
-    @property
-    def answer_hits(self) -> int:
-        return self.metrics.answer_hits
-
-    @property
-    def answer_misses(self) -> int:
-        return self.metrics.answer_misses
 
     # --- lifecycle ------------------------------------------------------------------------
 

@@ -202,7 +202,7 @@ async def answers_to_mixed(udp_batch: bool, upstream: tuple[str, int], zone: str
             for s in socks:
                 s.close()
         m = server.metrics
-        counters = (m.requests_udp, list(m.rcodes), m.dropped, server.answer_hits)
+        counters = (m.requests_udp, list(m.rcodes), m.dropped, server.metrics.answer_hits)
         if udp_batch:
             assert batched(server).largest_batch > 1
         return {kind: replies for (kind, _), replies in zip(packets, got, strict=True)}, counters

@@ -8,15 +8,11 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
 from dnslib import EDNS0, DNSRecord
-from test_dns_server import dig, synced_state
-
-from kubeshim.dns.config import DNSConfig
-from kubeshim.dns.server import DNSServer
+from test_dns_server import dig
+from test_dns_tcp_limits import serving
 
 pytestmark = pytest.mark.skipif(shutil.which("dig") is None, reason="needs dig (dnsutils)")
 
@@ -24,27 +20,18 @@ WEB = "web.default.svc.cluster.local"
 BIG = "big.default.svc.cluster.local"
 
 
-@asynccontextmanager
-async def serving(**options: object) -> AsyncIterator[int]:
-    config = DNSConfig(binds=[("127.0.0.1", 0)], upstreams=[], **options)  # type: ignore[arg-type]
-    server = DNSServer(synced_state(), config)
-    await server.start()
-    try:
-        yield server.addresses[0][1]
-    finally:
-        await server.stop()
-
-
 @pytest.mark.parametrize("udp_batch", [True, False])
 async def test_clients_outside_the_allowed_cidrs_are_refused(udp_batch: bool) -> None:
-    async with serving(allowed_clients=["10.244.0.0/16"], udp_batch=udp_batch) as port:
+    async with serving(allowed_clients=["10.244.0.0/16"], udp_batch=udp_batch) as server:
+        port = server.addresses[0][1]
         for transport in ("+notcp", "+tcp"):
             r = await dig(port, transport, WEB)
             assert r.status == "REFUSED" and not r.answer, transport
             r = await dig(port, transport, "example.org")  # no recursion for them either
             assert r.status == "REFUSED", transport
-    async with serving(allowed_clients=["10.244.0.0/16", "127.0.0.0/8"], udp_batch=udp_batch) as p:
-        r = await dig(p, WEB)
+    allowed = ["10.244.0.0/16", "127.0.0.0/8"]
+    async with serving(allowed_clients=allowed, udp_batch=udp_batch) as server:
+        r = await dig(server.addresses[0][1], WEB)
         assert r.status == "NOERROR" and r.answer
 
 
@@ -52,7 +39,8 @@ async def test_rate_limit_bounds_full_replies_and_slips_small_ones() -> None:
     q = DNSRecord.question(BIG)
     q.add_ar(EDNS0(udp_len=4096))
     query = bytes(q.pack())
-    async with serving(rrl_responses_per_second=20, rrl_slip=2) as port:
+    async with serving(rrl_responses_per_second=20, rrl_slip=2) as server:
+        port = server.addresses[0][1]
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
         sock.connect(("127.0.0.1", port))

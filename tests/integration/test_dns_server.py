@@ -328,9 +328,9 @@ async def test_service_change_is_visible_in_the_next_answer(
     state.apply([WatchEvent(EventType.DELETED, service("web", ip="10.96.0.21"))])
     assert (await dig(p, name)).status == "NXDOMAIN"
     # Unrelated names stayed cached throughout.
-    hits = server.answer_hits
+    hits = server.metrics.answer_hits
     assert (await dig(p, f"ext.default.svc.{Z}", "CNAME")).answer[0][3] == "example.org."
-    assert server.answer_hits == hits + 1
+    assert server.metrics.answer_hits == hits + 1
 
 
 async def test_servfail_until_synced_then_answers() -> None:

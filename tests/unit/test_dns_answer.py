@@ -41,7 +41,7 @@ def test_exact_repeat_and_case_variant_hit_the_cache_with_their_own_id_and_case(
     server, _ = make_server()
     first = reply(server, packet(qid=7))
     assert first.header.id == 7 and str(first.rr[0].rdata) == "10.96.0.20"
-    assert server.answer_misses == 1
+    assert server.metrics.answer_misses == 1
     again = reply(server, packet(qid=8))  # same bytes after the id: first level
     assert again.header.id == 8 and again.rr == first.rr
     upper = reply(server, packet("WEB.default.SVC.cluster.local", qid=9))  # second level
@@ -50,9 +50,9 @@ def test_exact_repeat_and_case_variant_hit_the_cache_with_their_own_id_and_case(
     assert (
         str(upper.rr[0].rname) == "WEB.default.SVC.cluster.local."
     )  # compressed onto the question
-    assert (server.answer_hits, server.answer_misses) == (2, 1)
+    assert (server.metrics.answer_hits, server.metrics.answer_misses) == (2, 1)
     assert reply(server, packet(qid=10, edns=1232)).ar[0].rclass == 4096  # another shape: miss
-    assert server.answer_misses == 2
+    assert server.metrics.answer_misses == 2
 
 
 def test_a_state_change_clears_both_levels_for_that_service_only() -> None:
@@ -67,9 +67,9 @@ def test_a_state_change_clears_both_levels_for_that_service_only() -> None:
     state.apply([WatchEvent(EventType.MODIFIED, service("web", ip="10.96.0.21"))])
     assert str(reply(server, packet()).rr[0].rdata) == "10.96.0.21"
     assert str(reply(server, packet("Web.default.svc.cluster.local")).rr[0].rdata) == "10.96.0.21"
-    hits = server.answer_hits
+    hits = server.metrics.answer_hits
     reply(server, packet("db.default.svc.cluster.local"))
-    assert server.answer_hits == hits + 1
+    assert server.metrics.answer_hits == hits + 1
 
 
 def test_tcp_answers_are_not_truncated_and_outside_names_are_forwarded() -> None:
