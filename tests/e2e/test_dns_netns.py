@@ -38,6 +38,7 @@ RESOLV_CONF = (
 OUTSIDER = "10.244.0.200"  # on the node's bridge, outside the allowed 10.244.0.0/25
 MANY = [f"10.245.0.{i}" for i in range(1, 101)]  # a headless Service's 100 endpoints
 V6_EDGES = ["2001:db8:3333:4444:5555:6666::", "::1"]
+UDP53 = "10.96.0.53"  # a UDP Service on port 53, served beside kubeshim's DNS
 
 
 def service(name: str, cluster_ip: str, port: int = 80, target: int = 8080) -> dict[str, Any]:
@@ -73,6 +74,16 @@ def endpoint_slice(
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
         "endpoints": endpoints,
     }
+
+
+def udp53_service(pod_ip: str) -> list[dict[str, Any]]:
+    """A UDP Service on port 53 (an application's own DNS, say), backed by pod-a's 5353."""
+    port = {"name": "dns", "port": 53, "protocol": "UDP"}
+    svc = service("udp53", UDP53)
+    svc["spec"]["ports"] = [{**port, "targetPort": 5353}]
+    eps = endpoint_slice("udp53", [(pod_ip, None)])
+    eps["ports"] = [{**port, "port": 5353}]
+    return [svc, eps]
 
 
 class Node:
@@ -118,6 +129,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         for name in ("pod-a", "pod-b"):
             pod = n.pods[name] = lab.add_host(name)
             pod.popen([sys.executable, str(ROOT / "tests/e2e/proxy_backend.py"), name])
+        # pod-a also answers UDP on 5353 with its name: the backend of a UDP Service on port 53.
+        n.pods["pod-a"].popen(["socat", "UDP4-RECVFROM:5353,fork", "SYSTEM:echo pod-a"])
         upstream = lab.add_host("upstream")
         upstream.popen(
             [
@@ -139,6 +152,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         outsider = lab.add_host("outsider", ip=OUTSIDER)
         outsider.write_resolv_conf(RESOLV_CONF)
         lab.node.run(["ip", "addr", "add", f"{LINK_LOCAL}/32", "dev", "lo"])
+        n.write("udp53", *udp53_service(n.pods["pod-a"].ip))
         many = endpoint_slice("many", [(ip, None) for ip in MANY])
         n.write("many", service("many", "None"), many)
         n.write(
@@ -317,3 +331,11 @@ def test_outsiders_are_refused_and_the_node_address_does_not_answer(node: Node) 
     assert "status:" not in out.stdout
     out = node.client.run(["dig", f"@{LINK_LOCAL}", "+short", f"web.default.svc.{ZONE}"])
     assert out.stdout.split() == ["10.96.0.20"]
+
+
+def test_a_udp_service_on_port_53_is_served_beside_the_dns_server(node: Node) -> None:
+    node.lab.node.wait_port(UDP53, 53, "udp", timeout=15)
+    out = node.client.run(["socat", "-T2", "-", f"UDP4:{UDP53}:53"], input="hello\n")
+    assert out.stdout.strip() == "pod-a"
+    listening = node.lab.node.run(["ss", "-lunH", "sport = :53"]).stdout
+    assert "0.0.0.0:53" not in listening and "*:53" not in listening, listening
