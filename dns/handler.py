@@ -110,8 +110,10 @@ class DNSHandler:
 
     # --- answering ----------------------------------------------------------------------------
 
-    def answer(self, data: bytes, tcp: bool) -> Outcome:
-        """Reply bytes, a ForwardRequest, or None to drop the packet."""
+    def answer(self, data: bytes, tcp: bool, client: bytes | None = None) -> Outcome:
+        """Reply bytes, a ForwardRequest, or None to drop the packet. `client` is not looked
+        at here (the gate in front of the handler does): the signature is `Serving.answer`'s,
+        so an ungated server hands this very method to its shells."""
         metrics = self.metrics
         entries = self.answers.entries
         if not tcp:

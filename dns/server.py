@@ -70,6 +70,10 @@ class DNSServer:
             config.rrl_ipv6_prefix,
         )
         self.gated = self.gate.active
+        # Without a gate the shells call the handler itself: not one call more per query.
+        self.answer: Callable[..., Outcome] = (
+            self._gated_answer if self.gated else self.handler.answer
+        )
         self.forwarder = Forwarder(
             config.upstreams,
             config.upstream_timeout,
@@ -204,8 +208,8 @@ class DNSServer:
 
     # --- Serving: what the shells call --------------------------------------------------------
 
-    def answer(self, data: bytes, tcp: bool, client: bytes | None = None) -> Outcome:
-        if not self.gated or client is None:
+    def _gated_answer(self, data: bytes, tcp: bool, client: bytes | None = None) -> Outcome:
+        if client is None:
             return self.handler.answer(data, tcp)
         gate = self.gate
         if not gate.admits(client):
