@@ -335,7 +335,12 @@ def test_outsiders_are_refused_and_the_node_address_does_not_answer(node: Node) 
 
 def test_a_udp_service_on_port_53_is_served_beside_the_dns_server(node: Node) -> None:
     node.lab.node.wait_port(UDP53, 53, "udp", timeout=15)
-    out = node.client.run(["socat", "-T2", "-", f"UDP4:{UDP53}:53"], input="hello\n")
-    assert out.stdout.strip() == "pod-a"
+    answers = []
+    for _ in range(3):  # UDP: a datagram lost on a busy machine is retried, as a client would
+        out = node.client.run(["socat", "-T3", "-", f"UDP4:{UDP53}:53"], input="hello\n")
+        answers.append(out.stdout.strip())
+        if answers[-1]:
+            break
+    assert answers[-1] == "pod-a", answers
     listening = node.lab.node.run(["ss", "-lunH", "sport = :53"]).stdout
     assert "0.0.0.0:53" not in listening and "*:53" not in listening, listening
