@@ -62,7 +62,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Netns]]
             daemon = node.popen(
                 [sys.executable, "-m", "kubeshim", "run", "--manifests", str(folder),
                  "--no-proxy", "--hostname-override", "node-1",
-                 "--dns-transparent-bind", f"{KUBE_DNS}:53", "--cluster-cidr", "10.244.0.0/16",
+                 # No --cluster-cidr, no --dns-allowed-client: the pod is let in as a client
+                 # on the node's own network (10.244.0.0/24 of br0), the default allow-list.
+                 "--dns-transparent-bind", f"{KUBE_DNS}:53",
                  "--upstream", "127.0.0.1:9", "--healthz-bind-address", "",
                  "--metrics-bind-address", ""],
                 cwd=ROOT, stderr=log_file,
@@ -79,7 +81,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Netns]]
         yield lab, pod
         daemon.terminate()
         daemon.wait(15)
-        assert "Traceback" not in log_path.read_text()
+        log = log_path.read_text()
+        assert 'allowed="127.0.0.0/8,::1/128,10.244.0.0/24"' in log, log
+        assert "Traceback" not in log
 
 
 def test_pod_resolves_through_the_kube_dns_clusterip_on_its_node(lab: tuple[Lab, Netns]) -> None:
