@@ -10,6 +10,7 @@ import struct
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from dnslib import EDNS0, QTYPE, RCODE, DNSRecord
@@ -33,8 +34,12 @@ async def serving(
     host: str = "127.0.0.1",
     upstreams: list[tuple[str, int]] | None = None,
     zone: str = Z,
+    **options: Any,
 ) -> AsyncIterator[DNSServer]:
-    config = DNSConfig(zone=zone, binds=[(host, 0)], upstreams=upstreams or [], udp_batch=udp_batch)
+    """A DNSServer on an ephemeral port of `host`; other DNSConfig fields from `options`."""
+    config = DNSConfig(
+        zone=zone, binds=[(host, 0)], upstreams=upstreams or [], udp_batch=udp_batch, **options
+    )
     server = DNSServer(synced_state(), config)
     await server.start()
     try:

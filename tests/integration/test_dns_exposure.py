@@ -11,8 +11,8 @@ import socket
 
 import pytest
 from dnslib import EDNS0, DNSRecord
+from test_dns_batch import serving
 from test_dns_server import dig
-from test_dns_tcp_limits import serving
 
 pytestmark = pytest.mark.skipif(shutil.which("dig") is None, reason="needs dig (dnsutils)")
 

@@ -13,15 +13,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 from dnslib import DNSRecord
-from test_dns_server import synced_state
-
-from kubeshim.dns.config import DNSConfig
-from kubeshim.dns.server import DNSServer
+from test_dns_batch import serving
 
 ROOT = Path(__file__).resolve().parents[2]
 BIG = "big.default.svc.cluster.local"  # headless, 300 endpoints: ~4.8 KB per TCP answer
@@ -43,17 +38,6 @@ async def ask_tcp(port: int, name: str = WEB) -> DNSRecord:
         return DNSRecord.parse(await reader.readexactly(size))
     finally:
         writer.close()
-
-
-@asynccontextmanager
-async def serving(**options: object) -> AsyncIterator[DNSServer]:
-    config = DNSConfig(binds=[("127.0.0.1", 0)], upstreams=[], **options)  # type: ignore[arg-type]
-    server = DNSServer(synced_state(), config)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 async def closed_by_server(reader: asyncio.StreamReader, within: float) -> bool:
@@ -103,6 +87,7 @@ async def test_a_message_that_never_completes_is_closed_after_the_read_timeout()
 SERVE = """
 import asyncio, sys
 sys.path.insert(0, "tests/integration")
+from test_dns_batch import serving
 from test_dns_server import synced_state
 from kubeshim.dns.config import DNSConfig
 from kubeshim.dns.server import DNSServer
