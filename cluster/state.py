@@ -189,7 +189,7 @@ class ClusterState:
         # Each touched Service is rebuilt once per batch, however many of its objects changed.
         for key in touched:
             self._rebuild(key)
-        if self.node != node_before:
+        if _node_view(self.node) != _node_view(node_before):
             for node_subscriber in self._node_subscribers:
                 node_subscriber(node_before, self.node)
         return self._publish(touched)
@@ -267,6 +267,14 @@ class ClusterState:
             for subscriber in self._subscribers:
                 subscriber(changes)
         return changes
+
+
+def _node_view(node: Node | None) -> object:
+    """What of a Node matters here: labels, taints, deletion. A kubelet's status heartbeat
+    (a new resourceVersion and nothing else decoded) is no change."""
+    if node is None:
+        return None
+    return node.metadata.labels, node.spec.taints, node.metadata.deletion_timestamp
 
 
 def build_service_info(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 
 from kubeshim.cluster.model import InvalidObject, Node, decode
@@ -71,11 +72,16 @@ def test_state_keeps_only_this_nodes_object_and_reports_changes() -> None:
 
     state.apply([WatchEvent(EventType.MODIFIED, plain)])
     assert len(seen.calls) == 1  # no change, no notification
+    heartbeat = decode("Node", {**msgspec.to_builtins(plain),
+                                "metadata": {**msgspec.to_builtins(plain.metadata),
+                                             "resourceVersion": "99"}})
+    state.apply([WatchEvent(EventType.MODIFIED, heartbeat)])
+    assert len(seen.calls) == 1 and state.node == heartbeat  # kept, but nothing to redo
 
     tainted = node(labels={"topology.kubernetes.io/zone": "z2"}, taints=[CA_TAINT])
     state.apply([WatchEvent(EventType.MODIFIED, tainted)])
     assert not state.node_eligible and state.node_zone == "z2"
-    assert seen.calls[-1] == (plain, tainted)
+    assert seen.calls[-1] == (heartbeat, tainted)
 
     state.apply([WatchEvent(EventType.DELETED, tainted)])
     assert state.node is None and state.node_deleted and not state.node_eligible
