@@ -280,10 +280,8 @@ def kubeshim_tproxy(lab: Lab, cpu: str, workers: int = 1) -> Contender:
         "--vip-mode", "tproxy", "--hostname-override", "bench-node", "--no-dns",
         "--service-cluster-ip-range", f"{TPROXY_NET[1]}0.0/16",
         "--healthz-bind-address", "", "--metrics-bind-address", "",
-        "--log-level", "warning",
+        "--log-level", "warning", "--workers", str(workers),
     ]
-    if workers != 1:
-        argv += ["--workers", str(workers)]
     proc = lab.start(name, argv, cpu, cwd=REPO)
     targets = {svc: (ip.replace(*TPROXY_NET, 1), port)
                for svc, (ip, port, _, _) in DATA_SERVICES.items()}

@@ -211,6 +211,27 @@ class ClusterState:
         self._synced.add(kind)
         return self.apply(events)
 
+    def mirror(self, changes: Sequence[ServiceChange], node: Node | None, node_deleted: bool,
+               synced: bool) -> list[ServiceChange]:
+        """Take the changes another process's state published (a worker following the
+        control process): the same Services, Node and sync status, told to the subscribers
+        here exactly as they were told there."""
+        node_before = self.node
+        self.node, self.node_deleted = node, node_deleted
+        if synced:
+            self._synced |= REQUIRED_KINDS
+        touched: dict[NamespacedName, ServiceInfo | None] = {}
+        for change in changes:
+            touched.setdefault(change.key, self.services.get(change.key))
+            if change.current is None:
+                self.services.pop(change.key, None)
+            else:
+                self.services[change.key] = change.current
+        if self.node != node_before:
+            for node_subscriber in self._node_subscribers:
+                node_subscriber(node_before, self.node)
+        return self._publish(touched)
+
     # --- internals ----------------------------------------------------------------------
 
     def _reduce_node(self, type: EventType, node: Node) -> None:

@@ -37,6 +37,8 @@ class DNSConfig:
     # Binds (also listed in binds) opened with IP_TRANSPARENT: an address that is not local,
     # such as the kube-dns ClusterIP, whose packets a TPROXY rule hands to the DNS sockets.
     transparent_binds: list[tuple[str, int]] = field(default_factory=list)
+    # SO_REUSEPORT on every bind: worker processes share them, the kernel balances queries.
+    reuse_port: bool = False
     upstreams: list[tuple[str, int]] = field(default_factory=resolv_conf_nameservers)
     ttl: int = 30  # TTL of cluster records
     negative_ttl: int = 30  # the zone SOA's minimum and TTL: how long NXDOMAIN/NODATA are kept

@@ -133,7 +133,8 @@ class DNSServer:
     ) -> None:
         # Port 0 picks a free port; TCP then takes the same number (retrying if it is taken).
         for _ in range(20):
-            udp_sock = _socket(host, port, socket.SOCK_DGRAM, transparent)
+            reuse = self.config.reuse_port
+            udp_sock = _socket(host, port, socket.SOCK_DGRAM, transparent, reuse)
             with contextlib.suppress(OSError):
                 udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
             transport: asyncio.DatagramTransport | BatchedUDP
@@ -145,7 +146,7 @@ class DNSServer:
                 )
             bound = udp_sock.getsockname()[1]
             try:
-                tcp_sock = _socket(host, bound, socket.SOCK_STREAM, transparent)
+                tcp_sock = _socket(host, bound, socket.SOCK_STREAM, transparent, reuse)
                 server = await loop.create_server(lambda: _TCPProtocol(self), sock=tcp_sock)
             except OSError:
                 transport.close()
@@ -296,16 +297,20 @@ class DNSServer:
                 self._per_client.pop(conn.peer, None)
 
 
-def _socket(host: str, port: int, kind: int, transparent: bool) -> socket.socket:
+def _socket(host: str, port: int, kind: int, transparent: bool,
+            reuse_port: bool = False) -> socket.socket:
     """A non-blocking socket bound to (host, port); IP_TRANSPARENT first when asked, so a
-    non-local address (a ClusterIP behind a TPROXY rule) can be bound. A socket handed over by
-    the process this one took over from is used as it is."""
+    non-local address (a ClusterIP behind a TPROXY rule) can be bound; SO_REUSEPORT when
+    worker processes share it. A socket handed over by the process this one took over from is
+    used as it is."""
     if (inherited := handover.take(kind, host, port)) is not None:
         return inherited
     family = socket_family(host)
     sock = socket.socket(family, kind)
     try:
         sock.setblocking(False)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6 and host == "::":

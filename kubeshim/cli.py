@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--takeover", action="store_true", default=None,
                      help="take over the listening sockets of the daemon at --control-socket, "
                      "serve, then let it drain and exit: a restart without a gap")
+    run.add_argument("--workers", type=int, metavar="N",
+                     help="processes serving traffic and DNS (tproxy mode; default: the CPUs "
+                     "this process may use, at most 4; 1 in interface and loopback mode)")
+    run.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
     run.add_argument("--proxy-name",
                      help="claim Services labelled service.kubernetes.io/service-proxy-name=NAME")
 
@@ -157,6 +161,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         "in_cluster": "in_cluster", "hostname_override": "hostname_override",
         "healthz_bind_address": "healthz_bind_address",
         "metrics_bind_address": "metrics_bind_address", "drain_timeout": "drain_timeout",
+        "workers": "workers",
         "proxy": "proxy", "vip_mode": "vip_mode", "vip_interface": "vip_interface",
         "capture_port": "capture_port",
         "balance": "balance", "udp_timeout": "udp_timeout", "tcp_idle_timeout": "tcp_idle_timeout",
@@ -204,12 +209,13 @@ def options_from_args(args: argparse.Namespace) -> Options:
     return opts
 
 
-def _run(opts: Options, args: argparse.Namespace) -> int:
+def _run(opts: Options, args: argparse.Namespace, argv: list[str]) -> int:
     import uvloop
 
     from kubeshim.daemon import Daemon
 
-    return uvloop.run(Daemon(opts, reload=lambda: options_from_args(args)).run())
+    return uvloop.run(Daemon(opts, reload=lambda: options_from_args(args), argv=argv,
+                             worker_fd=args.worker_fd).run())
 
 
 def _state(opts: Options, output: str, vip_mode: str | None) -> int:
@@ -263,6 +269,7 @@ def _status(address: str, output: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
         if args.command == "status":
@@ -271,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         logs.setup(opts.log_level)
         if args.command == "state":
             return _state(opts, args.output, args.vip_mode)
-        return _run(opts, args)
+        return _run(opts, args, argv)
     except ConfigError as e:
         print(f"kubeshim: {e}", file=sys.stderr)
         return 2

@@ -92,6 +92,9 @@ class Options:
     healthz_bind_default: bool = True
     metrics_bind_address: str = "127.0.0.1:10249"
     drain_timeout: float = 15.0
+    # --workers: processes serving the data plane and DNS (0: the CPUs this process may use,
+    # at most MAX_WORKERS, in tproxy mode; 1 otherwise). kubeshim/workers.py.
+    workers: int = 0
     log_level: str = "info"
     proxy_name: str = "kubeshim"
     ignored: list[str] = field(default_factory=list)

@@ -35,14 +35,22 @@ from kubeshim.limits import raise_nofile
 from kubeshim.ops import Health, OpsServer, build_apps, serve
 from kubeshim.proxy.healthcheck import ServiceHealthServer
 from kubeshim.sources import make_source
+from kubeshim.workers import ControlLink, WorkerPool, default_workers
 
 log = get_logger("daemon")
 
 
 class Daemon:
-    def __init__(self, opts: Options, reload: Callable[[], Options] | None = None) -> None:
+    def __init__(self, opts: Options, reload: Callable[[], Options] | None = None,
+                 argv: list[str] | None = None, worker_fd: int | None = None) -> None:
         self.opts = opts
         self._reload = reload
+        # The command line that started this process (worker processes get the same), and,
+        # in a worker, its link to the control process (kubeshim/workers.py).
+        self.argv = argv or []
+        self.worker_fd = worker_fd
+        self.workers = 1
+        self.pool: WorkerPool | None = None
         self.descriptor_limit = 0
         self.ops: dict[str, OpsServer] = {}
         self.state = ClusterState(proxy_name=opts.proxy_name, node_name=opts.hostname_override)
@@ -82,6 +90,7 @@ class Daemon:
             adopt=self.opts.takeover,
             capture_port=o.capture_port,
             cluster_cidrs=list(o.cluster_cidrs),
+            worker=self.worker_fd is not None,
         )
         return Proxier(self.state, config)
 
@@ -121,6 +130,7 @@ class Daemon:
             rrl_ipv6_prefix=o.dns_rrl_ipv6_prefix,
             tcp_max_connections=o.dns_tcp_max_connections,
             tcp_max_connections_per_client=o.dns_tcp_max_connections_per_client,
+            reuse_port=self.workers > 1 or self.worker_fd is not None,
         )
         address_map = None
         if self.proxier is not None and (o.vip_mode or default_vip_mode()) == "loopback":
@@ -145,6 +155,8 @@ class Daemon:
             out["dns"] = self.dns.status()
         if self.service_health is not None:
             out["healthCheckNodePorts"] = self.service_health.status()
+        if self.pool is not None:
+            out["workers"] = self.pool.status()
         return out
 
     @staticmethod
@@ -181,14 +193,22 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_config)
 
+        worker = self.worker_fd is not None
+        vip_mode = o.vip_mode or default_vip_mode()
+        self.workers = 1 if worker or not o.proxy else (o.workers or default_workers(vip_mode))
+        if self.workers > 1 and vip_mode != "tproxy":
+            log.warning("one worker: only tproxy mode's listeners are shared", vip_mode=vip_mode,
+                        workers=self.workers)
+            self.workers = 1
+
         healthz_address = o.healthz_bind_address
-        if o.healthz_bind_default and (o.vip_mode or default_vip_mode()) == "loopback":
+        if o.healthz_bind_default and vip_mode == "loopback":
             # The lab: nothing outside this host probes the node, so do not listen beyond it.
             healthz_address = "127.0.0.1:10256"
         healthz_app, metrics_app = build_apps(self.health, self.status)
         for app, address, what in ((healthz_app, healthz_address, "healthz"),
                                    (metrics_app, o.metrics_bind_address, "metrics")):
-            if address:
+            if address and not worker:  # a worker's control process serves these
                 from kubeshim.config import parse_host_port
 
                 host, port = parse_host_port(address)
@@ -198,10 +218,13 @@ class Daemon:
         if o.proxy:
             self.proxier = self._build_proxier()
             await self.proxier.start()
-            self.service_health = ServiceHealthServer(
-                self.state, o.hostname_override, o.nodeport_addresses, self.health.healthy,
-                exclude_ifname=o.vip_interface if self.proxier.vips is not None else "")
-            await self.service_health.start()
+            if self.proxier.config.vip_mode != "tproxy":
+                self.workers = 1  # tproxy fell back to interface mode
+            if not worker:
+                self.service_health = ServiceHealthServer(
+                    self.state, o.hostname_override, o.nodeport_addresses, self.health.healthy,
+                    exclude_ifname=o.vip_interface if self.proxier.vips is not None else "")
+                await self.service_health.start()
         if o.dns:
             self.dns = self._build_dns()
             await self.dns.start()
@@ -215,15 +238,19 @@ class Daemon:
 
             dns_metrics = DNSCollector(self.dns)
             REGISTRY.register(dns_metrics)  # CoreDNS's metric names on /metrics
+        if self.workers > 1:
+            self.pool = WorkerPool(self.state, self.argv, self.workers, self.proxier)
+            await self.pool.start()
 
         control = (takeover.ControlSocket(o.control_socket, self._handed_over)
-                   if o.control_socket is not None else None)
+                   if o.control_socket is not None and self.worker_fd is None else None)
         if takeover_conn is not None:
             ready_task = asyncio.create_task(self._confirm_when_serving(takeover_conn, control))
         elif control is not None:
             control.start()
 
-        source = make_source(o, self.state)
+        source = (ControlLink(self.worker_fd, self.state, self.proxier)
+                  if self.worker_fd is not None else make_source(o, self.state))
         self.state.subscribe(self._freeze_after_first_sync)
         self.state.subscribe_node(self._on_node)
         source_task = asyncio.create_task(source.run(), name="source")
@@ -246,7 +273,13 @@ class Daemon:
             await source_task
         if self.service_health is not None:
             await self.service_health.stop()
-        if self.proxier is not None:
+        if self.pool is not None:
+            # Workers drain alongside; the capture table their connections use goes last.
+            await asyncio.gather(
+                self.pool.stop(o.drain_timeout),
+                self.proxier.stop(o.drain_timeout, keep_addresses=self._handing_over,
+                                  before_cleanup=self.pool.stopped))
+        elif self.proxier is not None:
             # After a handover the new process serves the addresses: leave them in place.
             await self.proxier.stop(o.drain_timeout, keep_addresses=self._handing_over)
         if self.dns is not None:

@@ -43,6 +43,9 @@ class ProxyConfig:
     listen_backlog: int = 4096
     # tproxy mode: the port of the transparent listeners (on 127.0.0.1 and ::1).
     capture_port: int = 10265
+    # A worker process (kubeshim/workers.py): it serves the transparent listeners (joining
+    # their SO_REUSEPORT groups) while the control process owns the nftables table and route.
+    worker: bool = False
     # Pod CIDRs (kube-proxy's clusterCIDR, detectLocalMode ClusterCIDR): which clients are
     # local pods, for Local-policy short-circuits and keeping the client's address.
     cluster_cidrs: list[str] = field(default_factory=list)

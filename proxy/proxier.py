@@ -24,7 +24,7 @@ from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.model import NamespacedName, Node, ServicePortName
 from kubeshim.cluster.netaddr import ip_family
 from kubeshim.cluster.state import ClusterState, EndpointInfo, ServiceChange, ServiceInfo
-from kubeshim.proxy.balancer import Clock
+from kubeshim.proxy.balancer import Clock, EndpointKey
 from kubeshim.proxy.budget import Budget, caps_for_limit
 from kubeshim.proxy.capture import CaptureEntry, PortEndpoints, Verdict, capture_entries
 from kubeshim.proxy.config import ProxyConfig
@@ -157,6 +157,10 @@ class Proxier:
         self._stopping = False
         self.last_updated = 0.0
         self.last_queued: float | None = None
+        # Worker processes' reports (kubeshim/workers.py), by pid, and the totals of workers
+        # that exited: status and metrics count them as one proxy.
+        self.peers: dict[int, WorkerReport] = {}
+        self.retired: dict[str, PortCounters] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -209,9 +213,12 @@ class Proxier:
         self._schedule()
         self._housekeeping = self._loop.call_later(HOUSEKEEPING_PERIOD, self._housekeep)
 
-    async def stop(self, drain_timeout: float, keep_addresses: bool = False) -> None:
+    async def stop(self, drain_timeout: float, keep_addresses: bool = False,
+                   before_cleanup: asyncio.Event | None = None) -> None:
         """Stop accepting, let open connections finish until the deadline, then remove VIPs
-        (unless `keep_addresses`: a process that took over serves them now)."""
+        (unless `keep_addresses`: a process that took over serves them now; once
+        `before_cleanup` is set: the workers, whose connections need the capture table, have
+        stopped)."""
         self._stopping = True
         if self._sync_task is not None and not self._sync_task.done():
             self._sync_task.cancel()
@@ -238,6 +245,8 @@ class Proxier:
                 await asyncio.sleep(0.01)
         for rt in self.services.values():
             rt.listeners.clear()
+        if before_cleanup is not None:
+            await before_cleanup.wait()
         if self.vips is not None and not keep_addresses:
             await self._netlink.call(self.vips.close)
         if self.capture is not None:
@@ -292,6 +301,15 @@ class Proxier:
                 await asyncio.sleep(SYNCED_POLL)
                 continue
             await self.sync()
+        if (self.config.worker and self.capture is not None and not self.capture.servers
+                and self.state.synced and not self._stopping):
+            # A worker joins the listeners' groups only with every Service in its index: the
+            # control process's table hands it connections at once.
+            await self.capture.open_listeners()
+
+    def state_mirrored(self) -> None:
+        """A worker's state took its control process's changes (maybe none, but synced)."""
+        self._schedule()
 
     # --- the sync ----------------------------------------------------------------------------
 
@@ -608,8 +626,55 @@ class Proxier:
                 f"{owner} (service {users}); loopback mode keeps only the low 22 bits")
 
     def _counter_rows(self) -> Iterable[tuple[str, str, str, PortCounters]]:
-        for name, counters in self.counters.items():
-            yield str(name.service), name.port, name.protocol, counters
+        for name in self.counters:
+            yield str(name.service), name.port, name.protocol, self.port_counters(name)
+
+    # --- worker processes ----------------------------------------------------------------------
+
+    def report(self) -> WorkerReport:
+        """What this process counts, for its control process (a worker's periodic report)."""
+        return {
+            "ports": {port_key(name): c.as_dict() for name, c in self.counters.items()},
+            "active": {f"{port_key(name)}/{family}": {f"{ip}/{port}": n
+                                                    for (ip, port), n in table.active.items()}
+                       for (name, family), table in self.tables.items() if table.active},
+            "connections": len(self.connections),
+            "udpFlows": self._udp_flows(),
+        }
+
+    def peer_exited(self, pid: int) -> None:
+        """A worker is gone: its open connections with it, its totals kept (counters never go
+        backwards)."""
+        report = self.peers.pop(pid, None)
+        for key, d in (report or {}).get("ports", {}).items():
+            c = self.retired.setdefault(key, PortCounters())
+            add_counts(c, d, totals_only=True)
+
+    def port_counters(self, name: ServicePortName) -> PortCounters:
+        """This port's counters across this process and its workers."""
+        own = self.counters.get(name)
+        if not self.peers and not self.retired:
+            return own if own is not None else PortCounters()
+        merged = PortCounters()
+        key = port_key(name)
+        if own is not None:
+            add_counts(merged, own.as_dict())
+        if (old := self.retired.get(key)) is not None:
+            add_counts(merged, old.as_dict())
+        for report in self.peers.values():
+            if (d := report["ports"].get(key)) is not None:
+                add_counts(merged, d)
+        return merged
+
+    def _peer_active(self, table: PortTable, key: EndpointKey) -> int:
+        name = f"{port_key(table.name)}/{table.family}"
+        ep = f"{key[0]}/{key[1]}"
+        return sum(r["active"].get(name, {}).get(ep, 0) for r in self.peers.values())
+
+    def _udp_flows(self) -> int:
+        return (sum(len(li.udp.flows) for rt in self.services.values()
+                    for li in rt.listeners.values() if li.udp is not None)
+                + (sum(len(u.flows) for u in self.capture.udp) if self.capture is not None else 0))
 
     def status(self) -> dict[str, Any]:
         services = []
@@ -633,12 +698,13 @@ class Proxier:
                         for e in rt.capture if e.port_name == spi.name]
                 if tables:
                     entry["endpoints"] = [
-                        _endpoint_status(table, ep) for table in tables for ep in table.endpoints
+                        _endpoint_status(table, ep, self._peer_active if self.peers else None)
+                        for table in tables for ep in table.endpoints
                     ]
                     table = tables[0]
                     # The topology kube-proxy would apply (PreferSameNode / PreferSameZone).
                     entry["topology"] = table.categorized.topology or None
-                    c = table.counters
+                    c = self.port_counters(table.name)
                     entry.update(c.as_dict())
                     entry["active"] = c.connections_active + c.flows_active
                     entry["connections"] = c.connections_total
@@ -664,10 +730,9 @@ class Proxier:
             "nodePortAddresses": self.node_ips,
             "synced": self.state.synced,
             "services": services,
-            "connections": len(self.connections),
-            "udpFlows": sum(len(li.udp.flows) for rt in self.services.values()
-                            for li in rt.listeners.values() if li.udp is not None)
-            + (sum(len(u.flows) for u in self.capture.udp) if self.capture is not None else 0),
+            "connections": len(self.connections)
+            + sum(r["connections"] for r in self.peers.values()),
+            "udpFlows": self._udp_flows() + sum(r["udpFlows"] for r in self.peers.values()),
             "budget": {"tcpConnections": self.tcp_budget.status(),
                        "udpFlows": self.udp_budget.status()},
         }
@@ -677,13 +742,40 @@ def _has_zone_hints(info: ServiceInfo) -> bool:
     return any(ep.zone_hints for spi in info.ports for ep in spi.endpoints)
 
 
-def _endpoint_status(table: PortTable, ep: EndpointInfo) -> dict[str, Any]:
+def _endpoint_status(table: PortTable, ep: EndpointInfo,
+                     peer_active: Callable[[PortTable, EndpointKey], int] | None = None
+                     ) -> dict[str, Any]:
     key = (ep.ip, ep.port)
     used = [w for w, eps in (("internal", table.internal), ("external", table.external))
             if any((e.ip, e.port) == key for e in eps)]
+    active = table.active.get(key, 0) + (peer_active(table, key) if peer_active else 0)
     return {"address": ep.address,
             "state": _endpoint_state(ep.ready, ep.serving, ep.terminating),
-            "node": ep.node_name, "usedFor": used, "active": table.active.get(key, 0)}
+            "node": ep.node_name, "usedFor": used, "active": active}
+
+
+# A worker's report: {"ports": {port_key: PortCounters.as_dict()}, "active": {port_key/family:
+# {ip/port: n}}, "connections": n, "udpFlows": n}. Plain data: it crosses a process boundary.
+WorkerReport = dict[str, Any]
+
+
+def port_key(name: ServicePortName) -> str:
+    return f"{name.service}/{name.port}/{name.protocol}"
+
+
+def add_counts(into: PortCounters, d: dict[str, Any], totals_only: bool = False) -> None:
+    """Add the counters of `d` (PortCounters.as_dict()) into `into`; `totals_only` leaves out
+    the gauges (open connections and flows)."""
+    into.connections_total += d["connectionsTotal"]
+    into.bytes_in += d["bytesIn"]
+    into.bytes_out += d["bytesOut"]
+    into.datagrams_in += d["datagramsIn"]
+    into.datagrams_out += d["datagramsOut"]
+    if not totals_only:
+        into.connections_active += d["connectionsActive"]
+        into.flows_active += d["flowsActive"]
+    for reason, n in d["errors"].items():
+        into.errors[reason] = into.errors.get(reason, 0) + n
 
 
 def _endpoint_state(ready: bool, serving: bool, terminating: bool) -> str:

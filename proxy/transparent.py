@@ -432,6 +432,8 @@ class Capture:
     # --- lifecycle ---
 
     async def start(self, netlink: Any, adopt: bool = False) -> None:
+        if self.config.worker:
+            return  # listeners once the worker has its state: open_listeners()
         if adopt:
             # The table of the process taken over from keeps capturing until the first flush
             # replaces it whole, in one transaction.
@@ -439,6 +441,10 @@ class Capture:
         else:
             await self._nft(self.rules.full(self.store.current()))
         await netlink.call(policy_routes, True)
+        await self.open_listeners()
+
+    async def open_listeners(self) -> None:
+        """Join (or open) the transparent listeners' SO_REUSEPORT groups."""
         loop = asyncio.get_running_loop()
         fe = CaptureTcpFrontend(self, self.config, self.connections, self.tcp_budget)
         for family, address in ((socket.AF_INET, self.listen.ipv4),
@@ -477,6 +483,8 @@ class Capture:
     async def stop(self, netlink: Any) -> None:
         """Remove the table and the policy route (after the drain)."""
         self.close_listeners()
+        if self.config.worker:
+            return
         try:
             await self._nft(f"delete table inet {TABLE}\n")
         except CaptureError as e:
@@ -494,7 +502,8 @@ class Capture:
         text = self.store.pending()
         if self._rewrite:
             text = self.rules.full(self.store.current())
-        if not text:
+        if not text or self.config.worker:  # a worker's control process writes the table
+            self.store.applied()
             return True
         try:
             await self._nft(text)

@@ -1,0 +1,255 @@
+"""Worker processes: one control process, N-1 more processes serving the same listeners.
+
+The control process is the daemon as with one worker: it holds the watch (the API server sees
+one client per node, as with kube-proxy) and the ClusterState, owns the nftables table, the ops
+endpoints and the health-check nodePorts, and serves traffic itself. It sends every change its
+state publishes (the ServiceChanges, the Node, the sync status) to each worker over a socket
+pair; a worker mirrors them into its own ClusterState (`ClusterState.mirror`) and serves the
+transparent listeners and DNS binds, which every process opens with SO_REUSEPORT, so the kernel
+balances connections, flows and queries across the processes.
+
+Every second a worker reports its counters (per Service port, per endpoint, open connections
+and flows); the control process adds them into `kubeshim status` and /metrics. A worker that
+exits is started again (its totals are kept, its open connections are gone with it); the others
+keep theirs. When the control process goes, its workers get SIGTERM (PR_SET_PDEATHSIG) and
+drain like it does.
+
+Frames on the socket pair: a 4-byte big-endian length, then a pickle (both ends are this
+program, started by the control process itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from kubeshim.cluster.log import get_logger
+from kubeshim.cluster.model import Node
+from kubeshim.cluster.state import ClusterState, ServiceChange
+
+log = get_logger("workers")
+
+MAX_WORKERS = 4  # the default's cap: beyond it the node's other work needs the CPUs more
+REPORT_PERIOD = 1.0
+RESTART_BACKOFF = (0.2, 10.0)  # first delay after a crash, and the most
+_HEADER = struct.Struct("!I")
+PR_SET_PDEATHSIG = 1
+
+
+def default_workers(vip_mode: str) -> int:
+    """The CPUs this process may use (its affinity mask), at most MAX_WORKERS, in tproxy mode;
+    one elsewhere (interface and loopback listeners are not shared)."""
+    if vip_mode != "tproxy":
+        return 1
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
+def frame(message: Any) -> bytes:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(body)) + body
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Any:
+    """The next message, or None at the end of the stream."""
+    try:
+        header = await reader.readexactly(_HEADER.size)
+        (size,) = _HEADER.unpack(header)
+        return pickle.loads(await reader.readexactly(size))
+    except asyncio.IncompleteReadError:
+        return None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the control process exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Worker:
+    """The control process's handle on one worker process."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.restarts = 0
+        self.started = 0.0
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+    def send(self, data: bytes) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(data)
+
+
+class WorkerPool:
+    """Starts the workers, sends them every state change, restarts those that exit."""
+
+    def __init__(self, state: ClusterState, argv: Sequence[str], count: int,
+                 proxier: Any) -> None:
+        self.state = state
+        self.argv = list(argv)
+        self.workers = [Worker(i) for i in range(1, count)]
+        self.proxier = proxier
+        self.stopped = asyncio.Event()
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sent_synced = False
+
+    async def start(self) -> None:
+        self.state.subscribe(self._on_changes)
+        self.state.subscribe_node(self._on_node)
+        for w in self.workers:
+            self._tasks.append(asyncio.create_task(self._keep(w), name=f"worker-{w.index}"))
+        self._tasks.append(asyncio.create_task(self._watch_synced(), name="workers-synced"))
+        log.info("workers starting", count=len(self.workers) + 1)
+
+    def status(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{"worker": 0, "pid": os.getpid(), "role": "control"}]
+        for w in self.workers:
+            report = self.proxier.peers.get(w.pid) if self.proxier is not None else None
+            out.append({"worker": w.index, "pid": w.pid or None, "restarts": w.restarts,
+                        "connections": report["connections"] if report else None,
+                        "udpFlows": report["udpFlows"] if report else None,
+                        # connections and flows this process of the worker accepted so far
+                        "served": sum(p["connectionsTotal"] for p in report["ports"].values())
+                        if report else None})
+        return out
+
+    # --- changes out ---
+
+    def _message(self, changes: Sequence[ServiceChange]) -> bytes:
+        self._sent_synced = self.state.synced
+        return frame(("changes", list(changes), self.state.node, self.state.node_deleted,
+                      self.state.synced))
+
+    def _on_changes(self, changes: Sequence[ServiceChange]) -> None:
+        data = self._message(changes)
+        for w in self.workers:
+            w.send(data)
+
+    def _on_node(self, before: Node | None, after: Node | None) -> None:
+        self._on_changes(())
+
+    async def _watch_synced(self) -> None:
+        # An empty cluster becomes synced without publishing a change: say so too.
+        while not self._stopping:
+            if self.state.synced != self._sent_synced:
+                self._on_changes(())
+            await asyncio.sleep(0.05)
+
+    # --- one worker's life ---
+
+    async def _keep(self, w: Worker) -> None:
+        delay = RESTART_BACKOFF[0]
+        while not self._stopping:
+            code = await self._run_once(w)
+            if self._stopping:
+                return
+            w.restarts += 1
+            log.warning("worker exited, starting it again", worker=w.index, code=code,
+                        restarts=w.restarts)
+            # A worker that ran a while restarts at once; one that keeps crashing backs off.
+            delay = RESTART_BACKOFF[0] if time.monotonic() - w.started > 30 else min(
+                delay * 2, RESTART_BACKOFF[1])
+            await asyncio.sleep(delay)
+
+    async def _run_once(self, w: Worker) -> int | None:
+        ours, theirs = socket.socketpair()
+        try:
+            w.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "kubeshim", *self.argv, "--worker-fd", str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),), preexec_fn=_die_with_parent,
+                stdin=asyncio.subprocess.DEVNULL)
+        except OSError as e:
+            ours.close()
+            log.error("cannot start a worker", worker=w.index, reason=str(e))
+            return None
+        finally:
+            theirs.close()
+        w.started = time.monotonic()
+        reader, w.writer = await asyncio.open_connection(sock=ours)
+        # The whole current state first, then every change as it comes.
+        full = [ServiceChange(k, None, v) for k, v in self.state.services.items()]
+        w.send(self._message(full))
+        pid = w.proc.pid
+        try:
+            while (message := await read_frame(reader)) is not None:
+                if message[0] == "report" and self.proxier is not None:
+                    self.proxier.peers[pid] = message[1]
+        finally:
+            w.writer.close()
+            w.writer = None
+            code = await w.proc.wait()
+            if self.proxier is not None:
+                self.proxier.peer_exited(pid)
+        return code
+
+    # --- stop ---
+
+    async def stop(self, drain_timeout: float) -> None:
+        """SIGTERM to every worker (they drain as the control process does), then wait."""
+        self._stopping = True
+        for w in self.workers:
+            if w.proc is not None and w.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.send_signal(signal.SIGTERM)
+        deadline = drain_timeout + 5.0
+        for w in self.workers:
+            if w.proc is None:
+                continue
+            try:
+                await asyncio.wait_for(w.proc.wait(), deadline)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.kill()
+                await w.proc.wait()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.stopped.set()
+
+
+class ControlLink:
+    """A worker's source of change: the control process's messages, mirrored into the state;
+    and the reports back. The run ends when the control process goes."""
+
+    def __init__(self, fd: int, state: ClusterState, proxier: Any) -> None:
+        self.sock = socket.socket(fileno=fd)
+        self.state = state
+        self.proxier = proxier
+
+    async def run(self) -> None:
+        reader, writer = await asyncio.open_connection(sock=self.sock)
+        reporter = asyncio.create_task(self._report(writer))
+        try:
+            while (message := await read_frame(reader)) is not None:
+                kind, changes, node, node_deleted, synced = message
+                if kind == "changes":
+                    self.state.mirror(changes, node, node_deleted, synced)
+                    if self.proxier is not None:
+                        self.proxier.state_mirrored()
+        finally:
+            reporter.cancel()
+            writer.close()
+        raise ConnectionError("the control process closed its link")
+
+    async def _report(self, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await asyncio.sleep(REPORT_PERIOD)
+            if self.proxier is not None:
+                writer.write(frame(("report", self.proxier.report())))

@@ -1,0 +1,171 @@
+"""Worker processes end to end: kubeshim --vip-mode tproxy --workers 2 in a node namespace.
+
+Real connections (curl, and long-lived sockets from a client pod) through a ClusterIP: both
+processes serve from the shared transparent listeners, status counts them as one proxy, and a
+worker killed with SIGKILL is started again while the control process's connections carry on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.test_proxy_netns import Cluster
+from tests.netns import Lab, wait_until
+from tests.proxy_helpers import endpoint, endpoint_slice, service
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+METRICS = "127.0.0.1:10249"
+HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
+HTTP_EP = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+VIP = "10.96.0.10"
+# Holds N keep-alive connections to the VIP; on each stdin line asks once more on every one
+# and prints the answers (or the error) as a JSON list.
+HOLDER = """
+import json, socket, sys
+conns = [socket.create_connection((sys.argv[1], 80), timeout=3) for _ in range(int(sys.argv[2]))]
+def ask(c):
+    try:
+        c.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+        data = b""
+        while not data.endswith(b"\\n") or b"\\r\\n\\r\\n" not in data:
+            chunk = c.recv(4096)
+            if not chunk:
+                return "closed"
+            data += chunk
+        return data.split(b"\\r\\n\\r\\n", 1)[1].decode().strip()
+    except OSError as e:
+        return type(e).__name__
+for line in sys.stdin:
+    print(json.dumps([ask(c) for c in conns]), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Lab("wrk") as lab:
+        folder = tmp_path_factory.mktemp("manifests")
+        c = Cluster(lab, folder)
+        for name in ("pod-a", "pod-b"):
+            c.pods[name] = lab.add_host(name)
+            c.pods[name].popen([sys.executable, str(ROOT / "tests/e2e/proxy_backend.py"), name])
+        lab.add_host("client")
+        lab.node.run(["sh", "-c", "! test -e /proc/sys/net/bridge/bridge-nf-call-iptables || "
+                      "sysctl -qw net.bridge.bridge-nf-call-iptables=0 "
+                      "net.bridge.bridge-nf-call-ip6tables=0"])
+        c.put(service("web", VIP, HTTP),
+              endpoint_slice("web", [endpoint(c.ip("pod-a")), endpoint(c.ip("pod-b"))], HTTP_EP))
+        c.write()
+        for pod in c.pods.values():
+            pod.wait_port("", 8080)
+        log_path = folder.parent / "proxy.log"
+        with open(log_path, "w") as log_file:
+            c.proxy = lab.node.popen(
+                [sys.executable, "-m", "kubeshim", "run", "--manifests", str(folder),
+                 "--vip-mode", "tproxy", "--workers", "2", "--hostname-override", "node-1",
+                 "--no-dns", "--cluster-cidr", "10.244.0.0/16", "--metrics-bind-address",
+                 METRICS, "--drain-timeout", "2"],
+                cwd=ROOT, stderr=log_file)
+        try:
+            c.wait(lambda: all(w["served"] is not None for w in workers(c)),
+                   "both processes serving", 20)
+        except TimeoutError:
+            print(log_path.read_text())
+            raise
+        yield c
+        if c.proxy.poll() is None:
+            c.proxy.terminate()
+            c.proxy.wait(15)
+        log = log_path.read_text()
+        assert "Traceback" not in log, log
+
+
+def full_status(c: Cluster) -> dict[str, Any]:
+    out = c.lab.node.run(["curl", "-sS", "--max-time", "2", f"http://{METRICS}/status"],
+                         check=False)
+    if out.returncode != 0:
+        raise KeyError("status not served yet")
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def workers(c: Cluster) -> list[dict[str, Any]]:
+    return full_status(c)["workers"][1:]  # type: ignore[no-any-return]
+
+
+def test_both_processes_serve_and_status_counts_them_as_one(cluster: Cluster) -> None:
+    c = cluster
+    before = c.port_status("web")["connectionsTotal"]
+    served_before = workers(c)[0]["served"]
+    answers = c.curl(*[f"http://{VIP}/"] * 120)
+    assert len(answers) == 120 and set(answers) <= {"pod-a", "pod-b"}, answers
+    # Every connection counted once, whichever process took it (reports come each second).
+    c.wait(lambda: c.port_status("web")["connectionsTotal"] - before == 120,
+           "status to count the 120 connections", 5)
+    # The kernel spread them over both processes (2^-119 that one took them all).
+    in_worker = workers(c)[0]["served"] - served_before
+    assert 0 < in_worker < 120, in_worker
+    endpoints = {e["address"]: e for e in c.port_status("web")["endpoints"]}
+    assert set(endpoints) == {f"{c.ip('pod-a')}:8080", f"{c.ip('pod-b')}:8080"}
+
+
+def test_open_connections_are_summed_across_processes(cluster: Cluster) -> None:
+    c = cluster
+    holder = c.client.popen([sys.executable, "-c", HOLDER, VIP, "24"], stdin=-1, stdout=-1,
+                            text=True)
+    try:
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert set(json.loads(holder.stdout.readline())) <= {"pod-a", "pod-b"}
+        c.wait(lambda: c.status()["connections"] == 24 and
+               sum(e["active"] for e in c.port_status("web")["endpoints"]) == 24,
+               "24 open connections in status", 5)
+    finally:
+        holder.kill()
+        holder.wait()
+    c.wait(lambda: c.status()["connections"] == 0, "the connections closed in status", 5)
+
+
+def test_a_killed_worker_restarts_and_the_other_process_keeps_its_connections(
+        cluster: Cluster) -> None:
+    c = cluster
+    holder = c.client.popen([sys.executable, "-c", HOLDER, VIP, "32"], stdin=-1, stdout=-1,
+                            text=True)
+    try:
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        first = json.loads(holder.stdout.readline())
+        assert set(first) <= {"pod-a", "pod-b"}, first
+        c.wait(lambda: workers(c)[0]["connections"] is not None and
+               c.status()["connections"] == 32, "32 connections reported", 5)
+        in_worker = workers(c)[0]["connections"]
+        old_pid = workers(c)[0]["pid"]
+        os.kill(old_pid, signal.SIGKILL)
+        # The worker's connections die with it; the control process's carry on.
+        time.sleep(0.5)
+        holder.stdin.write("again\n")
+        holder.stdin.flush()
+        second = json.loads(holder.stdout.readline())
+        alive = [a for a in second if a in ("pod-a", "pod-b")]
+        assert len(alive) == 32 - in_worker, (in_worker, second)
+        assert alive, "every connection was on the killed worker (2^-32)"
+    finally:
+        holder.kill()
+        holder.wait()
+    wait_until(lambda: workers(c)[0]["pid"] not in (None, old_pid) and
+               workers(c)[0]["served"] is not None, "the worker restarted", 15, (KeyError,))
+    assert workers(c)[0]["restarts"] == 1
+    # New connections keep working throughout, and the new worker takes its share again.
+    answers = c.curl(*[f"http://{VIP}/"] * 60)
+    assert len(answers) == 60 and set(answers) <= {"pod-a", "pod-b"}, answers
