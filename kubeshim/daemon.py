@@ -87,10 +87,11 @@ class Daemon:
             max_udp_flows=o.max_udp_flows,
             max_udp_flows_per_client=o.max_udp_flows_per_client,
             descriptor_limit=self.descriptor_limit,
-            adopt=self.opts.takeover,
+            adopt=self.opts.takeover and self.worker_fd is None,
             capture_port=o.capture_port,
             cluster_cidrs=list(o.cluster_cidrs),
             worker=self.worker_fd is not None,
+            workers=self.workers,
         )
         return Proxier(self.state, config)
 
@@ -187,7 +188,8 @@ class Daemon:
         for line in o.ignored:
             log.warning("configuration field ignored", field=line)
         self.descriptor_limit = raise_nofile()
-        takeover_conn = await self._take_over() if o.takeover else None
+        takeover_conn = (await self._take_over() if o.takeover and self.worker_fd is None
+                         else None)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)

@@ -46,6 +46,8 @@ class ProxyConfig:
     # A worker process (kubeshim/workers.py): it serves the transparent listeners (joining
     # their SO_REUSEPORT groups) while the control process owns the nftables table and route.
     worker: bool = False
+    # The processes serving the listeners (the control process's own count, --workers).
+    workers: int = 1
     # Pod CIDRs (kube-proxy's clusterCIDR, detectLocalMode ClusterCIDR): which clients are
     # local pods, for Local-policy short-circuits and keeping the client's address.
     cluster_cidrs: list[str] = field(default_factory=list)

@@ -344,6 +344,11 @@ class Proxier:
             if not await self.capture.flush():
                 for key in dirty:
                     self._retry_later(key)
+            if self.config.workers > 1:
+                # ClientIP affinity lives in each process's tables: while a Service asks for
+                # it, one client's connections all go to one process.
+                self.capture.steer(any(t.affinity is not None for t in self.tables.values()),
+                                   self.config.workers)
             now = time.monotonic()
             for queued in dirty.values():
                 self.metrics.network_programming.observe(now - queued)
@@ -640,6 +645,7 @@ class Proxier:
                        for (name, family), table in self.tables.items() if table.active},
             "connections": len(self.connections),
             "udpFlows": self._udp_flows(),
+            "serving": self.capture is not None and bool(self.capture.servers),
         }
 
     def peer_exited(self, pid: int) -> None:
@@ -733,6 +739,9 @@ class Proxier:
             "connections": len(self.connections)
             + sum(r["connections"] for r in self.peers.values()),
             "udpFlows": self._udp_flows() + sum(r["udpFlows"] for r in self.peers.values()),
+            "workers": ({"configured": self.config.workers,
+                         "serving": 1 + sum(bool(r["serving"]) for r in self.peers.values())}
+                        if self.config.workers > 1 else None),
             "budget": {"tcpConnections": self.tcp_budget.status(),
                        "udpFlows": self.udp_budget.status()},
         }

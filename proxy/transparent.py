@@ -20,6 +20,7 @@ failed transaction changes nothing and the whole table is written again.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import ipaddress
 import socket
@@ -94,6 +95,45 @@ def transparent_listener(kind: int, family: int, address: str, port: int,
         sock.close()
         raise
     return sock
+
+
+SO_ATTACH_REUSEPORT_CBPF = 51
+SO_DETACH_REUSEPORT_BPF = 68
+SKF_NET_OFF = -0x100000  # classic BPF: offsets from the network header
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def steer_by_client(sock: socket.socket, family: int, processes: int) -> None:
+    """Make the kernel pick the socket of a listener's SO_REUSEPORT group by the client's
+    address (its last 32 bits modulo `processes`) instead of the connection's 4-tuple, so one
+    client's connections all reach one process and its ClientIP affinity table. Where the group
+    has fewer sockets than that (a worker starting again) the kernel falls back to the hash."""
+    source = 12 if family == socket.AF_INET else 8 + 12  # saddr (IPv6: its last word)
+    program = (_SockFilter * 3)(
+        _SockFilter(0x20, 0, 0, (SKF_NET_OFF + source) & 0xFFFFFFFF),  # ld [net + source]
+        _SockFilter(0x94, 0, 0, processes),  # mod #processes
+        _SockFilter(0x16, 0, 0, 0),  # ret a
+    )
+    fprog = _SockFprog(len(program), program)
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF,
+                    bytes(memoryview(fprog)))
+
+
+def steer_by_hash(sock: socket.socket) -> None:
+    """The kernel's default again: the 4-tuple hash spreads one client's connections."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+    except OSError as e:
+        if e.errno != errno.ENOENT:  # none attached
+            raise
 
 
 def original_destination(ancillary: Sequence[tuple[int, int, bytes]]) -> tuple[str, int] | None:
@@ -427,6 +467,7 @@ class Capture:
         self.udp: list[CaptureUdp] = []
         self.families: list[int] = []
         self.transactions = 0
+        self._steered = False
         self._rewrite = False  # the next flush writes the whole table
 
     # --- lifecycle ---
@@ -471,6 +512,21 @@ class Capture:
                         "bridge reach Services only through a routed hop")
         log.info("capture ready", table=f"inet {TABLE}", port=self.listen.port,
                  families=",".join(map(str, self.families)))
+
+    def steer(self, by_client: bool, processes: int) -> None:
+        """Worker processes: choose how the kernel spreads new TCP connections over them
+        (the program belongs to the whole SO_REUSEPORT group). Captured UDP is looked up
+        without the packet, so its first datagrams always go by the 4-tuple hash."""
+        if by_client == self._steered:
+            return
+        for server in self.servers:
+            for sock in getattr(server, "sockets", ()):
+                if by_client:
+                    steer_by_client(sock, sock.family, processes)
+                else:
+                    steer_by_hash(sock)
+        self._steered = by_client
+        log.info("worker steering", by="client address" if by_client else "connection hash")
 
     def close_listeners(self) -> None:
         for server in self.servers:

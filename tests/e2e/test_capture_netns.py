@@ -87,7 +87,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 cwd=ROOT, stderr=log_file,
             )
         try:
-            c.wait(lambda: len(c.status()["services"]) == 9, "the proxy to serve", 20)
+            c.wait(lambda: len(c.status()["services"]) == 9 and c.all_processes_serving(),
+                   "the proxy to serve", 20)
         except TimeoutError:
             print((folder.parent / "proxy.log").read_text())
             raise

@@ -91,6 +91,11 @@ class Cluster:
     def wait(self, check: Callable[[], bool], what: str, timeout: float = 10) -> None:
         wait_until(check, what, timeout, (FileNotFoundError, json.JSONDecodeError, KeyError))
 
+    def all_processes_serving(self) -> bool:
+        """Every worker process has joined the listeners (tproxy mode with workers)."""
+        workers = self.status().get("workers")
+        return workers is None or workers["serving"] == workers["configured"]
+
     def endpoints_of(self, service: str) -> set[str]:
         return {e["address"] for e in self.port_status(service)["endpoints"]}
 
@@ -156,7 +161,8 @@ def cluster(request: pytest.FixtureRequest,
             )
         try:
             c.wait(lambda: len(c.status()["services"]) == 10 and not any(
-                s["errors"] for s in c.status()["services"]), "the proxy to serve", 20)
+                s["errors"] for s in c.status()["services"]) and c.all_processes_serving(),
+                "the proxy to serve", 20)
         except TimeoutError:
             print((folder.parent / "proxy.log").read_text())
             raise

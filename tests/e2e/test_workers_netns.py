@@ -1,8 +1,10 @@
 """Worker processes end to end: kubeshim --vip-mode tproxy --workers 2 in a node namespace.
 
 Real connections (curl, and long-lived sockets from a client pod) through a ClusterIP: both
-processes serve from the shared transparent listeners, status counts them as one proxy, and a
-worker killed with SIGKILL is started again while the control process's connections carry on.
+processes serve from the shared transparent listeners, status counts them as one proxy, a
+worker killed with SIGKILL is started again while the control process's connections carry on,
+and ClientIP affinity holds although each process keeps its own table. The tests run in order:
+the last one adds a ClientIP Service, which changes how the kernel spreads connections.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.test_proxy_netns import Cluster
-from tests.netns import Lab, wait_until
+from tests.netns import NODE_IP, Lab, wait_until
 from tests.proxy_helpers import endpoint, endpoint_slice, service
 
 pytestmark = pytest.mark.e2e
@@ -29,6 +31,7 @@ METRICS = "127.0.0.1:10249"
 HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
 HTTP_EP = [{"name": "http", "port": 8080, "protocol": "TCP"}]
 VIP = "10.96.0.10"
+STICKY = "10.96.0.14"
 # Holds N keep-alive connections to the VIP; on each stdin line asks once more on every one
 # and prints the answers (or the error) as a JSON list.
 HOLDER = """
@@ -73,12 +76,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             c.proxy = lab.node.popen(
                 [sys.executable, "-m", "kubeshim", "run", "--manifests", str(folder),
                  "--vip-mode", "tproxy", "--workers", "2", "--hostname-override", "node-1",
-                 "--no-dns", "--cluster-cidr", "10.244.0.0/16", "--metrics-bind-address",
+                 "--dns-bind", f"{NODE_IP}:53", "--upstream", f"{NODE_IP}:5399",
+                 "--cluster-cidr", "10.244.0.0/16", "--metrics-bind-address",
                  METRICS, "--drain-timeout", "2"],
                 cwd=ROOT, stderr=log_file)
         try:
-            c.wait(lambda: all(w["served"] is not None for w in workers(c)),
-                   "both processes serving", 20)
+            c.wait(lambda: c.status()["workers"]["serving"] == 2, "both processes serving", 20)
         except TimeoutError:
             print(log_path.read_text())
             raise
@@ -116,6 +119,23 @@ def test_both_processes_serve_and_status_counts_them_as_one(cluster: Cluster) ->
     assert 0 < in_worker < 120, in_worker
     endpoints = {e["address"]: e for e in c.port_status("web")["endpoints"]}
     assert set(endpoints) == {f"{c.ip('pod-a')}:8080", f"{c.ip('pod-b')}:8080"}
+    # /metrics (served by the control process) counts the worker's connections too.
+    metrics = c.lab.node.run(["curl", "-sS", "--max-time", "2", f"http://{METRICS}/metrics"])
+    total = next(float(line.rsplit(" ", 1)[1]) for line in metrics.stdout.splitlines()
+                 if line.startswith("kubeshim_proxy_connections_total{")
+                 and 'service="default/web"' in line)
+    assert total == c.port_status("web")["connectionsTotal"]
+
+
+def test_dns_is_served_by_every_process(cluster: Cluster) -> None:
+    # Each query from its own source port: the kernel spreads them over the processes'
+    # SO_REUSEPORT sockets; every one is answered from the same state.
+    c = cluster
+    for _ in range(30):
+        out = c.client.run(["dig", "+short", "+tries=1", "+time=2", f"@{NODE_IP}",
+                            "web.default.svc.cluster.local"])
+        assert out.stdout.split() == [VIP], out.stdout
+    assert workers(c)[0]["restarts"] == 0
 
 
 def test_open_connections_are_summed_across_processes(cluster: Cluster) -> None:
@@ -169,3 +189,19 @@ def test_a_killed_worker_restarts_and_the_other_process_keeps_its_connections(
     # New connections keep working throughout, and the new worker takes its share again.
     answers = c.curl(*[f"http://{VIP}/"] * 60)
     assert len(answers) == 60 and set(answers) <= {"pod-a", "pod-b"}, answers
+
+
+def test_client_ip_affinity_holds_across_processes(cluster: Cluster) -> None:
+    # With a ClientIP Service, the kernel picks the process by the client's address (a
+    # reuseport program), so the client meets one affinity table.
+    c = cluster
+    c.put(service("sticky", STICKY, HTTP, sessionAffinity="ClientIP",
+                  sessionAffinityConfig={"clientIP": {"timeoutSeconds": 2}}),
+          endpoint_slice("sticky", [endpoint(c.ip("pod-a")), endpoint(c.ip("pod-b"))], HTTP_EP))
+    c.write()
+    c.wait(lambda: len(c.status()["services"]) == 2, "the sticky Service served", 10)
+    first = c.curl(*[f"http://{STICKY}/"] * 12)
+    assert len(set(first)) == 1, first
+    time.sleep(2.5)  # timeoutSeconds: 2, counted from the last new connection
+    second = c.curl(*[f"http://{STICKY}/"] * 12)
+    assert len(set(second)) == 1 and second[0] != first[0], (first, second)
