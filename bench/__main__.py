@@ -206,6 +206,7 @@ def _run_contenders(lab: Lab, args: argparse.Namespace, results: dict[str, Any],
         if ks is not None:
             proxies.append(ks)
         starts = [("kubeshim-tproxy", lambda: cs.kubeshim_tproxy(lab, sub)),
+                  ("kubeshim-interface", lambda: cs.kubeshim_interface(lab, sub)),
                   ("haproxy", lambda: cs.haproxy(lab, sub, splice=False)),
                   ("haproxy-splice", lambda: cs.haproxy(lab, sub, splice=True)),
                   ("nginx-stream", lambda: cs.nginx_stream(lab, sub)),

@@ -258,6 +258,32 @@ def kubeshim(lab: Lab, cpu: str, records: DNSRecords, extra_args: list[str] | No
 
 
 TPROXY_NET = ("10.96.", "10.201.")  # outside kube-proxy's service CIDR (peers part)
+INTERFACE_NET = ("10.96.", "10.202.")
+
+
+def kubeshim_interface(lab: Lab, cpu: str) -> Contender:
+    """kubeshim in interface mode (Service addresses on kubeshim0, a socket per Service port),
+    beside tproxy mode on the same Services. Proxy only, ClusterIPs of its own."""
+    objects = data_plane_objects()
+    for obj in objects:
+        spec = obj.get("spec", {})
+        if "clusterIP" in spec:
+            ip = spec["clusterIP"].replace(*INTERFACE_NET, 1)
+            spec["clusterIP"], spec["clusterIPs"] = ip, [ip]
+    manifests = lab.workdir / "manifests-kubeshim-interface"
+    write_manifests(manifests, objects)
+    argv = [
+        PYTHON, "-m", "kubeshim", "run", "--manifests", str(manifests),
+        "--vip-mode", "interface", "--vip-interface", "kubeshim1",
+        "--hostname-override", "bench-node", "--no-dns", "--nodeport-addresses", "127.0.0.1/32",
+        "--healthz-bind-address", "", "--metrics-bind-address", "", "--log-level", "warning",
+    ]
+    proc = lab.start("kubeshim-interface", argv, cpu, cwd=REPO)
+    targets = {svc: (ip.replace(*INTERFACE_NET, 1), port)
+               for svc, (ip, port, _, _) in DATA_SERVICES.items()}
+    wait_tcp(*targets["http"], proc=proc, timeout=30)
+    return Contender("kubeshim-interface", proc, targets,
+                     "--vip-mode interface, one process, proxy only (--no-dns)")
 
 
 def kubeshim_tproxy(lab: Lab, cpu: str, workers: int = 1) -> Contender:
