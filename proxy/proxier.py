@@ -36,6 +36,7 @@ from kubeshim.proxy.listeners import (
     vips_of,
 )
 from kubeshim.proxy.metrics import PortCounters, ProxyMetrics
+from kubeshim.proxy.sctp import sctp_problem
 from kubeshim.proxy.table import PortTable
 from kubeshim.proxy.tcp import ClientSide, TcpFrontend, listen_socket
 from kubeshim.proxy.transparent import Capture, CaptureError, Target
@@ -390,7 +391,11 @@ class Proxier:
         port_names: set[TableKey] = set()
         if info is not None and info.proxied:
             families = sorted({ip_family(ip) for ip in info.service.cluster_ips})
-            desired, problems = desired_listeners(info, self.node_ips, self.vip_address)
+            if self.capture is None:
+                desired, problems = desired_listeners(info, self.node_ips, self.vip_address)
+            else:  # tproxy mode: rules, no listeners (only the ports it cannot serve matter)
+                problems = [(spi.name, sctp_problem()) for spi in info.ports
+                            if spi.spec.protocol == "SCTP"]
             for name, reason in problems:
                 errors[f"port {name}"] = reason
                 if (name, reason) not in self._reported:
