@@ -4,12 +4,12 @@ Owns the node: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, ku
 containerd (Debian's, with runc and the CNI bridge plugin), all in one network and mount
 namespace of their own, and its teardown: processes, mounts, cgroups and kernel settings.
 
-    python tests/peers/node.py up [--proxy kubeshim|none] [--workdir DIR]
+    python tests/peers/node.py up [--proxy kubeshim|kube-proxy|none] [--workdir DIR]
 
 prints a kubeconfig for 127.0.0.1 and serves until Ctrl-C/SIGTERM. With `--proxy kubeshim`
 (the default) kubeshim is installed as README.md tells users (`kubectl apply -k deploy/`,
-only the ConfigMap's API server address changed); `none` leaves the node without a Service
-proxy or DNS.
+only the ConfigMap's API server address changed); `kube-proxy` runs kube-proxy (nftables) and
+CoreDNS instead, for comparison; `none` leaves the node without a Service proxy or DNS.
 
 Layout (cgroup v1 machines, 2 cores):
 - `up` (this process, in the root namespaces) keeps a socat bridge from 127.0.0.1:<port> to a
@@ -62,6 +62,7 @@ from tests.peers.cluster import (  # noqa: E402
     free_port,
     write_kubeconfig,
 )
+from tests.peers.coredns import CoreDNS  # noqa: E402
 from tests.peers.images import PAUSE_IMAGE, Builder  # noqa: E402
 
 NODE_NAME = "node-1"
@@ -220,6 +221,8 @@ class NodeControlPlane(ControlPlane):
             "kubelet": (f"system:node:{NODE_NAME}", "system:nodes"),
             "controller-manager": ("system:kube-controller-manager", ""),
             "scheduler": ("system:kube-scheduler", ""),
+            # Bound to system:node-proxier by the API server's default RBAC.
+            "kube-proxy": ("system:kube-proxy", ""),
         }
         self.token = {role: secrets.token_hex(16) for role in self.tokens}
 
@@ -420,6 +423,45 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     def install_proxy(self) -> None:
         if self.proxy == "kubeshim":
             install_kubeshim(self.cp.kubectl, self.workdir, "127.0.0.1", self.cp.port)
+        elif self.proxy == "kube-proxy":
+            self._kube_proxy_and_coredns()
+
+    def _kube_proxy_and_coredns(self) -> None:
+        """The baseline: kube-proxy (nftables) and CoreDNS as node processes, CoreDNS behind
+        the kube-dns Service through a hand-written EndpointSlice (it has no Pod)."""
+        self._start("kube-proxy", [
+            str(self.peers.kube_proxy), f"--kubeconfig={self.cp.kubeconfig_for('kube-proxy')}",
+            "--proxy-mode=nftables", f"--hostname-override={NODE_NAME}",
+            f"--cluster-cidr={CLUSTER_CIDR}",
+            # Pods share one bridge and br_netfilter is not loaded: without SNAT a reply from
+            # a backend to a client on the same bridge would skip the reverse NAT.
+            "--masquerade-all",
+            # Leave the kernel's conntrack limits and timeouts as they are.
+            "--conntrack-max-per-core=0", "--conntrack-tcp-timeout-established=0",
+            "--conntrack-tcp-timeout-close-wait=0",
+            f"--healthz-bind-address={NODE_IP}:10256", "--metrics-bind-address=127.0.0.1:10249",
+        ])
+        coredns = CoreDNS(self.peers.coredns, self.workdir, self.cp.admin_kubeconfig,
+                          f"{NODE_GATEWAY}:53", port=53, host=NODE_IP)
+        self.procs.append(coredns.process)
+        coredns.start()
+        ports = [{"name": "dns", "port": 53, "protocol": "UDP"},
+                 {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]
+        labels = {"k8s-app": "kube-dns"}
+        self.cp.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+            "items": [
+                {"apiVersion": "v1", "kind": "Service",
+                 "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": labels},
+                 "spec": {"clusterIP": CLUSTER_DNS, "ports": ports}},
+                {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                 "metadata": {"name": "kube-dns-node", "namespace": "kube-system",
+                              "labels": {"kubernetes.io/service-name": "kube-dns",
+                                         "endpointslice.kubernetes.io/managed-by": "node.py"}},
+                 "addressType": "IPv4",
+                 "endpoints": [{"addresses": [NODE_IP], "nodeName": NODE_NAME,
+                                "conditions": {"ready": True}}],
+                 "ports": ports},
+            ]}))
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -664,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start a one-node cluster and serve until interrupted")
     up.add_argument("--workdir", help="keep data, logs and kubeconfigs here")
-    up.add_argument("--proxy", choices=("kubeshim", "none"), default="kubeshim")
+    up.add_argument("--proxy", choices=("kubeshim", "kube-proxy", "none"), default="kubeshim")
     down = sub.add_parser("down", help="clean up after an `up` that was killed")
     down.add_argument("--workdir", required=True)
     inside = sub.add_parser("_inside")
