@@ -8,6 +8,9 @@ the kubelet's clusterDNS, served by kubeshim) and curls it through its ClusterIP
 Deployment is scaled, rolled and has a Pod deleted while the client keeps sending: not one
 request may fail, since terminating Pods turn unready (agnhost's /readyz) and keep serving
 for a while (--delay-shutdown), as a well-behaved workload does.
+
+Every test runs twice: with kubeshim, and with kube-proxy (nftables) + CoreDNS as the baseline
+(`node.py --proxy kube-proxy`), so a difference between them shows up side by side.
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ def _missing(message: str) -> None:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """A one-node cluster without a Service proxy; the tests install kubeshim themselves."""
+@pytest.fixture(scope="module", params=["kubeshim", "kube-proxy"])
+def node(request: pytest.FixtureRequest,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A one-node cluster; with kubeshim the tests install it themselves, from deploy/."""
     require_root()
     try:
         Peers.find().require()
@@ -52,7 +56,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         if shutil.which(tool) is None:
             _missing(f"{tool} is not installed (scripts/setup.sh installs it)")
     sysctls = read_sysctls()
-    cluster = Cluster(tmp_path_factory.mktemp("node"), proxy="none")
+    proxy = "none" if request.param == "kubeshim" else request.param
+    cluster = Cluster(tmp_path_factory.mktemp("node"), proxy=proxy)
     cluster.start()
     try:
         yield cluster
@@ -107,8 +112,9 @@ def _deployment(replicas: int) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def workload(node: Cluster) -> Cluster:
     """kubeshim from deploy/, the web Deployment + Service, and a client Pod; all Ready."""
-    install_kubeshim(node.kubectl, node.workdir, *node.node_apiserver)
-    _wait(node, "-n", "kube-system", "rollout", "status", "ds/kubeshim")
+    if node.proxy == "none":
+        install_kubeshim(node.kubectl, node.workdir, *node.node_apiserver)
+        _wait(node, "-n", "kube-system", "rollout", "status", "ds/kubeshim")
     _apply(node, _deployment(2))
     _apply(node, {
         "apiVersion": "v1", "kind": "Service",

@@ -3,7 +3,7 @@
 # modules at the versions pinned in versions.env, into a cache laid out like envtest's:
 #
 #   $KUBESHIM_PEERS_DIR/k8s/<k8s version>-linux-amd64/{kube-apiserver,etcd,kubectl,kube-proxy,
-#       kubelet,kube-controller-manager,kube-scheduler,agnhost}
+#       kubelet,kube-controller-manager,kube-scheduler,agnhost,e2e.test}
 #   $KUBESHIM_PEERS_DIR/coredns/<coredns version>-linux-amd64/coredns
 #
 # Each binary has a <name>.stamp beside it; a binary whose stamp matches is not rebuilt.
@@ -104,7 +104,11 @@ build() {
   mkdir -p "$(dirname "$out")"
   echo "build.sh: building $(basename "$out") $version ..." >&2
   local start=$SECONDS
-  (cd "$dir" && nice -n 10 "$GO" build -mod=readonly -ldflags "-s -w $extra" -o "$out.tmp" "$pkg")
+  if [[ $pkg == ./* ]]; then  # a test package of the wrapper module: its test binary
+    (cd "$dir" && nice -n 10 "$GO" test -c -vet=off -mod=readonly -ldflags "-s -w $extra" -o "$out.tmp" "$pkg")
+  else
+    (cd "$dir" && nice -n 10 "$GO" build -mod=readonly -ldflags "-s -w $extra" -o "$out.tmp" "$pkg")
+  fi
   mv -f "$out.tmp" "$out"
   echo "$stamp" >"$out.stamp"
   took[$(basename "$out")]=$((SECONDS - start))
@@ -138,6 +142,8 @@ for cmd in kubelet kube-controller-manager kube-scheduler; do
   build "$here/k8s" "k8s.io/kubernetes/cmd/$cmd" "$k8s_dir/$cmd" "$KUBERNETES_VERSION" "$k8s_ldflags"
 done
 build "$here/k8s" k8s.io/kubernetes/test/images/agnhost "$k8s_dir/agnhost" "$KUBERNETES_VERSION"
+# Kubernetes' e2e tests, sig-network's only (k8s/e2e/e2e_test.go), as e2e.test.
+build "$here/k8s" ./e2e "$k8s_dir/e2e.test" "$KUBERNETES_VERSION" "$k8s_ldflags"
 build "$here/coredns" github.com/coredns/coredns "$coredns_dir/coredns" "$COREDNS_VERSION"
 
 # One line per peer, with the version the binary itself reports and its build time.
@@ -152,4 +158,5 @@ for b in kube-proxy kubelet kube-controller-manager kube-scheduler; do
   line "$b" "$("$k8s_dir/$b" --version | first)" "$k8s_dir/$b"
 done
 line agnhost "agnhost $KUBERNETES_VERSION" "$k8s_dir/agnhost"
+line e2e.test "$("$k8s_dir/e2e.test" --version 2>/dev/null | first)" "$k8s_dir/e2e.test"
 line coredns "$("$coredns_dir/coredns" -version | first)" "$coredns_dir/coredns"
