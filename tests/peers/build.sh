@@ -142,6 +142,11 @@ for cmd in kubelet kube-controller-manager kube-scheduler; do
   build "$here/k8s" "k8s.io/kubernetes/cmd/$cmd" "$k8s_dir/$cmd" "$KUBERNETES_VERSION" "$k8s_ldflags"
 done
 build "$here/k8s" k8s.io/kubernetes/test/images/agnhost "$k8s_dir/agnhost" "$KUBERNETES_VERSION"
+# The serving certificate agnhost's image carries for `agnhost porter` (its Dockerfile's ADD).
+k8s_module=$(cd "$here/k8s" && "$GO" list -mod=readonly -m -f '{{.Dir}}' k8s.io/kubernetes)
+for f in localhost.crt localhost.key; do
+  install -m 0644 "$k8s_module/test/images/agnhost/porter/$f" "$k8s_dir/agnhost-$f"
+done
 # Kubernetes' e2e tests, sig-network's only (k8s/e2e/e2e_test.go), as e2e.test.
 build "$here/k8s" ./e2e "$k8s_dir/e2e.test" "$KUBERNETES_VERSION" "$k8s_ldflags"
 build "$here/coredns" github.com/coredns/coredns "$coredns_dir/coredns" "$COREDNS_VERSION"

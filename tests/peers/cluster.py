@@ -208,8 +208,11 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def write_serving_certs(directory: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a serving cert for 127.0.0.1/localhost; returns (ca, cert, key) paths."""
+def write_serving_certs(
+    directory: Path, extra_sans: Sequence[str] = ()
+) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a serving cert for 127.0.0.1/localhost (and `extra_sans`, IPs or DNS
+    names); returns (ca, cert, key) paths."""
     now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=7)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -244,6 +247,7 @@ def write_serving_certs(directory: Path) -> tuple[Path, Path, Path]:
                     x509.DNSName("localhost"),
                     x509.DNSName("kubernetes.default.svc"),
                     x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    *(_san(name) for name in extra_sans),
                 ]
             ),
             critical=False,
@@ -257,6 +261,13 @@ def write_serving_certs(directory: Path) -> tuple[Path, Path, Path]:
     paths[2].write_bytes(_pem_key(key))
     paths[2].chmod(0o600)
     return paths
+
+
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
 
 
 def write_kubeconfig(path: Path, server: str, ca: Path, user: str, token: str) -> Path:
@@ -293,6 +304,8 @@ class ControlPlane:
         self.peers = peers or Peers.find()
         self.rbac_manifest = rbac_manifest
         self.extra_apiserver_args = list(extra_apiserver_args)
+        # Names and addresses the serving certificate carries besides loopback.
+        self.serving_sans: list[str] = []
         self.etcd_port = free_port()
         self.etcd_url = f"http://127.0.0.1:{self.etcd_port}"
         self.port = free_port()
@@ -340,7 +353,7 @@ class ControlPlane:
     def _prepare(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "etcd-data").mkdir(mode=0o700)
-        write_serving_certs(self.workdir)
+        write_serving_certs(self.workdir, self.serving_sans)
         # ServiceAccount token signing key (SEC1 PEM, which the apiserver reads) and its
         # public half for verification.
         signing = ec.generate_private_key(ec.SECP256R1())

@@ -44,7 +44,7 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 # What the base holds: kubeshim's recipe packages, and the clients e2e tests run in agnhost pods.
 BASE_PACKAGES = (
     "python3", "python3-pip", "iproute2", "curl", "dnsutils", "ca-certificates",
-    "netcat-openbsd", "procps",
+    "netcat-openbsd", "procps", "socat",
 )
 KUBESHIM_IMAGE = "kubeshim:0.1.0"
 # The names Kubernetes' e2e framework uses at the pinned version (test/utils/image/manifest.go).
@@ -203,6 +203,7 @@ class Builder:
         self.cache = cache or images_dir()
         self.peers = peers or Peers.find()
         self.agnhost = self.peers.kube_proxy.parent / "agnhost"
+        self._layers: list[Path] = []
 
     def base(self) -> tuple[Path, Path]:
         """(rootfs directory, layer tar) of the Debian base; debootstrap on first use."""
@@ -225,19 +226,49 @@ class Builder:
         write_layer(rootfs, layer)
         return rootfs, layer
 
-    def agnhost_layer(self) -> Path:
+    def agnhost_layer(self, rootfs: Path) -> Path:
+        """What agnhost's own Dockerfile adds to its base: the binary (also as agnhost-2),
+        porter's serving certificate, /uploads, and the user and group the image defines."""
         if not os.access(self.agnhost, os.X_OK):
             raise RuntimeError(f"{self.agnhost} missing: run tests/peers/build.sh")
-        layer = self.cache / f"agnhost-{_sha256(self.agnhost)[:16]}.tar"
-        if not layer.exists():
-            self.cache.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(layer.with_suffix(".tmp"), "w") as tar:
-                info = tar.gettarinfo(str(self.agnhost), arcname="agnhost")
-                info.mtime, info.uid, info.gid, info.mode = 0, 0, 0, 0o755
-                info.uname = info.gname = ""
-                with open(self.agnhost, "rb") as f:
+        certs = {n: self.agnhost.parent / f"agnhost-{n}"
+                 for n in ("localhost.crt", "localhost.key")}
+        key = _digest(_sha256(self.agnhost).encode(), rootfs.parent.name.encode(),
+                      *(p.read_bytes() for p in certs.values()))
+        layer = self.cache / f"agnhost-{key}.tar"
+        if layer.exists():
+            return layer
+        self.cache.mkdir(parents=True, exist_ok=True)
+        passwd = (rootfs / "etc/passwd").read_text() + \
+            "user-defined-in-image:x:1000:1000::/home/user-defined-in-image:/bin/sh\n"
+        group = (rootfs / "etc/group").read_text() + \
+            "user-defined-in-image:x:1000:\ngroup-defined-in-image:x:50000:user-defined-in-image\n"
+
+        def entry(name: str, kind: bytes = tarfile.REGTYPE, mode: int = 0o644) -> tarfile.TarInfo:
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = kind, mode
+            return info
+
+        with tarfile.open(layer.with_suffix(".tmp"), "w") as tar:
+            for name, data, mode in (("etc/passwd", passwd.encode(), 0o644),
+                                     ("etc/group", group.encode(), 0o644)):
+                info = entry(name, mode=mode)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            for name, path in certs.items():
+                info = entry(name)
+                info.size = path.stat().st_size
+                with open(path, "rb") as f:
                     tar.addfile(info, f)
-            layer.with_suffix(".tmp").rename(layer)
+            tar.addfile(entry("uploads", tarfile.DIRTYPE, 0o755))
+            info = entry("agnhost", mode=0o755)
+            info.size = self.agnhost.stat().st_size
+            with open(self.agnhost, "rb") as f:
+                tar.addfile(info, f)
+            link = entry("agnhost-2", tarfile.SYMTYPE, 0o777)
+            link.linkname = "agnhost"
+            tar.addfile(link)
+        layer.with_suffix(".tmp").rename(layer)
         return layer
 
     def kubeshim_layer(self, rootfs: Path, base_layer: Path) -> Path:
@@ -296,6 +327,7 @@ class Builder:
 
     def _image(self, stem: str, names: Sequence[str], layers: Sequence[Path],
                entrypoint: Sequence[str], cmd: Sequence[str] = (), workdir: str = "/") -> Path:
+        self._layers += layers
         key = _digest(*(n.encode() for n in names), *(p.name.encode() for p in layers),
                       *(a.encode() for a in (*entrypoint, "--", *cmd, workdir)))
         out = self.cache / f"{stem}-{key}.image.tar"
@@ -315,15 +347,29 @@ class Builder:
         start = time.monotonic()
         rootfs, base_layer = self.base()
         built.append(Image(("debian:" + DEBIAN_SUITE,), base_layer, time.monotonic() - start))
-        agnhost = self.agnhost_layer()
+        agnhost = self.agnhost_layer(rootfs)
         timed([KUBESHIM_IMAGE], lambda: self._image(
             "kubeshim", [KUBESHIM_IMAGE], [base_layer, self.kubeshim_layer(rootfs, base_layer)],
             ["kubeshim"], ["--help"], "/app"))
         timed([AGNHOST_IMAGE, GLIBC_DNS_IMAGE], lambda: self._image(
-            "agnhost", [AGNHOST_IMAGE, GLIBC_DNS_IMAGE], [base_layer, agnhost], ["/agnhost"]))
+            "agnhost", [AGNHOST_IMAGE, GLIBC_DNS_IMAGE], [base_layer, agnhost], ["/agnhost"],
+            ["pause"]))
         timed([PAUSE_IMAGE], lambda: self._image(
             "pause", [PAUSE_IMAGE], [agnhost], ["/agnhost", "pause"]))
+        self._prune({base_layer.parent, *(i.archive for i in built)} | set(self._layers))
         return built
+
+    def _prune(self, keep: set[Path]) -> None:
+        """Remove what earlier sources or versions left in the cache a day ago or earlier
+        (another checkout may be using a newer entry right now)."""
+        old = time.time() - 86400
+        for entry in self.cache.iterdir():
+            if entry in keep or entry.lstat().st_mtime > old:
+                continue
+            if entry.is_dir():
+                subprocess.run(["rm", "-rf", "--one-file-system", str(entry)], check=False)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

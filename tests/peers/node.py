@@ -71,6 +71,7 @@ NODE_GATEWAY = "192.168.130.1"
 CLUSTER_CIDR = "10.244.0.0/16"
 POD_CIDR = "10.244.0.0/24"
 CLUSTER_DNS = "10.96.0.10"
+KUBERNETES_SERVICE_IP = "10.96.0.1"
 # Kernel settings the kubelet sets at start (pkg/kubelet/cm/container_manager_linux.go,
 # setupKernelTunables): saved before, restored after.
 KUBELET_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
@@ -217,6 +218,9 @@ class NodeControlPlane(ControlPlane):
             f"--kubelet-client-key={key}",
         ])
         self.kubelet_client_ca = ca
+        # In-cluster clients dial the Service's ClusterIP or the node address.
+        self.serving_sans = [NODE_IP, KUBERNETES_SERVICE_IP, "kubernetes", "kubernetes.default",
+                             "kubernetes.default.svc.cluster.local"]
         self.tokens = {
             "kubelet": (f"system:node:{NODE_NAME}", "system:nodes"),
             "controller-manager": ("system:kube-controller-manager", ""),
@@ -235,9 +239,17 @@ class NodeControlPlane(ControlPlane):
                         else f"{self.token[role]},{user},{user}-uid\n")
 
     def _apiserver_argv(self) -> list[str]:
-        # The Node authorizer for the kubelet's identity, then RBAC.
-        return [("--authorization-mode=Node,RBAC" if a == "--authorization-mode=RBAC" else a)
-                for a in super()._apiserver_argv()]
+        replaced = {
+            # The Node authorizer for the kubelet's identity, then RBAC.
+            "--authorization-mode=RBAC": "--authorization-mode=Node,RBAC",
+            # Pods reach the API server through the `kubernetes` Service, whose endpoint is
+            # the advertised node address: listen there too (the namespace has no other
+            # network than loopback, the node's veth and the Pod bridge).
+            "--bind-address=127.0.0.1": "--bind-address=0.0.0.0",
+            "--advertise-address=127.0.0.1": f"--advertise-address={NODE_IP}",
+            "--endpoint-reconciler-type=none": "--endpoint-reconciler-type=lease",
+        }
+        return [replaced.get(a, a) for a in super()._apiserver_argv()]
 
     def kubeconfig_for(self, role: str) -> Path:
         return write_kubeconfig(self.workdir / f"{role}.kubeconfig", self.server, self.ca_file,
@@ -293,7 +305,10 @@ class Node:
         self._sh("ip", "link", "set", "uplink0", "up")
         self._sh("ip", "link", "set", "eth0", "up")
         self._sh("ip", "route", "add", "default", "via", NODE_GATEWAY, "dev", "eth0")
-        Path("/proc/sys/net/ipv4/ip_forward").write_text("1")  # this namespace's own
+        # This namespace's own settings: forwarding, and 127.0.0.1 routable to Pods after
+        # DNAT (hostPorts on hostIP 127.0.0.1), as kube-proxy's iptables mode sets on nodes.
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
+        Path("/proc/sys/net/ipv4/conf/all/route_localnet").write_text("1")
         # Runtime state on a tmpfs private to this mount namespace (shim sockets, runc state).
         for d in ("/run/containerd", "/var/lib/cni"):
             Path(d).mkdir(parents=True, exist_ok=True)
