@@ -153,7 +153,7 @@ def _slice_addresses(node: Cluster) -> tuple[set[str], set[str]]:
     return ready, managers
 
 
-def test_kubeshim_serves_dns_and_a_service_from_the_endpointslice_controller(
+def test_dns_and_a_service_from_the_endpointslice_controller(
     workload: Cluster,
 ) -> None:
     node = workload
