@@ -311,7 +311,9 @@ def _socket(host: str, port: int, kind: int, transparent: bool,
         sock.setblocking(False)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if kind == socket.SOCK_STREAM:
+        if kind == socket.SOCK_STREAM or transparent:
+            # A transparent bind is reached only through TPROXY, so it may share its port with
+            # a host program on the wildcard address that set SO_REUSEADDR too.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6 and host == "::":
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)

@@ -90,6 +90,7 @@ class Daemon:
             adopt=self.opts.takeover and self.worker_fd is None,
             capture_port=o.capture_port,
             cluster_cidrs=list(o.cluster_cidrs),
+            dns_capture=list(o.dns_transparent_binds) if o.dns else [],
             worker=self.worker_fd is not None,
             workers=self.workers,
         )

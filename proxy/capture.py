@@ -164,6 +164,14 @@ class Elements:
         self.items.setdefault(name, set()).add(element)
 
 
+def _ip_kw(ip: str) -> str:
+    return "ip6" if _family(ip) == 6 else "ip"
+
+
+def _host(ip: str) -> str:
+    return f"[{ip}]" if _family(ip) == 6 else ip
+
+
 def _proto(p: str) -> str:
     return p.lower()
 
@@ -220,6 +228,9 @@ class Ruleset:
     listen: ListenPorts
     cluster_cidrs: Sequence[str] = ()
     nodeport_cidrs: Sequence[str] = ()  # empty: every local address
+    # The DNS server's transparent binds (address, port): their TCP and UDP tuples go to the
+    # DNS server's own sockets, before any Service capture (the kube-dns ClusterIP on the node).
+    dns_binds: Sequence[tuple[str, int]] = ()
 
     def _chains(self) -> list[str]:
         m, b, lp = f"0x{CAPTURE_MARK:x}", f"0x{BYPASS_MARK:x}", self.listen
@@ -259,6 +270,9 @@ class Ruleset:
             "  drop",
             "}",
             "chain services {",
+            *(f"  {_ip_kw(ip)} daddr {ip} meta l4proto {{ tcp, udp }} th dport {port} "
+              f"meta mark set {m} tproxy {_ip_kw(ip)} to {_host(ip)}:{port} accept"
+              for ip, port in self.dns_binds),
             "  ip daddr . meta l4proto . th dport @firewall4 "
             "ip daddr . meta l4proto . th dport . ip saddr != @firewall-allow4 drop",
             "  ip6 daddr . meta l4proto . th dport @firewall6 "
@@ -283,6 +297,8 @@ class Ruleset:
             "chain capture-output {",
             "  type route hook output priority mangle; policy accept;",
             f"  meta mark {b} return",
+            *(f"  {_ip_kw(ip)} daddr {ip} meta l4proto {{ tcp, udp }} th dport {port} "
+              f"meta mark set {m} return" for ip, port in self.dns_binds),
             f"  ip daddr . meta l4proto . th dport @tuples4 meta mark set {m} return",
             f"  ip6 daddr . meta l4proto . th dport @tuples6 meta mark set {m} return",
             f"  ip daddr @cluster-ips4 meta mark set {m} return",

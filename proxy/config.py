@@ -51,3 +51,5 @@ class ProxyConfig:
     # Pod CIDRs (kube-proxy's clusterCIDR, detectLocalMode ClusterCIDR): which clients are
     # local pods, for Local-policy short-circuits and keeping the client's address.
     cluster_cidrs: list[str] = field(default_factory=list)
+    # tproxy mode: the DNS server's transparent binds, handed their tuples by the capture table.
+    dns_capture: list[tuple[str, int]] = field(default_factory=list)

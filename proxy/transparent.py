@@ -459,7 +459,8 @@ class Capture:
         self.udp_budget = udp_budget
         self.connections = connections
         self.listen = ListenPorts(config.capture_port)
-        self.rules = Ruleset(self.listen, list(config.cluster_cidrs), list(nodeport_cidrs))
+        self.rules = Ruleset(self.listen, list(config.cluster_cidrs), list(nodeport_cidrs),
+                             list(config.dns_capture))
         self.store = ElementStore()
         self.index = CaptureIndex()
         self.sources = SourcePolicy(config.cluster_cidrs)

@@ -42,6 +42,8 @@ PROXY_LB_IP = "192.168.77.9"
 LOCAL_LB_IP = "192.168.77.20"
 FW_LB_IP = "192.168.77.30"
 SRC_LB_IP = "192.168.77.40"
+KUBE_DNS = "10.96.0.100"
+ZONE = "cluster.local"
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +83,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         with open(folder.parent / "proxy.log", "w") as log_file:
             c.proxy = lab.node.popen(
                 [sys.executable, "-m", "kubeshim", "run", "--manifests", str(folder),
-                 "--vip-mode", "tproxy", "--hostname-override", NODE, "--no-dns",
+                 "--vip-mode", "tproxy", "--hostname-override", NODE,
+                 "--dns-transparent-bind", f"{KUBE_DNS}:53", "--upstream", "127.0.0.1:9",
                  "--cluster-cidr", "10.244.0.0/16", "--metrics-bind-address", METRICS,
                  "--drain-timeout", "2"],
                 cwd=ROOT, stderr=log_file,
             )
         try:
-            c.wait(lambda: len(c.status()["services"]) == 9 and c.all_processes_serving(),
+            c.wait(lambda: len(c.status()["services"]) == 10 and c.all_processes_serving(),
                    "the proxy to serve", 20)
         except TimeoutError:
             print((folder.parent / "proxy.log").read_text())
@@ -132,6 +135,10 @@ def build_manifests(c: Cluster) -> None:
         endpoint_slice("loop", [endpoint("10.96.0.10")], HTTP_EP),
         service("later", "10.96.0.80", HTTP),
         endpoint_slice("later", [ep("pod-a")], HTTP_EP),
+        # kube-dns without endpoints: its ClusterIP tuples go to kubeshim's own DNS server.
+        service("kube-dns", KUBE_DNS, [{"name": "dns", "port": 53, "protocol": "UDP"},
+                                       {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]),
+        endpoint_slice("kube-dns", [], [{"name": "dns", "port": 53, "protocol": "UDP"}]),
     )
 
 
@@ -191,6 +198,19 @@ def test_udp_service_port_and_host_program_on_port_53_both_work(cluster: Cluster
     # The host's UDP :53 program answers on the node address.
     out = cluster.client.run(["socat", "-T2", "-", f"UDP:{NODE_IP}:53"], input="x\n")
     assert out.stdout.strip() == "host"
+
+
+def test_kube_dns_clusterip_answered_by_the_dns_server_through_the_capture(
+        cluster: Cluster) -> None:
+    name = f"web.default.svc.{ZONE}"
+    for where in (cluster.client, cluster.lab.node):
+        for transport in ("+notcp", "+tcp"):
+            out = where.run(["dig", f"@{KUBE_DNS}", transport, "+short", "+tries=1", "+time=2",
+                             name])
+            assert out.stdout.split() == ["10.96.0.10"], (where.name, transport, out.stdout)
+    # Nothing listens on port 53 of a node address or of all addresses for it.
+    listening = cluster.lab.node.run(["ss", "-lntuH", "sport = :53"]).stdout
+    assert f"{KUBE_DNS}:53" in listening and NODE_IP not in listening
 
 
 def test_no_arp_reply_for_service_addresses(cluster: Cluster) -> None:

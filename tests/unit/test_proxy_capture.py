@@ -184,3 +184,18 @@ def test_full_ruleset_replaces_the_table_and_hooks_what_it_must() -> None:
     # No IPv6 CIDR in --nodeport-addresses: no IPv6 NodePorts.
     assert "vmap @nodeports6" not in text
     assert "reject with tcp reset" in text
+
+
+def test_dns_transparent_binds_come_before_any_service_verdict() -> None:
+    text = Ruleset(ListenPorts(15001), dns_binds=[("10.96.0.10", 53), ("fd00::a", 53)]).full(
+        elements_of([], []))
+    services = text[text.index("chain services {"):]
+    first = services.splitlines()[1:3]
+    assert first == [
+        "    ip daddr 10.96.0.10 meta l4proto { tcp, udp } th dport 53 meta mark set 0x4b53 "
+        "tproxy ip to 10.96.0.10:53 accept",
+        "    ip6 daddr fd00::a meta l4proto { tcp, udp } th dport 53 meta mark set 0x4b53 "
+        "tproxy ip6 to [fd00::a]:53 accept"]
+    # Queries from the node itself are marked for the policy route too.
+    assert "ip daddr 10.96.0.10 meta l4proto { tcp, udp } th dport 53 meta mark set 0x4b53 " \
+        "return" in text
