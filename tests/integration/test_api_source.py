@@ -226,6 +226,23 @@ async def test_gone_relists_and_deletes_reach_subscribers(
     assert [q.get("resourceVersion") for q in lists] == ["0", None]
 
 
+async def test_failed_relist_keeps_the_state(server, client, run_source, caplog) -> None:
+    # An error is never a deletion: after 410 Gone the relists fail several times; meanwhile
+    # every Service keeps serving, and only a successful list replaces the state.
+    server.load([service("a", "10.96.0.1"), service("b", "10.96.0.2")])
+    r = run_source(client)
+    await wait_for(lambda: r.state.synced and server.watches == 2)
+    server.fail_next = [500, 503, 500, 500]
+    server.send_gone()
+    await wait_for(lambda: log_text(caplog).count("API request failed verb=list") >= 4)
+    assert {key("a"), key("b")} <= set(r.state.services)
+    assert [c.key for c in r.changes if c.current is None] == []
+    server.delete("Service", "default", "b")
+    await wait_for(lambda: key("b") not in r.state.services)
+    assert [c.key for c in r.changes if c.current is None] == [key("b")]
+    assert key("a") in r.state.services
+
+
 async def test_gone_error_event_mid_stream(server, client, run_source, caplog) -> None:
     server.load([service("a", "10.96.0.1"), service("b", "10.96.0.2")])
     r = run_source(client)
