@@ -8,9 +8,10 @@ front of two loopback backends, then for the whole run, all at once:
 - churn: one Service's EndpointSlice file rewritten every 50 ms, a Service file added and
   removed every second;
 - hostile clients, each from its own loopback address: idle TCP connections piled on one
-  ClusterIP (its backend completes handshakes and never reads), UDP from ever new source ports, never-finished requests to /healthz, a DNS-over-
-  TCP client pipelining queries without reading, and broken manifests (a symlink loop, a FIFO,
-  /dev/zero behind a link, a file past the size limit);
+  ClusterIP (its backend completes handshakes and never reads), UDP from ever new source
+  ports, never-finished requests to /healthz, a DNS-over-TCP client pipelining queries without
+  reading, and broken manifests (a symlink loop, a FIFO, /dev/zero behind a link, a file past
+  the size limit);
 - legitimate probes every 200 ms: curl through another Service, dig over UDP and TCP, /healthz.
 
 Every 5 s it records the daemon's RSS, open descriptors and the probes' error counts, and
