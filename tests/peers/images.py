@@ -360,9 +360,10 @@ class Builder:
         return built
 
     def _prune(self, keep: set[Path]) -> None:
-        """Remove what earlier sources or versions left in the cache a day ago or earlier
-        (another checkout may be using a newer entry right now)."""
-        old = time.time() - 86400
+        """Remove what earlier sources or versions left in the cache an hour ago or earlier:
+        every source change makes a new kubeshim archive of ~330 MB, and a node needs its
+        archives only while it starts (another checkout may be starting one right now)."""
+        old = time.time() - 3600
         for entry in self.cache.iterdir():
             if entry in keep or entry.lstat().st_mtime > old:
                 continue
