@@ -29,8 +29,8 @@ from .lab import BenchError, Lab
 from .scenarios import Settings, dns_scenarios, proxy_scenarios
 
 HERE = Path(__file__).resolve().parent
-TOOLS = ["wrk", "iperf3", "dnsperf", "haproxy", "nginx", "dnsmasq", "nft", "taskset", "ip",
-         "py-spy"]
+TOOLS = ["wrk", "iperf3", "dnsperf", "haproxy", "nginx", "dnsmasq", "nsd", "nft", "taskset",
+         "ip", "py-spy"]
 PARTS = ("proxy", "dns", "peers", "profile", "control")
 
 
@@ -191,7 +191,7 @@ def run_parts(lab: Lab, args: argparse.Namespace, results: dict[str, Any]) -> No
 def _run_contenders(lab: Lab, args: argparse.Namespace, results: dict[str, Any], s: Settings,
                     records: workload.DNSRecords, peers: Any, udp_q: Path, cluster_q: Path,
                     forward_q: Path) -> None:
-    sub = args.subject_cpu
+    sub, ld = args.subject_cpu, args.load_cpu
     ks: cs.Contender | None = None
     if args.only & {"proxy", "dns", "profile"} and (args.contenders is None
                                                     or "kubeshim" in args.contenders):
@@ -205,11 +205,15 @@ def _run_contenders(lab: Lab, args: argparse.Namespace, results: dict[str, Any],
         proxies = [cs.direct()]
         if ks is not None:
             proxies.append(ks)
+        both = f"{ld},{sub}"  # two-process contenders: both CPUs, shared with the load
         starts = [("kubeshim-tproxy", lambda: cs.kubeshim_tproxy(lab, sub)),
+                  ("kubeshim-tproxy-w2", lambda: cs.kubeshim_tproxy(lab, both, 2)),
                   ("kubeshim-interface", lambda: cs.kubeshim_interface(lab, sub)),
                   ("haproxy", lambda: cs.haproxy(lab, sub, splice=False)),
+                  ("haproxy-t2", lambda: cs.haproxy(lab, both, splice=False, threads=2)),
                   ("haproxy-splice", lambda: cs.haproxy(lab, sub, splice=True)),
                   ("nginx-stream", lambda: cs.nginx_stream(lab, sub)),
+                  ("nginx-stream-w2", lambda: cs.nginx_stream(lab, both, workers=2)),
                   ("nftables-dnat", lambda: cs.nftables_dnat(lab))]
         if peers is not None:
             starts.append(("kube-proxy-nft", lambda: peers.kube_proxy(sub)))
@@ -240,13 +244,26 @@ def _run_contenders(lab: Lab, args: argparse.Namespace, results: dict[str, Any],
                 lab.stop(c.proc)
     if "dns" in args.only:
         servers = [cs.kubeshim_dns(ks)] if ks is not None else []
-        servers.append(cs.dnsmasq_cluster(lab, sub, records))
+        both = f"{ld},{sub}"
+        dstarts: list[tuple[str, Any]] = [
+            ("kubeshim-dns-w1", lambda: cs.kubeshim_dns_only(lab, sub, records, 1)),
+            ("kubeshim-dns-w2", lambda: cs.kubeshim_dns_only(lab, both, records, 2)),
+            ("dnsmasq", lambda: cs.dnsmasq_cluster(lab, sub, records)),
+            ("nsd", lambda: cs.nsd(lab, sub, records)),
+            ("nsd-s2", lambda: cs.nsd(lab, both, records, servers=2)),
+        ]
         if peers is not None:
+            dstarts += [("coredns", lambda: peers.coredns(sub, records)),
+                        ("coredns-p2", lambda: peers.coredns(both, records, procs=2))]
+        if args.contenders is not None:
+            servers = [c for c in servers if c.name in args.contenders]
+            dstarts = [(n, f) for n, f in dstarts if n in args.contenders]
+        for name, start in dstarts:
             try:
-                servers.append(peers.coredns(sub, records))
+                servers.append(start())
             except BenchError as e:
-                results["errors"]["start/coredns"] = str(e)
-                log(f"CoreDNS did not start: {str(e).splitlines()[0]}")
+                results["errors"][f"start/{name}"] = str(e)
+                log(f"{name} did not start: {str(e).splitlines()[0]}")
         for c in servers:
             results["contenders"].setdefault(c.name, {})["dns_note"] = c.note
         log(f"DNS scenarios: {', '.join(c.name for c in servers)}")

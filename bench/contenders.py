@@ -11,6 +11,7 @@ import ipaddress
 import json
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,11 @@ class Contender:
     proc: Proc | None  # whose CPU/RSS is measured; None: the work happens in the kernel
     targets: dict[str, tuple[str, int]] = field(default_factory=dict)  # service -> address
     note: str = ""
+    # Placement of a contender that runs on two CPUs: its CPUs and where its load runs (None:
+    # the run's --subject-cpu / --load-cpu).
+    cpus: str | None = None
+    load_cpus: str | None = None
+    forwards: bool = True  # a DNS contender that forwards other names (authoritative: no)
 
 
 # --- backends ----------------------------------------------------------------------------------
@@ -130,9 +136,9 @@ def direct() -> Contender:
                                       "udp": BACKEND_UDP}, "no proxy: the limit")
 
 
-def haproxy(lab: Lab, cpu: str, splice: bool) -> Contender:
-    name = "haproxy-splice" if splice else "haproxy"
-    ip = "127.0.1.2" if splice else "127.0.1.1"
+def haproxy(lab: Lab, cpu: str, splice: bool, threads: int = 1) -> Contender:
+    name = "haproxy-splice" if splice else "haproxy" + (f"-t{threads}" if threads > 1 else "")
+    ip = "127.0.1.2" if splice else ("127.0.1.1" if threads == 1 else "127.0.1.4")
     d = lab.workdir / name
     d.mkdir(exist_ok=True)
     listens = []
@@ -141,7 +147,7 @@ def haproxy(lab: Lab, cpu: str, splice: bool) -> Contender:
         listens.append(f"listen {svc}\n    bind {ip}:{port}\n"
                        f"    server b1 {backend[0]}:{backend[1]}\n")
     (d / "haproxy.cfg").write_text(
-        "global\n    nbthread 1\n    maxconn 4000\n"
+        f"global\n    nbthread {threads}\n    maxconn 4000\n"
         + ("" if splice else "    nosplice\n")
         + "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 300s\n"
         "    timeout server 300s\n    maxconn 4000\n"
@@ -151,38 +157,47 @@ def haproxy(lab: Lab, cpu: str, splice: bool) -> Contender:
     proc = lab.start(name, ["haproxy", "-db", "-f", str(d / "haproxy.cfg")], cpu)
     wait_tcp(ip, 80, proc=proc)
     return Contender(name, proc, {"http": (ip, 80), "iperf": (ip, 5201)},
-                     "nbthread 1, mode tcp" + (", option splice-auto" if splice else ", nosplice"))
+                     f"nbthread {threads}, mode tcp"
+                     + (", option splice-auto" if splice else ", nosplice"),
+                     cpus=cpu if threads > 1 else None, load_cpus=cpu if threads > 1 else None)
 
 
-def nginx_stream(lab: Lab, cpu: str) -> Contender:
-    ip = "127.0.1.3"
-    d = lab.workdir / "nginx-stream"
+def nginx_stream(lab: Lab, cpu: str, workers: int = 1) -> Contender:
+    name = "nginx-stream" + (f"-w{workers}" if workers > 1 else "")
+    ip = "127.0.1.3" if workers == 1 else "127.0.1.5"
+    d = lab.workdir / name
     d.mkdir(exist_ok=True)
+    reuse = " reuseport" if workers > 1 else ""
     (d / "nginx.conf").write_text(f"""
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 daemon off;
-master_process off;
-worker_processes 1;
+master_process {"on" if workers > 1 else "off"};
+worker_processes {workers};
 worker_rlimit_nofile 19000;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 events {{ worker_connections 9000; multi_accept on; }}
 stream {{
-    server {{ listen {ip}:80 backlog=65535; proxy_pass {BACKEND_HTTP[0]}:{BACKEND_HTTP[1]}; }}
-    server {{ listen {ip}:5201; proxy_pass {BACKEND_IPERF[0]}:{BACKEND_IPERF[1]}; }}
     server {{
-        listen {ip}:53 udp;
+        listen {ip}:80 backlog=65535{reuse};
+        proxy_pass {BACKEND_HTTP[0]}:{BACKEND_HTTP[1]};
+    }}
+    server {{ listen {ip}:5201{reuse}; proxy_pass {BACKEND_IPERF[0]}:{BACKEND_IPERF[1]}; }}
+    server {{
+        listen {ip}:53 udp{reuse};
         proxy_pass {BACKEND_UDP[0]}:{BACKEND_UDP[1]};
         proxy_responses 1;
         proxy_timeout 5s;
     }}
 }}
 """)
-    proc = lab.start("nginx-stream", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")], cpu)
+    proc = lab.start(name, ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")], cpu)
     wait_tcp(ip, 80, proc=proc)
-    return Contender("nginx-stream", proc, {"http": (ip, 80), "iperf": (ip, 5201),
-                                            "udp": (ip, 53)},
-                     "1 worker (master_process off), stream module, UDP proxy_responses 1")
+    note = ("1 worker (master_process off)" if workers == 1 else
+            f"{workers} workers, reuseport") + ", stream module, UDP proxy_responses 1"
+    two = cpu if workers > 1 else None
+    return Contender(name, proc, {"http": (ip, 80), "iperf": (ip, 5201), "udp": (ip, 53)},
+                     note, cpus=two, load_cpus=two)
 
 
 def nftables_dnat(lab: Lab) -> Contender:
@@ -312,8 +327,79 @@ def kubeshim_tproxy(lab: Lab, cpu: str, workers: int = 1) -> Contender:
     targets = {svc: (ip.replace(*TPROXY_NET, 1), port)
                for svc, (ip, port, _, _) in DATA_SERVICES.items()}
     wait_tcp(*targets["http"], proc=proc, timeout=30)
+    time.sleep(2.0)  # the workers join the listeners once they have the state
+    two = cpu if workers > 1 else None
     return Contender(name, proc, targets,
-                     f"--vip-mode tproxy, {workers} worker(s), proxy only (--no-dns)")
+                     f"--vip-mode tproxy, {workers} worker process(es), proxy only (--no-dns)",
+                     cpus=two, load_cpus=two)
+
+
+def kubeshim_dns_only(lab: Lab, cpu: str, records: DNSRecords, workers: int) -> Contender:
+    """kubeshim's DNS server alone (--no-proxy) with `workers` processes on SO_REUSEPORT."""
+    name = f"kubeshim-dns-w{workers}"
+    listen = ("127.0.2.4", 53) if workers > 1 else ("127.0.2.5", 53)
+    manifests = lab.workdir / f"manifests-{name}"
+    write_manifests(manifests, records.objects())
+    argv = [
+        PYTHON, "-m", "kubeshim", "run", "--manifests", str(manifests), "--no-proxy",
+        "--hostname-override", "bench-node", "--workers", str(workers),
+        "--dns-bind", f"{listen[0]}:{listen[1]}",
+        "--upstream", f"{UPSTREAM_DNS[0]}:{UPSTREAM_DNS[1]}",
+        "--healthz-bind-address", "", "--metrics-bind-address", "", "--log-level", "warning",
+    ]
+    proc = lab.start(name, argv, cpu, cwd=REPO)
+    wait_dns(*listen, records.fqdn(records.clusterip[0][0]), proc=proc, timeout=60)
+    time.sleep(2.0)  # the workers bind once they have the state
+    two = cpu if workers > 1 else None
+    return Contender(name, proc, {"dns": listen},
+                     f"DNS only (--no-proxy), {workers} worker process(es), SO_REUSEPORT",
+                     cpus=two, load_cpus=two)
+
+
+def nsd(lab: Lab, cpu: str, records: DNSRecords, servers: int = 1) -> Contender:
+    """NSD, the authoritative server, with the same cluster.local records as a zone file
+    (authoritative only: no forwarded names)."""
+    name = "nsd" + (f"-s{servers}" if servers > 1 else "")
+    listen = ("127.0.2.6", 53) if servers == 1 else ("127.0.2.7", 53)
+    d = lab.workdir / name
+    d.mkdir(exist_ok=True)
+    zone = ["$ORIGIN cluster.local.", "$TTL 30",
+            "@ IN SOA ns.dns.cluster.local. hostmaster.cluster.local. 1 7200 1800 86400 30",
+            "@ IN NS ns.dns.cluster.local.", "ns.dns IN A 127.0.2.6"]
+    answer = {ip: loopback_vip(ip) for _, ip in records.clusterip}
+    for rname, ip in records.clusterip:
+        fq = records.fqdn(rname) + "."
+        zone.append(f"{fq} IN A {answer[ip]}")
+        zone.append(f"_http._tcp.{fq} IN SRV 0 100 80 {fq}")
+    for rname, ips in records.headless:
+        zone.extend(f"{records.fqdn(rname)}. IN A {ip}" for ip in ips)
+    (d / "cluster.local.zone").write_text("\n".join(zone) + "\n")
+    (d / "nsd.conf").write_text(f"""server:
+    ip-address: {listen[0]}@{listen[1]}
+    server-count: {servers}
+    reuseport: {"yes" if servers > 1 else "no"}
+    username: ""
+    zonesdir: "{d}"
+    pidfile: "{d}/nsd.pid"
+    xfrdfile: "{d}/xfrd.state"
+    zonelistfile: "{d}/zone.list"
+    database: ""
+    verbosity: 0
+    hide-version: yes
+    rrl-ratelimit: 0
+    rrl-whitelist-ratelimit: 0
+remote-control:
+    control-enable: no
+zone:
+    name: cluster.local
+    zonefile: cluster.local.zone
+""")
+    proc = lab.start(name, ["nsd", "-d", "-c", str(d / "nsd.conf")], cpu)
+    wait_dns(*listen, records.fqdn(records.clusterip[0][0]), proc=proc, timeout=30)
+    two = cpu if servers > 1 else None
+    return Contender(name, proc, {"dns": listen},
+                     f"NSD (authoritative), zone file of the same records, server-count "
+                     f"{servers}", cpus=two, load_cpus=two, forwards=False)
 
 
 # --- DNS contenders ----------------------------------------------------------------------------

@@ -107,15 +107,16 @@ class Peers:
 
     # --- CoreDNS ---------------------------------------------------------------------------------
 
-    def coredns(self, cpu: str, records: DNSRecords) -> Contender:
+    def coredns(self, cpu: str, records: DNSRecords, procs: int = 1) -> Contender:
         from tests.peers.cluster import Peers as Binaries
 
         binary = Binaries.find().coredns
-        d = self.lab.workdir / "coredns"
+        listen = COREDNS if procs == 1 else ("127.0.2.8", COREDNS[1])
+        d = self.lab.workdir / ("coredns" if procs == 1 else f"coredns-p{procs}")
         d.mkdir(exist_ok=True)
         (d / "Corefile").write_text(f"""
-.:{COREDNS[1]} {{
-    bind {COREDNS[0]}
+.:{listen[1]} {{
+    bind {listen[0]}
     kubernetes cluster.local in-addr.arpa ip6.arpa {{
         kubeconfig {self.cp.admin_kubeconfig}
         fallthrough in-addr.arpa ip6.arpa
@@ -124,8 +125,11 @@ class Peers:
     forward . {UPSTREAM_DNS[0]}:{UPSTREAM_DNS[1]}
 }}
 """)
-        proc = self.lab.start("coredns", [str(binary), "-conf", str(d / "Corefile")], cpu, cwd=d)
-        wait_dns(*COREDNS, records.fqdn(records.clusterip[-1][0]), proc=proc, timeout=60)
-        return Contender("coredns", proc, {"dns": COREDNS},
+        name = "coredns" + (f"-p{procs}" if procs > 1 else "")
+        proc = self.lab.start(name, [str(binary), "-conf", str(d / "Corefile")], cpu, cwd=d,
+                              env={"GOMAXPROCS": str(procs)})
+        wait_dns(*listen, records.fqdn(records.clusterip[-1][0]), proc=proc, timeout=60)
+        two = cpu if procs > 1 else None
+        return Contender(name, proc, {"dns": listen},
                          f"CoreDNS {binary.parent.name}, kubernetes + cache 30 + forward, "
-                         "GOMAXPROCS from its one-CPU affinity")
+                         f"GOMAXPROCS {procs}", cpus=two, load_cpus=two)

@@ -187,7 +187,50 @@ def targets(summary: dict[str, Any], control: list[dict[str, Any]]) -> list[dict
             note = ""
         out.append({"target": name, "value": value, "goal": f"{op} {goal}{unit}" if goal else "",
                     "unit": unit, "met": met, "evidence": note})
-    return out
+    return out + worker_targets(summary)
+
+
+def worker_targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """kubeshim in tproxy mode with one and two worker processes, beside HAProxy with one and
+    two threads, and its DNS with one and two workers."""
+    def pair(scn: str, key: str, a: str, b: str) -> float | None:
+        x, y = _get(summary, scn, a, key), _get(summary, scn, b, key)
+        return x / y if x is not None and y else None
+
+    def cpu(scn: str, *who: str) -> str:
+        parts = []
+        for w in who:
+            d = summary.get(scn, {}).get(w, {})
+            if d.get("cpu_util") is not None:
+                parts.append(f"{w} CPU {d['cpu_util']:.2f}"
+                             + (f", {d['cpu_us_per_req']:.0f} µs/req"
+                                if d.get("cpu_us_per_req") is not None else "")
+                             + (f" (+{d['other_load']:.2f} other)"
+                                if (d.get("other_load") or 0) > 0.1 else ""))
+        return "; ".join(parts)
+
+    ks1, ks2, dns1, dns2 = ("kubeshim-tproxy", "kubeshim-tproxy-w2", "kubeshim-dns-w1",
+                            "kubeshim-dns-w2")
+    rows = [
+        ("TCP new connections/s, tproxy 1 worker vs HAProxy nbthread 1",
+         pair("tcp_newconn", "rps", ks1, "haproxy"), ">=", 1.0, cpu("tcp_newconn", ks1, "haproxy")),
+        ("CPU per new connection, tproxy 1 worker vs HAProxy nbthread 1",
+         pair("tcp_newconn", "cpu_us_per_req", ks1, "haproxy"), "<=", 1.0,
+         cpu("tcp_newconn", ks1, "haproxy")),
+        ("TCP keep-alive req/s, tproxy 1 worker vs HAProxy nbthread 1",
+         pair("tcp_keepalive", "rps", ks1, "haproxy"), ">=", 1.0,
+         cpu("tcp_keepalive", ks1, "haproxy")),
+        ("TCP new connections/s, tproxy 2 workers vs 1 worker",
+         pair("tcp_newconn", "rps", ks2, ks1), ">=", 1.7, cpu("tcp_newconn", ks2, ks1)),
+        ("TCP new connections/s, tproxy 2 workers vs HAProxy nbthread 2",
+         pair("tcp_newconn", "rps", ks2, "haproxy-t2"), ">=", 1.0,
+         cpu("tcp_newconn", ks2, "haproxy-t2")),
+        ("DNS cluster-name queries/s, 2 workers vs 1 worker",
+         pair("dns_cluster", "qps", dns2, dns1), ">=", 1.7, cpu("dns_cluster", dns2, dns1)),
+    ]
+    return [{"target": name, "value": value, "goal": f"{op} {goal}x", "unit": "x",
+             "met": None if value is None else (value >= goal if op == ">=" else value <= goal),
+             "evidence": note} for name, value, op, goal, note in rows]
 
 
 # --- writing -------------------------------------------------------------------------------------

@@ -101,21 +101,21 @@ def proxy_scenarios(contenders: list[Contender], s: Settings, udp_queries: Path,
                     samples: list[Sample], errors: dict[str, str]) -> None:
     def keepalive(c: Contender) -> dict[str, Any]:
         host, port = c.targets["http"]
-        return load.wrk(f"http://{host}:{port}/", s.load_cpu, s.seconds, s.wrk_connections,
-                        close=False)
+        return load.wrk(f"http://{host}:{port}/", c.load_cpus or s.load_cpu, s.seconds,
+                        s.wrk_connections, close=False)
 
     def newconn(c: Contender) -> dict[str, Any]:
         host, port = c.targets["http"]
-        return load.wrk(f"http://{host}:{port}/", s.load_cpu, s.seconds, s.wrk_connections,
-                        close=True)
+        return load.wrk(f"http://{host}:{port}/", c.load_cpus or s.load_cpu, s.seconds,
+                        s.wrk_connections, close=True)
 
     def bulk(c: Contender) -> dict[str, Any]:
         host, port = c.targets["iperf"]
-        return load.iperf3(host, port, s.load_cpu, s.seconds)
+        return load.iperf3(host, port, c.load_cpus or s.load_cpu, s.seconds)
 
     def udp(c: Contender) -> dict[str, Any]:
         host, port = c.targets["udp"]
-        return load.dnsperf(host, port, udp_queries, s.load_cpu, s.seconds)
+        return load.dnsperf(host, port, udp_queries, c.load_cpus or s.load_cpu, s.seconds)
 
     scenarios: list[tuple[str, str, Callable[[Contender], dict[str, Any]]]] = [
         ("tcp_keepalive", "http", keepalive),
@@ -132,7 +132,8 @@ def proxy_scenarios(contenders: list[Contender], s: Settings, udp_queries: Path,
                     continue
                 key = f"{scenario}/{c.name}"
                 try:
-                    fig = _measure(c, lambda c=c, fn=fn: fn(c), s.subject_cpu, s.load_cpu)  # type: ignore[misc]
+                    fig = _measure(c, lambda c=c, fn=fn: fn(c), c.cpus or s.subject_cpu,  # type: ignore[misc]
+                                   c.load_cpus or s.load_cpu)
                 except BenchError as e:
                     errors[key] = str(e)
                     s.log(f"  {key}: FAILED {str(e).splitlines()[0]}")
@@ -149,6 +150,8 @@ def dns_scenarios(contenders: list[Contender], s: Settings, cluster_q: Path, for
     # Warm the forwarders' caches: every forwarded name once.
     for c in contenders:
         host, port = c.targets["dns"]
+        if not c.forwards:
+            continue
         try:
             load.dnsperf(host, port, forward_q, s.load_cpu, 1, clients=1, outstanding=10)
         except BenchError as e:
@@ -157,11 +160,14 @@ def dns_scenarios(contenders: list[Contender], s: Settings, cluster_q: Path, for
     for rep in range(s.reps):
         for scenario, qfile in sets:
             for c in _rotated(contenders, rep):
+                if scenario == "dns_forward" and not c.forwards:
+                    continue
                 key = f"{scenario}/{c.name}"
                 host, port = c.targets["dns"]
+                lc = c.load_cpus or s.load_cpu
                 try:
-                    fig = _measure(c, lambda h=host, p=port, q=qfile: load.dnsperf(  # type: ignore[misc]
-                        h, p, q, s.load_cpu, s.seconds), s.subject_cpu, s.load_cpu)
+                    fig = _measure(c, lambda h=host, p=port, q=qfile, lc=lc: load.dnsperf(  # type: ignore[misc]
+                        h, p, q, lc, s.seconds), c.cpus or s.subject_cpu, lc)
                 except BenchError as e:
                     errors[key] = str(e)
                     s.log(f"  {key}: FAILED {str(e).splitlines()[0]}")
@@ -172,20 +178,24 @@ def dns_scenarios(contenders: list[Contender], s: Settings, cluster_q: Path, for
     # Latency at one fixed offered load for all: 30% of the slowest contender's median
     # saturation rate, so every server has headroom and p99 measures service time, not queueing.
     for scenario, qfile in sets:
+        # One-process contenders set the rate (the two-process ones share the load's CPU).
         rates = [load.median([x["qps"] for x in samples
                               if x["scenario"] == scenario and x["contender"] == c.name])
-                 for c in contenders]
+                 for c in contenders if c.cpus is None]
         rates = [r for r in rates if r == r]  # drop NaN
         if not rates:
             continue
         rate = max(100, int(min(rates) * 0.3))
         for rep in range(s.reps):
             for c in _rotated(contenders, rep):
+                if scenario == "dns_forward" and not c.forwards:
+                    continue
                 key = f"{scenario}_latency/{c.name}"
                 host, port = c.targets["dns"]
                 try:
-                    fig = _measure(c, lambda h=host, p=port, q=qfile, r=rate: load.dnsperf(  # type: ignore[misc]
-                        h, p, q, s.load_cpu, s.latency_seconds, rate=r), s.subject_cpu, s.load_cpu)
+                    lc = c.load_cpus or s.load_cpu
+                    fig = _measure(c, lambda h=host, p=port, q=qfile, r=rate, lc=lc: load.dnsperf(  # type: ignore[misc]
+                        h, p, q, lc, s.latency_seconds, rate=r), c.cpus or s.subject_cpu, lc)
                 except BenchError as e:
                     errors[key] = str(e)
                     s.log(f"  {key}: FAILED {str(e).splitlines()[0]}")

@@ -198,8 +198,10 @@ class Daemon:
 
         worker = self.worker_fd is not None
         vip_mode = o.vip_mode or default_vip_mode()
-        self.workers = 1 if worker or not o.proxy else (o.workers or default_workers(vip_mode))
-        if self.workers > 1 and vip_mode != "tproxy":
+        # DNS alone shares its binds in any mode; the proxy only tproxy mode's listeners.
+        self.workers = 1 if worker else (
+            o.workers or default_workers(vip_mode if o.proxy else "tproxy"))
+        if self.workers > 1 and o.proxy and vip_mode != "tproxy":
             log.warning("one worker: only tproxy mode's listeners are shared", vip_mode=vip_mode,
                         workers=self.workers)
             self.workers = 1

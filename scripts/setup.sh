@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   iproute2 procps iputils-ping curl dnsutils socat netcat-openbsd nftables
-  wrk iperf3 dnsperf dnsmasq-base haproxy nginx libnginx-mod-stream systemd
+  wrk iperf3 dnsperf dnsmasq-base haproxy nginx libnginx-mod-stream nsd systemd
   musl-tools  # musl-gcc: the DNS tests build a getaddrinfo client against musl
   # The test node (tests/peers/node.py): runtime, CNI plugins, and the images' Debian base.
   containerd runc containernetworking-plugins debootstrap iptables
@@ -24,7 +24,7 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # nginx and haproxy are benchmark peers, containerd the test node's runtime: started on
   # demand, never system services.
-  for svc in nginx haproxy dnsmasq containerd; do
+  for svc in nginx haproxy dnsmasq nsd containerd; do
     $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || $SUDO service "$svc" stop >/dev/null 2>&1 || true
   done
 fi
