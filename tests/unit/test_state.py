@@ -346,3 +346,42 @@ def test_zone_and_node_hints_reach_the_endpoints() -> None:
     got = [(e.zone_hints, e.node_hints) for e in info.ports[0].endpoints]
     assert got == [(frozenset({"z1", "z2"}), frozenset({"n1"})), (frozenset({"z1"}), None),
                    (None, None)]
+
+
+def test_a_mirror_follows_every_published_change_through_pickling() -> None:
+    # A worker's state (kubeshim/workers.py) takes what the control process's state published,
+    # after a trip through pickle, and tells its own subscribers the same.
+    import pickle
+
+    from kubeshim.cluster.model import Node
+
+    node = decode("Node", {"metadata": {"name": "n1", "labels": {
+        "topology.kubernetes.io/zone": "z1"}}})
+    assert isinstance(node, Node)
+    control, mirror = ClusterState(node_name="n1"), ClusterState(node_name="n1")
+    sent: list[bytes] = []
+    seen: list[Sequence[ServiceChange]] = []
+    nodes: list[tuple[Any, Any]] = []
+    control.subscribe(lambda ch: sent.append(pickle.dumps(
+        (list(ch), control.node, control.node_deleted, control.synced))))
+    mirror.subscribe(seen.append)
+    mirror.subscribe_node(lambda before, after: nodes.append((before, after)))
+
+    control.replace("Service", [svc(), svc("other", clusterIP="10.96.0.11")])
+    control.replace("EndpointSlice", [eps("web-1", ["10.0.0.1", "10.0.0.2"])])
+    control.apply([WatchEvent(EventType.ADDED, node)])  # no Service changes: nothing sent
+    control.apply([WatchEvent(EventType.DELETED, svc("other", clusterIP="10.96.0.11")),
+                   WatchEvent(EventType.MODIFIED, eps("web-1", ["10.0.0.3"]))])
+    assert not mirror.synced
+    for message in sent:
+        mirror.mirror(*pickle.loads(message))
+    assert mirror.synced
+    assert mirror.services == control.services
+    assert addresses(mirror) == ["10.0.0.3:8080"]
+    assert [sorted(str(c.key) for c in batch) for batch in seen] == [
+        ["default/other", "default/web"], ["default/web"], ["default/other", "default/web"]]
+    assert seen[-1][0].current is None or seen[-1][1].current is None  # "other" deleted
+    assert mirror.node == node and nodes == [(None, node)]
+    # A message repeating the current state changes nothing and tells no one.
+    mirror.mirror([], node, False, True)
+    assert len(seen) == 3 and len(nodes) == 1
