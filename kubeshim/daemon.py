@@ -278,12 +278,14 @@ class Daemon:
             await source_task
         if self.service_health is not None:
             await self.service_health.stop()
-        if self.pool is not None:
+        if self.pool is not None and self.proxier is not None:
             # Workers drain alongside; the capture table their connections use goes last.
             await asyncio.gather(
                 self.pool.stop(o.drain_timeout),
                 self.proxier.stop(o.drain_timeout, keep_addresses=self._handing_over,
                                   before_cleanup=self.pool.stopped))
+        elif self.pool is not None:
+            await self.pool.stop(o.drain_timeout)
         elif self.proxier is not None:
             # After a handover the new process serves the addresses: leave them in place.
             await self.proxier.stop(o.drain_timeout, keep_addresses=self._handing_over)
