@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,35 @@ async def test_failed_endpoint_is_retried_on_the_next(env: Env) -> None:
     assert names == [b"pod-1"] * 6
     port = env.proxier.status()["services"][0]["ports"][0]
     assert port["errors"]["connect_failed"] >= 3
+
+
+async def test_a_connect_that_hangs_times_out_and_goes_to_the_next(env: Env) -> None:
+    # BACKEND[0] listens but never accepts, and its accept queue is full: the kernel drops
+    # further SYNs, so a connect there hangs until tcp_connect_timeout (1 s here), then the
+    # connection is retried on BACKEND[1].
+    stuck = socket.socket()
+    stuck.bind((BACKEND[0], env.port))
+    stuck.listen(0)
+    fillers = [socket.socket() for _ in range(3)]
+    try:
+        for f in fillers:
+            f.setblocking(False)
+            f.connect_ex((BACKEND[0], env.port))
+        await asyncio.sleep(0.2)
+        env.servers.append(await name_server(BACKEND[1], env.port, "pod-1"))
+        env.publish([web(8080)],
+                    [web_slice(env.port, endpoint(BACKEND[0]), endpoint(BACKEND[1]))])
+        await env.settle()
+        started = time.monotonic()
+        names = [(await ask(env.vip(), 8080)).strip() for _ in range(2)]
+        assert names == [b"pod-1"] * 2
+        assert time.monotonic() - started >= 1.0  # one of them waited for the timeout
+        errors = env.proxier.status()["services"][0]["ports"][0]["errors"]
+        assert errors.get("connect_timeout", 0) >= 1 and "connect_failed" not in errors, errors
+    finally:
+        for f in fillers:
+            f.close()
+        stuck.close()
 
 
 async def test_endpoint_removed_keeps_established_connection(env: Env) -> None:
