@@ -23,7 +23,9 @@ Layout (cgroup v1 machines, 2 cores):
 Teardown, also after a crash of the inside: every process left in the node's cgroups (the
 runtime's shims and containers included) is killed, the cgroups removed, and the kernel
 settings the kubelet changes (vm.overcommit_memory, kernel.panic, kernel.panic_on_oops) put
-back. `node.py down --workdir DIR` does the same for a run whose `up` was killed outright.
+back by the last node of this host to end (nodes of several checkouts may run at once; the
+settings from before the first are kept in /run/kubeshim-node/sysctls.json).
+`node.py down --workdir DIR` does the same for a run whose `up` was killed outright.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import fcntl
 import json
 import os
 import secrets
@@ -78,6 +81,7 @@ KUBELET_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 READY_TIMEOUT = 300.0
 STATE_FILE = "node-state.json"
+SYSCTL_REGISTRY = Path("/run/kubeshim-node/sysctls.json")
 
 
 # --- Host state: cgroups and kernel settings ---------------------------------------------------
@@ -160,6 +164,51 @@ def restore_sysctls(saved: dict[str, str]) -> None:
         path = Path("/proc/sys") / key
         if path.read_text().strip() != value:
             path.write_text(value)
+
+
+@contextlib.contextmanager
+def _sysctl_registry() -> Iterator[dict[str, Any]]:
+    """The host's record of the kernel settings before any node ran, and the nodes (cgroup
+    names) running now, under a lock: nodes of other checkouts may run at the same time."""
+    SYSCTL_REGISTRY.parent.mkdir(parents=True, exist_ok=True)
+    with open(SYSCTL_REGISTRY.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            state = json.loads(SYSCTL_REGISTRY.read_text())
+        except (OSError, ValueError):
+            state = {}
+        # A node whose cgroups are gone has ended, cleanly or not.
+        state["nodes"] = [n for n in state.get("nodes", []) if (CGROUP_ROOT / "pids" / n).exists()
+                          or (CGROUP_ROOT / "memory" / n).exists()]
+        yield state
+        if state["nodes"]:
+            SYSCTL_REGISTRY.write_text(json.dumps(state))
+        else:
+            SYSCTL_REGISTRY.unlink(missing_ok=True)
+
+
+def hold_sysctls(cgroup: str) -> dict[str, str]:
+    """Record `cgroup` as a running node; returns the settings to put back when the last
+    running node ends (read now when no other node runs)."""
+    with _sysctl_registry() as state:
+        if not state["nodes"]:
+            state["saved"] = read_sysctls()
+        state["nodes"].append(cgroup)
+        return dict(state["saved"])
+
+
+def release_sysctls(cgroup: str, saved: dict[str, str]) -> None:
+    """`cgroup` has ended: the last running node puts the settings back."""
+    with _sysctl_registry() as state:
+        state["nodes"] = [n for n in state["nodes"] if n != cgroup]
+        if not state["nodes"]:
+            restore_sysctls(state.get("saved", saved))
+
+
+def sysctl_holders() -> list[str]:
+    """The nodes running now on this host (their cgroup names)."""
+    with _sysctl_registry() as state:
+        return list(state["nodes"])
 
 
 # --- Credentials for the kubelet's server -------------------------------------------------------
@@ -547,7 +596,7 @@ class Cluster:
                 raise RuntimeError(f"{tool} is not installed (scripts/setup.sh installs it)")
         began = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.sysctls = read_sysctls()
+        self.sysctls = hold_sysctls(self.cgroup)
         (self.workdir / STATE_FILE).write_text(json.dumps(
             {"cgroup": self.cgroup, "sysctls": self.sysctls}))
         try:
@@ -642,7 +691,7 @@ class Cluster:
 def teardown(cgroup: str, sysctls: dict[str, str]) -> list[str]:
     """Kill what is left in the node's cgroups, remove them, restore the kernel settings."""
     left = remove_cgroups(cgroup)
-    restore_sysctls(sysctls)
+    release_sysctls(cgroup, sysctls)
     return left
 
 
