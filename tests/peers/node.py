@@ -478,7 +478,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             if got.returncode == 0:
                 conds = {c["type"]: c["status"] for c in json.loads(got.stdout)["status"].get(
                     "conditions", [])}
-                if conds.get("Ready") == "True":
+                # Pods are admitted only once the controller manager has made the
+                # namespace's default ServiceAccount.
+                if conds.get("Ready") == "True" and self.cp.kubectl(
+                        "get", "serviceaccount", "default", "-n", "default",
+                        check=False).returncode == 0:
                     return
             time.sleep(0.5)
         raise RuntimeError(f"node {NODE_NAME} not Ready after {timeout:.0f}s:\n"
