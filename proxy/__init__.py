@@ -1,13 +1,20 @@
-"""The data plane: VIP plumbing, listeners, endpoint selection, TCP and UDP forwarding.
+"""The data plane: capturing Service traffic, listeners, endpoint choice, TCP and UDP forwarding.
 
-    config.py     ProxyConfig, what the daemon decides
-    proxier.py    Proxier: state diffs -> port tables, VIPs and listeners (syncProxyRules shape)
-    listeners.py  desired listeners of a Service and the diff to apply (sans-IO)
-    topology.py   categorize_endpoints: ready / serving-terminating, cluster vs local (sans-IO)
-    balancer.py   round robin, random, least connections; ClientIP affinity table (sans-IO)
-    table.py      PortTable: one service port's live endpoints, balancer, affinity, counters
-    tcp.py        TCP forwarding with asyncio Protocols, backpressure and half-close
-    udp.py        UDP flows: one connected upstream socket per client address
-    vip.py        the VIP interface (netlink), the loopback mapping, NodePort addresses
-    metrics.py    hot-path counters and their prometheus Collector; kube-proxy sync metrics
+    config.py       ProxyConfig, what the daemon decides
+    proxier.py      Proxier: state diffs -> port tables and what serves them (syncProxyRules shape)
+    runtime.py      ServiceRuntime and Listener: the sockets and addresses a Service holds
+    status.py       the /status document and the counts worker processes report
+    capture.py      tproxy mode: Service tuples -> verdicts -> one nftables table (sans-IO)
+    transparent.py  tproxy mode: the transparent listeners, nft transactions, policy routing
+    listeners.py    interface/loopback modes: desired listeners of a Service and the diff (sans-IO)
+    vip.py          the VIP interface (netlink), the loopback mapping, NodePort addresses
+    topology.py     categorize_endpoints: ready / serving-terminating, topology, local (sans-IO)
+    balancer.py     round robin, random, least connections; ClientIP affinity table (sans-IO)
+    table.py        PortTable: one service port's live endpoints, balancer, affinity, counters
+    tcp.py          TCP forwarding with asyncio Protocols, backpressure and half-close
+    udp.py          UDP flows: one connected upstream socket per client address
+    budget.py       caps on connections and UDP flows, in total and per client (sans-IO)
+    healthcheck.py  health-check nodePorts of externalTrafficPolicy: Local Services
+    sctp.py         whether this kernel can carry SCTP
+    metrics.py      hot-path counters and their prometheus Collector; kube-proxy sync metrics
 """

@@ -10,12 +10,10 @@ of endpoints that went away). An endpoint change touches one port table and no s
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import resource
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -23,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.model import NamespacedName, Node, ServicePortName
 from kubeshim.cluster.netaddr import ip_family
-from kubeshim.cluster.state import ClusterState, EndpointInfo, ServiceChange, ServiceInfo
+from kubeshim.cluster.state import ClusterState, ServiceChange, ServiceInfo
 from kubeshim.proxy.balancer import Clock, EndpointKey
 from kubeshim.proxy.budget import Budget, caps_for_limit
 from kubeshim.proxy.capture import CaptureEntry, PortEndpoints, Verdict, capture_entries
@@ -36,7 +34,9 @@ from kubeshim.proxy.listeners import (
     vips_of,
 )
 from kubeshim.proxy.metrics import PortCounters, ProxyMetrics
+from kubeshim.proxy.runtime import Listener, ServiceRuntime, TableKey, bind_error
 from kubeshim.proxy.sctp import sctp_problem
+from kubeshim.proxy.status import WorkerReport, add_counts, port_key, status_document
 from kubeshim.proxy.table import PortTable
 from kubeshim.proxy.tcp import ClientSide, TcpFrontend, listen_socket
 from kubeshim.proxy.transparent import Capture, CaptureError, Target
@@ -54,67 +54,10 @@ from kubeshim.proxy.vip import (
 
 log = get_logger("proxy")
 
-TableKey = tuple[ServicePortName, int]  # (service port, IP family)
-
 RETRY_MIN = 1.0
 RETRY_MAX = 30.0
 HOUSEKEEPING_PERIOD = 60.0
 SYNCED_POLL = 0.05
-
-
-class Listener:
-    """One open socket serving one ListenerSpec."""
-
-    def __init__(self, spec: ListenerSpec, table: PortTable) -> None:
-        self.spec = spec
-        self.table = table
-        self.server: asyncio.AbstractServer | None = None
-        self.tcp: TcpFrontend | None = None
-        self.udp: UdpFrontend | None = None
-
-    def retarget(self, spec: ListenerSpec, table: PortTable) -> None:
-        """Serve another spec on the same socket (e.g. a renamed port): no close and rebind."""
-        if self.udp is not None:
-            self.udp.drop_all()  # flows belong to the old table
-        self.spec = spec
-        self.table = table
-        frontend = self.tcp or self.udp
-        assert frontend is not None
-        frontend.table = table
-        frontend.external = spec.external
-
-    def close(self) -> None:
-        # Closing a TCP server stops accepting; established connections carry on.
-        if self.server is not None:
-            self.server.close()
-        if self.udp is not None:
-            self.udp.close()
-
-
-@dataclass
-class ServiceRuntime:
-    key: NamespacedName
-    info: ServiceInfo | None = None
-    listeners: dict[ListenerKey, Listener] = field(default_factory=dict)
-    desired: dict[ListenerKey, ListenerSpec] = field(default_factory=dict)
-    vips: set[str] = field(default_factory=set)
-    errors: dict[str, str] = field(default_factory=dict)  # what -> why
-    ports: set[TableKey] = field(default_factory=set)  # its entries in Proxier.tables
-    capture: list[CaptureEntry] = field(default_factory=list)  # tproxy mode
-    endpoint_ips: set[str] = field(default_factory=set)  # tproxy mode: for capture loops
-    retries: int = 0
-
-
-def _bind_error(e: OSError, spec: ListenerSpec) -> str:
-    k = spec.key
-    if e.errno == errno.EADDRINUSE:
-        return f"{k} is already in use by another socket"
-    if e.errno == errno.EACCES:
-        return (f"{k}: permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE "
-                "(or sysctl net.ipv4.ip_unprivileged_port_start=0)")
-    if e.errno == errno.EADDRNOTAVAIL:
-        return f"{k}: address {k.ip} is not assigned on this node"
-    return f"{k}: {e.strerror or e}"
 
 
 class Proxier:
@@ -378,7 +321,11 @@ class Proxier:
         self._retry_handles[key] = self._loop.call_later(delay, retry)
 
     async def _sync_service(self, key: NamespacedName) -> bool:
-        """Bring one Service's tables and listeners up to date; False if not all served."""
+        """Bring one Service up to date; False if not all of it is served (it is retried).
+
+        The steps: port tables (endpoints), then what serves them (listeners and addresses, or
+        capture entries in tproxy mode), then the tables of ports that went away, then errors.
+        """
         info = self.state.services.get(key)
         rt = self.services.get(key)
         if rt is None:
@@ -387,45 +334,69 @@ class Proxier:
             rt = self.services[key] = ServiceRuntime(key)
         rt.info = info
         errors: dict[str, str] = {}
-        desired: dict[ListenerKey, ListenerSpec] = {}
-        port_names: set[TableKey] = set()
-        if info is not None and info.proxied:
-            families = sorted({ip_family(ip) for ip in info.service.cluster_ips})
-            if self.capture is None:
-                desired, problems = desired_listeners(info, self.node_ips, self.vip_address)
-            else:  # tproxy mode: rules, no listeners (only the ports it cannot serve matter)
-                problems = [(spi.name, sctp_problem()) for spi in info.ports
-                            if spi.spec.protocol == "SCTP"]
-            for name, reason in problems:
-                errors[f"port {name}"] = reason
-                if (name, reason) not in self._reported:
-                    self._reported.add((name, reason))
-                    log.warning("service port not served", service=str(key), port=name.port,
-                                protocol=name.protocol, reason=reason)
-            # Port tables first, so listeners opened below find them (endpoints change here).
-            for spi in info.ports:
-                if spi.spec.protocol == "SCTP":
-                    continue
-                counters = self.counters.setdefault(spi.name, PortCounters())
-                for family in families:
-                    tkey = (spi.name, family)
-                    port_names.add(tkey)
-                    table = self.tables.get(tkey)
-                    if table is None:
-                        table = self.tables[tkey] = PortTable(
-                            spi, family, self.config.balance, self._clock, counters)
-                        table.node_addresses = self._local_ips
-                        if self.capture is not None:
-                            table.local_pod = self.capture.sources.local_pod
-                    stale = table.update(info.service, spi, self.config.node_name,
-                                         self.state.node_zone)
-                    if stale:
-                        self._drop_udp_flows(rt, spi.name, stale)
-
+        desired, port_names = self._update_tables(rt, info, errors)
         if self.capture is not None:
             # tproxy mode: rules instead of listeners and addresses.
             self._sync_capture(rt, info, errors)
             desired = {}
+        await self._apply_listeners(rt, desired, errors)
+        self._drop_ports(rt, port_names)
+        self._record_errors(rt, errors)
+        if info is None:
+            del self.services[key]
+            if (h := self._retry_handles.pop(key, None)) is not None:
+                h.cancel()
+            return True
+        # A Service that can never be served (e.g. SCTP only) does not retry.
+        return all(k in rt.listeners for k in desired)
+
+    def _update_tables(self, rt: ServiceRuntime, info: ServiceInfo | None,
+                       errors: dict[str, str]
+                       ) -> tuple[dict[ListenerKey, ListenerSpec], set[TableKey]]:
+        """Port tables of a proxied Service take its endpoints (before listeners open, so that
+        they find them); returns the listeners it wants and its (port, family) tables."""
+        desired: dict[ListenerKey, ListenerSpec] = {}
+        port_names: set[TableKey] = set()
+        if info is None or not info.proxied:
+            return desired, port_names
+        families = sorted({ip_family(ip) for ip in info.service.cluster_ips})
+        if self.capture is None:
+            desired, problems = desired_listeners(info, self.node_ips, self.vip_address)
+        else:  # tproxy mode: rules, no listeners (only the ports it cannot serve matter)
+            problems = [(spi.name, sctp_problem()) for spi in info.ports
+                        if spi.spec.protocol == "SCTP"]
+        for name, reason in problems:
+            errors[f"port {name}"] = reason
+            if (name, reason) not in self._reported:
+                self._reported.add((name, reason))
+                log.warning("service port not served", service=str(rt.key), port=name.port,
+                            protocol=name.protocol, reason=reason)
+        for spi in info.ports:
+            if spi.spec.protocol == "SCTP":
+                continue
+            counters = self.counters.setdefault(spi.name, PortCounters())
+            for family in families:
+                tkey = (spi.name, family)
+                port_names.add(tkey)
+                table = self.tables.get(tkey)
+                if table is None:
+                    table = self.tables[tkey] = PortTable(
+                        spi, family, self.config.balance, self._clock, counters)
+                    table.node_addresses = self._local_ips
+                    if self.capture is not None:
+                        table.local_pod = self.capture.sources.local_pod
+                stale = table.update(info.service, spi, self.config.node_name,
+                                     self.state.node_zone)
+                if stale:
+                    self._drop_udp_flows(rt, spi.name, stale)
+        return desired, port_names
+
+    async def _apply_listeners(self, rt: ServiceRuntime,
+                               desired: dict[ListenerKey, ListenerSpec],
+                               errors: dict[str, str]) -> None:
+        """Close, retarget and open sockets; assign Service addresses before binding them and
+        release the unused ones after closing."""
+        key = rt.key
         close, open_ = diff_listeners({k: li.spec for k, li in rt.listeners.items()}, desired)
         for k in close:
             if k in desired and (table := self.tables.get(
@@ -436,7 +407,6 @@ class Proxier:
             if self._owners.get(k) == key:
                 del self._owners[k]
             log.info("listener closed", service=str(key), address=str(k))
-        # Service addresses: assign new ones before binding, release unused ones after closing.
         wanted_vips = vips_of(desired)
         for ip in rt.vips - wanted_vips:
             await self._release_vip(ip, key)
@@ -464,33 +434,33 @@ class Proxier:
                 log.info("listener opened", service=str(key), address=str(spec.key),
                          kind=spec.kind)
             except OSError as e:
-                errors[str(spec.key)] = _bind_error(e, spec)
+                errors[str(spec.key)] = bind_error(e, spec)
         rt.desired = desired
-        # Tables of ports that went away (their listeners are closed above).
+
+    def _drop_ports(self, rt: ServiceRuntime, port_names: set[TableKey]) -> None:
+        """Tables and counters of ports the Service no longer has (their sockets are closed)."""
         for tkey in rt.ports - port_names:
             del self.tables[tkey]
         for name in {n for n, _ in rt.ports} - {n for n, _ in port_names}:
             self.counters.pop(name, None)
         rt.ports = port_names
+
+    def _record_errors(self, rt: ServiceRuntime, errors: dict[str, str]) -> None:
+        """Log what started or stopped failing, once each, and tell who cares (DNS answers
+        only addresses that are served)."""
+        key = rt.key
         for what, why in errors.items():
             if rt.errors.get(what) != why:
                 log.error("cannot serve", service=str(key), what=what, reason=why)
         for what in rt.errors.keys() - errors.keys():
             log.info("serving again", service=str(key), what=what)
         if errors.keys() != rt.errors.keys() and self.served_changed is not None:
-            self.served_changed(key)  # e.g. DNS answers only addresses that are served
+            self.served_changed(key)
         rt.errors = errors
         if errors:
             self._failing.add(key)
         else:
             self._failing.discard(key)
-        if info is None:
-            del self.services[key]
-            if (h := self._retry_handles.pop(key, None)) is not None:
-                h.cancel()
-            return True
-        # A Service that can never be served (e.g. SCTP only) does not retry.
-        return not any(k not in rt.listeners for k in desired)
 
     def _port_endpoints(self, name: ServicePortName, family: int) -> PortEndpoints:
         table = self.tables.get((name, family))
@@ -635,6 +605,9 @@ class Proxier:
         return (f"{spec.service_ip} maps to loopback address {spec.key.ip}, which serves "
                 f"{owner} (service {users}); loopback mode keeps only the low 22 bits")
 
+    def status(self) -> dict[str, Any]:
+        return status_document(self)
+
     def _counter_rows(self) -> Iterable[tuple[str, str, str, PortCounters]]:
         for name in self.counters:
             yield str(name.service), name.port, name.protocol, self.port_counters(name)
@@ -677,7 +650,7 @@ class Proxier:
                 add_counts(merged, d)
         return merged
 
-    def _peer_active(self, table: PortTable, key: EndpointKey) -> int:
+    def peer_active(self, table: PortTable, key: EndpointKey) -> int:
         name = f"{port_key(table.name)}/{table.family}"
         ep = f"{key[0]}/{key[1]}"
         return sum(r["active"].get(name, {}).get(ep, 0) for r in self.peers.values())
@@ -687,116 +660,7 @@ class Proxier:
                     for li in rt.listeners.values() if li.udp is not None)
                 + (sum(len(u.flows) for u in self.capture.udp) if self.capture is not None else 0))
 
-    def status(self) -> dict[str, Any]:
-        services = []
-        for key in sorted(self.services):
-            rt = self.services[key]
-            ports = []
-            info = rt.info
-            for spi in info.ports if info is not None else ():
-                tables = [t for f in (4, 6) if (t := self.tables.get((spi.name, f))) is not None]
-                listeners = sorted(str(k) for k, li in rt.listeners.items()
-                                   if li.spec.port_name == spi.name)
-                entry: dict[str, Any] = {
-                    "name": spi.name.port, "port": spi.spec.port,
-                    "protocol": spi.spec.protocol, "nodePort": spi.spec.node_port or None,
-                    "listeners": listeners,
-                }
-                if self.capture is not None:
-                    entry["capture"] = [
-                        {"address": str(e), "kind": e.kind, "verdict": str(e.verdict),
-                         **({"sourceRanges": list(e.source_ranges)} if e.source_ranges else {})}
-                        for e in rt.capture if e.port_name == spi.name]
-                if tables:
-                    entry["endpoints"] = [
-                        _endpoint_status(table, ep, self._peer_active if self.peers else None)
-                        for table in tables for ep in table.endpoints
-                    ]
-                    table = tables[0]
-                    # The topology kube-proxy would apply (PreferSameNode / PreferSameZone).
-                    entry["topology"] = table.categorized.topology or None
-                    c = self.port_counters(table.name)
-                    entry.update(c.as_dict())
-                    entry["active"] = c.connections_active + c.flows_active
-                    entry["connections"] = c.connections_total
-                    entry["errors"] = dict(c.errors)
-                    if table.affinity is not None:
-                        entry["affinity"] = {"timeoutSeconds": table.affinity.timeout,
-                                             "clients": len(table.affinity)}
-                ports.append(entry)
-            services.append({
-                "name": str(key),
-                "clusterIPs": info.service.cluster_ips if info else [],
-                "servedAt": {ip: self.served_address(ip) for ip in sorted(rt.vips)},
-                "ports": ports,
-                "errors": [f"{what}: {why}" for what, why in sorted(rt.errors.items())],
-            })
-        return {
-            "vipMode": self.config.vip_mode,
-            "vipInterface": self.config.vip_interface if self.vips is not None else None,
-            "capture": ({"table": "inet kubeshim", "port": self.capture.listen.port,
-                         "families": self.capture.families,
-                         "transactions": self.capture.transactions}
-                        if self.capture is not None else None),
-            "nodePortAddresses": self.node_ips,
-            "synced": self.state.synced,
-            "services": services,
-            "connections": len(self.connections)
-            + sum(r["connections"] for r in self.peers.values()),
-            "udpFlows": self._udp_flows() + sum(r["udpFlows"] for r in self.peers.values()),
-            "workers": ({"configured": self.config.workers,
-                         "serving": 1 + sum(bool(r["serving"]) for r in self.peers.values())}
-                        if self.config.workers > 1 else None),
-            "budget": {"tcpConnections": self.tcp_budget.status(),
-                       "udpFlows": self.udp_budget.status()},
-        }
 
 
 def _has_zone_hints(info: ServiceInfo) -> bool:
     return any(ep.zone_hints for spi in info.ports for ep in spi.endpoints)
-
-
-def _endpoint_status(table: PortTable, ep: EndpointInfo,
-                     peer_active: Callable[[PortTable, EndpointKey], int] | None = None
-                     ) -> dict[str, Any]:
-    key = (ep.ip, ep.port)
-    used = [w for w, eps in (("internal", table.internal), ("external", table.external))
-            if any((e.ip, e.port) == key for e in eps)]
-    active = table.active.get(key, 0) + (peer_active(table, key) if peer_active else 0)
-    return {"address": ep.address,
-            "state": _endpoint_state(ep.ready, ep.serving, ep.terminating),
-            "node": ep.node_name, "usedFor": used, "active": active}
-
-
-# A worker's report: {"ports": {port_key: PortCounters.as_dict()}, "active": {port_key/family:
-# {ip/port: n}}, "connections": n, "udpFlows": n}. Plain data: it crosses a process boundary.
-WorkerReport = dict[str, Any]
-
-
-def port_key(name: ServicePortName) -> str:
-    return f"{name.service}/{name.port}/{name.protocol}"
-
-
-def add_counts(into: PortCounters, d: dict[str, Any], totals_only: bool = False) -> None:
-    """Add the counters of `d` (PortCounters.as_dict()) into `into`; `totals_only` leaves out
-    the gauges (open connections and flows)."""
-    into.connections_total += d["connectionsTotal"]
-    into.bytes_in += d["bytesIn"]
-    into.bytes_out += d["bytesOut"]
-    into.datagrams_in += d["datagramsIn"]
-    into.datagrams_out += d["datagramsOut"]
-    if not totals_only:
-        into.connections_active += d["connectionsActive"]
-        into.flows_active += d["flowsActive"]
-    for reason, n in d["errors"].items():
-        into.errors[reason] = into.errors.get(reason, 0) + n
-
-
-def _endpoint_state(ready: bool, serving: bool, terminating: bool) -> str:
-    if ready:
-        return "ready"
-    if serving and terminating:
-        return "serving-terminating"
-    if terminating:
-        return "terminating"
-    return "not-ready"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -109,9 +108,3 @@ async def udp_name_server(ip: str, port: int, name: str) -> asyncio.DatagramTran
     transport, _ = await loop.create_datagram_endpoint(
         lambda: UdpNameServer(name.encode()), local_addr=(ip, port))
     return transport
-
-
-def free_port(ip: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((ip, 0))
-        return int(s.getsockname()[1])

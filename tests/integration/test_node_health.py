@@ -13,7 +13,8 @@ from pathlib import Path
 from kubeshim.cluster.sources.manifests import ManifestSource
 from kubeshim.cluster.state import ClusterState
 from kubeshim.ops import Health, build_apps, serve
-from tests.integration.test_ops_endpoints import curl, free_port
+from tests.integration.test_ops_endpoints import curl
+from tests.ports import free_port
 
 NODE = """\
 apiVersion: v1

@@ -22,17 +22,13 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.ports import free_dns_port, free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 NODE = "test-node"
 # Addresses of this run (distinct per pid, so parallel runs do not collide).
 NET = f"127.77.{os.getpid() % 250}"
 CLUSTER_IP = f"10.100.{os.getpid() % 250}.7"
-
-
-def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def run(*argv: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
@@ -87,7 +83,7 @@ class Daemon:
     def __init__(self, tmp: Path, extra: list[str] | None = None, config: str | None = None
                  ) -> None:
         self.healthz, self.metrics = free_port(), free_port()
-        self.dns = free_port(kind=socket.SOCK_DGRAM)
+        self.dns = free_dns_port()
         self.hc = free_port()
         self.manifests = tmp / "manifests"
         self.manifests.mkdir(exist_ok=True)

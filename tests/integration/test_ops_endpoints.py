@@ -13,12 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubeshim.ops import Health, build_apps, go_time, serve
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.ports import free_port
 
 
 async def curl(url: str) -> tuple[int, dict[str, str], str]:

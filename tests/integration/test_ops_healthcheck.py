@@ -12,14 +12,9 @@ import pytest
 from kubeshim.cluster.model import decode
 from kubeshim.cluster.state import ClusterState, EventType, WatchEvent
 from kubeshim.proxy.healthcheck import ServiceHealthServer, wanted_health_check
+from tests.ports import free_port
 
 NODE = "node-a"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def service(name: str, hc_port: int, policy: str = "Local", labels: dict[str, str] | None = None,

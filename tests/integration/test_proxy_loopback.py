@@ -23,10 +23,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from kubeshim.cluster.state import ClusterState
 from kubeshim.proxy.config import ProxyConfig
 from kubeshim.proxy.proxier import Proxier
+from tests.ports import free_port
 from tests.proxy_helpers import (
     endpoint,
     endpoint_slice,
-    free_port,
     name_server,
     service,
     udp_name_server,

@@ -23,16 +23,12 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.ports import free_dns_port, free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 NET = f"127.78.{os.getpid() % 250}"
 SVC_NET = f"10.101.{os.getpid() % 250}"
 PER_CLIENT = 20
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run(*argv: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
@@ -75,7 +71,7 @@ def objects(name: str, ip: str, backend: int) -> list[dict[str, Any]]:
 class Daemon:
     def __init__(self, tmp: Path) -> None:
         self.healthz, self.metrics = free_port(), free_port()
-        self.dns = free_port(socket.SOCK_DGRAM)
+        self.dns = free_dns_port()
         self.manifests = tmp / "manifests"
         self.manifests.mkdir()
         for name, n in (("web", 1), ("api", 2)):
@@ -101,7 +97,7 @@ metricsBindAddress: 127.0.0.1:{self.metrics}
 logging: {{verbosity: {4 if level == "debug" else 2}}}
 dns:
   binds: ["127.0.0.1:{self.dns}"]
-  upstreams: ["127.0.0.1:{free_port(socket.SOCK_DGRAM)}"]
+  upstreams: ["127.0.0.1:{free_port(kind=socket.SOCK_DGRAM)}"]
 {extra}""")
 
     def status(self) -> dict[str, Any]:

@@ -24,16 +24,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.ports import free_dns_port, free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 NET = f"127.80.{os.getpid() % 250}"
 CLUSTER_IP = f"10.104.{os.getpid() % 250}.1"
 NAME = "web.default.svc.cluster.local"
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def query(name: str, qid: int) -> bytes:
@@ -88,10 +84,10 @@ def node(tmp_path: Path) -> Iterator[dict[str, object]]:
     ]))
     backend = subprocess.Popen([sys.executable, str(ROOT / "examples/backend.py"), "b1",
                                 f"{NET}.1", "18080"], start_new_session=True)
-    dns = free_port(socket.SOCK_DGRAM)
+    dns = free_dns_port()
     argv = [sys.executable, "-m", "kubeshim", "run", "--manifests", str(manifests),
             "--vip-mode", "loopback", "--dns-bind", f"127.0.0.1:{dns}",
-            "--upstream", f"127.0.0.1:{free_port(socket.SOCK_DGRAM)}",
+            "--upstream", f"127.0.0.1:{free_port(kind=socket.SOCK_DGRAM)}",
             "--healthz-bind-address", f"127.0.0.1:{free_port()}",
             "--metrics-bind-address", f"127.0.0.1:{free_port()}",
             "--control-socket", str(tmp_path / "control.sock"), "--drain-timeout", "5"]
