@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from kubeshim.cluster.model import ServicePortName
+from kubeshim.cluster.netaddr import ip_family
 from kubeshim.cluster.state import ServiceInfo
 
 TABLE = "kubeshim"
@@ -88,10 +89,6 @@ class PortEndpoints:
     external: bool  # for NodePort / externalIP / LoadBalancer traffic
 
 
-def _family(ip: str) -> int:
-    return 6 if ":" in ip else 4
-
-
 def _verdict(ends: PortEndpoints, external: bool) -> Verdict:
     # proxier.go: no endpoints at all -> reject; endpoints, but none for this kind of
     # traffic (a Local policy) -> drop.
@@ -109,27 +106,28 @@ def capture_entries(
     if not info.proxied:
         return []
     svc = info.service
-    families = {_family(ip) for ip in svc.cluster_ips}
+    families = {ip_family(ip) for ip in svc.cluster_ips}
     proxy_ips = set(svc.proxy_mode_ips)
     ranges = tuple(r.strip() for r in svc.spec.load_balancer_source_ranges if r.strip())
     addresses = [("ClusterIP", ip) for ip in svc.cluster_ips]
     # An address of a family the Service does not have is ignored, as by kube-proxy's
     # per-family proxiers.
-    addresses += [("ExternalIP", ip) for ip in svc.spec.external_ips if _family(ip) in families]
+    addresses += [("ExternalIP", ip) for ip in svc.spec.external_ips if ip_family(ip) in families]
     addresses += [("LoadBalancer", ip) for ip in [*svc.load_balancer_ips, *svc.proxy_mode_ips]
-                  if _family(ip) in families]
+                  if ip_family(ip) in families]
     out: dict[tuple[int, str, str, int], CaptureEntry] = {}
     for spi in info.ports:
         sp = spi.spec
         if sp.protocol == "SCTP":
             continue
         for kind, ip in addresses:
-            family = _family(ip)
+            family = ip_family(ip)
             if kind == "LoadBalancer" and ip in proxy_ips:
                 verdict = Verdict.NOT_CAPTURED
             else:
                 verdict = _verdict(endpoints(spi.name, family), kind != "ClusterIP")
-            fw = tuple(r for r in ranges if _family(r) == family) if kind == "LoadBalancer" else ()
+            fw = (tuple(r for r in ranges if ip_family(r) == family) if kind == "LoadBalancer"
+                  else ())
             if kind == "LoadBalancer" and ranges and not fw:
                 fw = ("0.0.0.0/32",) if family == 4 else ("::/128",)  # no range of this family
             entry = CaptureEntry(kind, family, ip, sp.protocol, sp.port, verdict, spi.name, fw)
@@ -165,11 +163,11 @@ class Elements:
 
 
 def _ip_kw(ip: str) -> str:
-    return "ip6" if _family(ip) == 6 else "ip"
+    return "ip6" if ip_family(ip) == 6 else "ip"
 
 
 def _host(ip: str) -> str:
-    return f"[{ip}]" if _family(ip) == 6 else ip
+    return f"[{ip}]" if ip_family(ip) == 6 else ip
 
 
 def _proto(p: str) -> str:
@@ -198,7 +196,7 @@ def elements_of(entries: Iterable[CaptureEntry], cluster_ips: Iterable[str]) -> 
                 net = ipaddress.ip_network(r, strict=False)
                 out.add(f"firewall-allow{f}", f"{_tuple(e)} . {net}")
     for ip in cluster_ips:
-        out.add(f"cluster-ips{_family(ip)}", ip)
+        out.add(f"cluster-ips{ip_family(ip)}", ip)
     return out
 
 
@@ -236,8 +234,8 @@ class Ruleset:
         m, b, lp = f"0x{CAPTURE_MARK:x}", f"0x{BYPASS_MARK:x}", self.listen
         np4 = np6 = ""
         if self.nodeport_cidrs:
-            v4 = [c for c in self.nodeport_cidrs if _family(c) == 4]
-            v6 = [c for c in self.nodeport_cidrs if _family(c) == 6]
+            v4 = [c for c in self.nodeport_cidrs if ip_family(c) == 4]
+            v6 = [c for c in self.nodeport_cidrs if ip_family(c) == 6]
             np4 = f"ip daddr {{ {', '.join(v4)} }} " if v4 else None  # type: ignore[assignment]
             np6 = f"ip6 daddr {{ {', '.join(v6)} }} " if v6 else None  # type: ignore[assignment]
         nodeports = []
@@ -311,7 +309,7 @@ class Ruleset:
         lines = [f"table inet {TABLE}", f"delete table inet {TABLE}", f"table inet {TABLE} {{"]
         cidrs = Elements()
         for c in self.cluster_cidrs:
-            cidrs.add(f"cluster-cidr{_family(c)}", str(ipaddress.ip_network(c, strict=False)))
+            cidrs.add(f"cluster-cidr{ip_family(c)}", str(ipaddress.ip_network(c, strict=False)))
         for name, (type_, flags) in _SETS.items():
             kind = "map" if ":" in type_ else "set"
             lines.append(f"  {kind} {name} {{")

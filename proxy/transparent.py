@@ -32,6 +32,7 @@ from typing import Any
 from kubeshim.cluster import handover
 from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.model import NamespacedName, ServicePort, ServicePortName
+from kubeshim.cluster.netaddr import ip_family, socket_family
 from kubeshim.cluster.state import EndpointInfo, ServicePortInfo
 from kubeshim.proxy.balancer import EndpointKey
 from kubeshim.proxy.budget import Budget
@@ -164,7 +165,7 @@ class CaptureIndex:
     def lookup(self, protocol: str, address: str, port: int) -> Target | None:
         t = self.tuples.get((protocol, address, port))
         if t is None:
-            t = self.nodeports.get((protocol, port, 6 if ":" in address else 4))
+            t = self.nodeports.get((protocol, port, ip_family(address)))
         return t
 
     def add(self, entry: CaptureEntry, target: Target) -> None:
@@ -388,7 +389,7 @@ class CaptureUdp:
         if refused is not None:
             table.counters.error(refused)  # dropped, counted; the client retries or times out
             return None
-        family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
+        family = socket_family(dst[0])
         down: socket.socket | None = None
         up: socket.socket | None = None
         try:
@@ -594,12 +595,12 @@ class Capture:
         Service address."""
         if ep.ip in self.index.addresses:
             raise OSError(errno.ELOOP, f"endpoint {ep.ip} is a captured Service address")
-        family = socket.AF_INET6 if ":" in ep.ip else socket.AF_INET
+        family = socket_family(ep.ip)
         sock = socket.socket(family, kind | socket.SOCK_NONBLOCK)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, BYPASS_MARK)
             source = self.sources.source(client, ep.ip, external, table)
-            if source is not None and (":" in source) == (family == socket.AF_INET6):
+            if source is not None and socket_family(source) == family:
                 _transparent(sock, family)
                 sock.bind((source, 0))
         except BaseException:
