@@ -48,10 +48,18 @@ from kubeshim.proxy.capture import (
     elements_of,
 )
 from kubeshim.proxy.config import ProxyConfig
-from kubeshim.proxy.metrics import NO_ENDPOINTS, UDP_FLOW_EVICTED, UDP_SEND_FAILED
+from kubeshim.proxy.metrics import UDP_SEND_FAILED
 from kubeshim.proxy.table import PortTable
 from kubeshim.proxy.tcp import ClientSide, TcpFrontend, reset
-from kubeshim.proxy.udp import MAX_DATAGRAM, READ_BATCH
+from kubeshim.proxy.udp import (
+    MAX_DATAGRAM,
+    READ_BATCH,
+    admit_flow,
+    flow_closed,
+    flow_opened,
+    have_sockets,
+    no_socket,
+)
 
 log = get_logger("proxy")
 
@@ -378,22 +386,19 @@ class CaptureUdp:
         if target is None:
             return None
         table = target.table
-        ep = table.pick(client[0], target.external)
+        ep = admit_flow(table, client[0], target.external, self.flows, self.config, self.budget,
+                        self.drop)
         if ep is None:
-            table.counters.error(NO_ENDPOINTS)
-            return None
-        if len(self.flows) >= self.config.udp_max_flows:
-            table.counters.error(UDP_FLOW_EVICTED)
-            self.drop(next(iter(self.flows.values())))
-        refused = self.budget.admit(client[0])
-        if refused is not None:
-            table.counters.error(refused)  # dropped, counted; the client retries or times out
             return None
         family = socket_family(dst[0])
-        down: socket.socket | None = None
-        up: socket.socket | None = None
         try:
             down = socket.socket(family, socket.SOCK_DGRAM)
+        except OSError as e:
+            no_socket(table, self.budget, client[0], e)
+            return None
+        have_sockets(table)
+        up: socket.socket | None = None
+        try:
             down.setblocking(False)
             down.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             down.setsockopt(socket.SOL_SOCKET, SO_MARK, BYPASS_MARK)
@@ -414,9 +419,7 @@ class CaptureUdp:
         self.loop.add_reader(down.fileno(), flow.from_client)
         self.loop.add_reader(up.fileno(), flow.from_endpoint)
         flow.timer = self.loop.call_later(self.config.udp_timeout, flow.idle_check)
-        table.opened(ep)
-        table.counters.connections_total += 1
-        table.counters.flows_active += 1
+        flow_opened(table, ep)
         return flow
 
     def drop(self, flow: CapturedFlow) -> None:
@@ -429,8 +432,7 @@ class CaptureUdp:
         if flow.timer is not None:
             flow.timer.cancel()
         self.budget.release(flow.key[0][0])
-        flow.table.closed(flow.endpoint)
-        flow.table.counters.flows_active -= 1
+        flow_closed(flow.table, flow.endpoint)
 
     def drop_endpoints(self, name: ServicePortName, stale: Collection[EndpointKey]) -> int:
         gone = [f for f in self.flows.values()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from kubeshim.cluster import handover
@@ -43,6 +43,57 @@ class _Episode:
 
 
 _no_socket = _Episode()
+
+
+# --- the steps every new UDP flow takes, here and in tproxy mode (proxy/transparent.py) ----
+
+
+def admit_flow(table: PortTable, client_ip: str, external: bool, flows: Mapping[Any, Any],
+               config: ProxyConfig, budget: Budget, drop: Callable[[Any], None]
+               ) -> EndpointInfo | None:
+    """An endpoint for a new flow from `client_ip`, room in the flow table (the oldest flow is
+    dropped) and the budget's admission; None drops the datagram, counted on the table."""
+    ep = table.pick(client_ip, external)
+    if ep is None:
+        # kube-proxy answers ICMP port unreachable; a user-space socket can only drop.
+        table.counters.error(NO_ENDPOINTS)
+        return None
+    if len(flows) >= config.udp_max_flows:
+        table.counters.error(UDP_FLOW_EVICTED)
+        drop(next(iter(flows.values())))
+    refused = budget.admit(client_ip)
+    if refused is not None:
+        table.counters.error(refused)  # dropped, counted; the client retries or times out
+        return None
+    return ep
+
+
+def no_socket(table: PortTable, budget: Budget, client_ip: str, e: OSError) -> None:
+    """A flow that cannot get a socket (out of descriptors or buffers): dropped and counted,
+    said once per episode."""
+    budget.release(client_ip)
+    table.counters.error(UDP_NO_SOCKET)
+    if not _no_socket.reported:
+        _no_socket.reported = True
+        log.error("cannot open a socket for a UDP flow; dropping new flows",
+                  service=str(table.name), reason=e.strerror or str(e), flows=budget.active)
+
+
+def have_sockets(table: PortTable) -> None:
+    if _no_socket.reported:
+        _no_socket.reported = False
+        log.info("UDP flows get sockets again", service=str(table.name))
+
+
+def flow_opened(table: PortTable, ep: EndpointInfo) -> None:
+    table.opened(ep)
+    table.counters.connections_total += 1
+    table.counters.flows_active += 1
+
+
+def flow_closed(table: PortTable, ep: EndpointInfo) -> None:
+    table.closed(ep)
+    table.counters.flows_active -= 1
 
 
 class UdpFlow:
@@ -125,34 +176,16 @@ class UdpFrontend(asyncio.DatagramProtocol):
 
     def _new_flow(self, addr: Any) -> UdpFlow | None:
         table = self.table
-        ep = table.pick(addr[0], self.external)
+        ep = admit_flow(table, addr[0], self.external, self.flows, self.config, self.budget,
+                        self.drop)
         if ep is None:
-            # kube-proxy answers ICMP port unreachable; a user-space socket can only drop.
-            table.counters.error(NO_ENDPOINTS)
             return None
-        if len(self.flows) >= self.config.udp_max_flows:
-            table.counters.error(UDP_FLOW_EVICTED)
-            self.drop(next(iter(self.flows.values())))
-        refused = self.budget.admit(addr[0])
-        if refused is not None:
-            table.counters.error(refused)  # dropped, counted; the client retries or times out
-            return None
-        family = socket_family(ep.ip)
         try:
-            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock = socket.socket(socket_family(ep.ip), socket.SOCK_DGRAM)
         except OSError as e:
-            # Out of descriptors (or buffers): drop and count; say so once per episode.
-            self.budget.release(addr[0])
-            table.counters.error(UDP_NO_SOCKET)
-            if not _no_socket.reported:
-                _no_socket.reported = True
-                log.error("cannot open a socket for a UDP flow; dropping new flows",
-                          service=str(table.name), reason=e.strerror or str(e),
-                          flows=self.budget.active)
+            no_socket(table, self.budget, addr[0], e)
             return None
-        if _no_socket.reported:
-            _no_socket.reported = False
-            log.info("UDP flows get sockets again", service=str(table.name))
+        have_sockets(table)
         sock.setblocking(False)
         try:
             sock.connect((ep.ip, ep.port))
@@ -165,9 +198,7 @@ class UdpFrontend(asyncio.DatagramProtocol):
         self.flows[addr] = flow
         self.loop.add_reader(flow.fd, flow.readable)
         flow.timer = self.loop.call_later(self.config.udp_timeout, flow.idle_check)
-        table.opened(ep)
-        table.counters.connections_total += 1
-        table.counters.flows_active += 1
+        flow_opened(table, ep)
         return flow
 
     def drop(self, flow: UdpFlow) -> None:
@@ -179,8 +210,7 @@ class UdpFrontend(asyncio.DatagramProtocol):
             flow.timer.cancel()
         flow.sock.close()
         self.budget.release(flow.client[0])
-        self.table.closed(flow.endpoint)
-        self.table.counters.flows_active -= 1
+        flow_closed(self.table, flow.endpoint)
 
     def drop_endpoints(self, stale: Collection[EndpointKey]) -> int:
         """Drop the flows of endpoints that are no longer usable; returns how many."""
