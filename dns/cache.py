@@ -12,8 +12,8 @@ shares an entry with `www.example.com`. The original TTLs are stored with the ti
 and decremented on a hit; the clock is injected. Negative answers live min(SOA TTL, SOA
 minimum) (RFC 2308 section 5); negative answers without an SOA, truncated answers and failures
 are not kept (RFC 2308 section 5, 7.1). Expired entries stay up to `stale_max` seconds for
-RFC 8767 serve-stale: `stale()` hands one out (TTL `stale_ttl`, the RFC's 30 s) only when the
-upstreams failed.
+RFC 8767 serve-stale: `stale()` hands one out (TTL `stale_ttl`, the RFC's 30 s) when the
+forwarder's rules call for it (the upstreams failed or were too slow).
 
 `RelayedAnswers` keeps the packed reply kubeshim sent for a forwarded question under the same
 `AnswerKey`, until the `UpstreamCache` entry it came from expires; a hit rewrites the TTL fields
@@ -193,9 +193,23 @@ class UpstreamCache:
         self.misses += 1
         return None
 
+    def has_stale(self, key: UpstreamKey) -> bool:
+        """True when `stale(key)` would give an answer now."""
+        return self._stale_entry(key) is not None
+
     def stale(self, key: UpstreamKey) -> DNSRecord | None:
         """An expired answer within `stale_max` of its expiry, every TTL set to `stale_ttl`
-        (RFC 8767 section 4); None when there is none. For use after every upstream failed."""
+        (RFC 8767 section 4); None when there is none. For when the upstreams failed or did
+        not answer within the client response timer."""
+        entry = self._stale_entry(key)
+        if entry is None:
+            return None
+        for rr in _records(entry.reply):
+            rr.ttl = self.stale_ttl
+        self.stale_hits += 1
+        return entry.reply
+
+    def _stale_entry(self, key: UpstreamKey) -> _Stored | None:
         for store in (self.positive, self.negative):
             entry = store.get(key)
             if entry is None:
@@ -203,10 +217,7 @@ class UpstreamCache:
             age = self.clock() - entry.stored_at
             if age < entry.ttl or age >= entry.ttl + self.stale_max:
                 return None
-            for rr in _records(entry.reply):
-                rr.ttl = self.stale_ttl
-            self.stale_hits += 1
-            return entry.reply
+            return entry
         return None
 
     def expires_at(self, key: UpstreamKey) -> tuple[float, str] | None:

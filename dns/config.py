@@ -60,10 +60,17 @@ class DNSConfig:
     # tell them apart); each is replaced after a few hundred queries so source ports keep
     # changing (RFC 5452 section 9.2).
     upstream_sockets: int = 8
-    # RFC 8767 serve-stale: an expired upstream answer is kept this long and served (with a
-    # TTL of serve_stale_ttl) only when every upstream failed. 0 turns it off.
+    # RFC 8767 serve-stale (section 5's timers): an expired upstream answer is kept up to
+    # serve_stale_max past its expiry (the maximum stale timer; 1 to 3 days recommended, 0
+    # turns serve-stale off). Upstream is always asked first; the stale answer (TTL
+    # serve_stale_ttl, section 4) goes out when no fresh one came within
+    # serve_stale_client_timeout (the client response timer) or every upstream failed, while
+    # the exchange goes on and refreshes the cache. After a failed refresh the name is answered
+    # stale without asking upstream for serve_stale_recheck seconds (the failure recheck timer).
     serve_stale_max: float = 86400.0
     serve_stale_ttl: int = 30
+    serve_stale_client_timeout: float = 1.8
+    serve_stale_recheck: float = 30.0
     # Forwarded queries in flight at once; beyond it queries get REFUSED (CoreDNS forward's
     # max_concurrent) instead of piling up tasks while upstreams are slow.
     max_concurrent_forwards: int = 1000
@@ -99,8 +106,11 @@ class DNSConfig:
             raise ValueError(
                 f"pod records mode {self.pod_records!r} is not disabled, insecure or verified"
             )
-        if self.ttl < 0 or self.negative_ttl < 0:
+        if self.ttl < 0 or self.negative_ttl < 0 or self.serve_stale_ttl < 0:
             raise ValueError("DNS TTLs must not be negative")
+        if min(self.serve_stale_max, self.serve_stale_client_timeout,
+               self.serve_stale_recheck) < 0:
+            raise ValueError("DNS serve-stale timers must not be negative")
         for cidr in self.allowed_clients:
             try:
                 ipaddress.ip_network(cidr, strict=False)

@@ -14,9 +14,16 @@ Owns the exchange with upstreams and its sockets:
 - A truncated UDP reply is retried over TCP (RFC 7766 5); a timeout, a network error or a
   SERVFAIL/REFUSED/NOTIMP/FORMERR reply moves to the next upstream, until the overall
   `forward_deadline` (the client's patience) runs out.
-- Answers go through `UpstreamCache`; identical questions in flight share one exchange. When
-  every upstream failed, an expired answer is served stale if the cache still holds one
-  (RFC 8767: upstream first, stale only after it failed); otherwise UpstreamError (SERVFAIL).
+- Answers go through `UpstreamCache`; identical questions in flight share one exchange, which
+  runs as a task of its own so it outlives the client that started it.
+- RFC 8767 serve-stale (section 5's timers), for a question whose expired answer the cache
+  still holds (at most `serve_stale_max` past expiry, the maximum stale timer): the upstream
+  is always asked first; if no fresh answer has come within `client_timeout` (the client
+  response timer, 1.8 s) or every upstream failed, the stale answer is given (TTL 30 s,
+  section 4) while the exchange goes on and refreshes the cache when it answers. After a
+  failed refresh the name is answered stale without asking upstream again for `recheck`
+  seconds (the failure recheck timer, 30 s). Without a stale answer the client waits for the
+  exchange; when it fails, UpstreamError (SERVFAIL).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ log = get_logger("dns")
 UPSTREAM_UDP_SIZE = 1232
 _RETRY_NEXT = frozenset({RCODE.SERVFAIL, RCODE.REFUSED, RCODE.NOTIMP, RCODE.FORMERR})
 _USES = 256  # queries one upstream socket carries before it is replaced by a fresh port
+MAX_FAILED = 10000  # remembered failed names (failure recheck timer) before they are forgotten
 
 
 class UpstreamError(Exception):
@@ -163,6 +171,9 @@ class Forwarder:
         sockets: int = 8,
         deadline: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        client_timeout: float = 1.8,
+        recheck: float = 30.0,
+        max_refreshes: int = 1000,
     ) -> None:
         self.timeout = timeout
         self.deadline = deadline
@@ -170,9 +181,15 @@ class Forwarder:
         self.metrics = metrics
         self.sockets = sockets
         self.clock = clock
+        self.client_timeout = client_timeout  # RFC 8767 5: the client response timer
+        self.recheck = recheck  # RFC 8767 5: the failure recheck timer
+        # Exchanges in flight beyond which a stale answer is given without a refresh (clients
+        # that already left do not hold server tasks, so this bounds their exchanges).
+        self.max_refreshes = max_refreshes
         self._pools: dict[tuple[str, int], _Upstream] = {}
         self.upstreams = list(upstreams)
-        self._inflight: dict[UpstreamKey, asyncio.Future[DNSRecord]] = {}
+        self._inflight: dict[UpstreamKey, asyncio.Task[DNSRecord]] = {}
+        self._failed: dict[UpstreamKey, float] = {}  # when the last exchange for a key failed
 
     @property
     def upstreams(self) -> list[tuple[str, int]]:
@@ -192,37 +209,67 @@ class Forwarder:
         return sum(len(p.channels) for p in self._pools.values())
 
     async def resolve(self, question: DNSQuestion, do: bool) -> DNSRecord:
-        """The upstream reply to `question` (from the cache, an exchange, or stale from the
-        cache after every upstream failed); UpstreamError if none.
+        """The upstream reply to `question`: from the cache, from an exchange, or stale from
+        the cache (see the module's serve-stale rules); UpstreamError if none.
 
         The returned record may be shared with the cache: read it, do not change it.
         """
         key = UpstreamCache.key(question.qname, question.qtype, question.qclass, do)
-        cached = self.cache.get(key)
+        cache = self.cache
+        cached = cache.get(key)
         if cached is not None:
             return cached
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[DNSRecord] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+        has_stale = cache.has_stale(key)
+        exchange = self._inflight.get(key)
+        if exchange is None:
+            failed_at = self._failed.get(key)
+            rechecking = failed_at is not None and self.clock() - failed_at < self.recheck
+            if has_stale and (rechecking or len(self._inflight) >= self.max_refreshes):
+                return self._stale(key)
+            exchange = self._start(key, question, do)
         try:
-            try:
-                reply = await self._exchange(question, do)
-                self.cache.put(key, reply)
-            except UpstreamError:
-                stale = self.cache.stale(key)
-                if stale is None:
-                    raise
-                reply = stale
-            future.set_result(reply)
-            return reply
-        except BaseException as e:
-            future.set_exception(e if isinstance(e, Exception) else UpstreamError("cancelled"))
-            future.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            if has_stale:
+                # Upstream first; the stale answer once the client response timer runs out.
+                done, _ = await asyncio.wait({exchange}, timeout=self.client_timeout)
+                if not done:
+                    return self._stale(key)
+            return await asyncio.shield(exchange)
+        except UpstreamError:
+            if has_stale:
+                return self._stale(key)
             raise
-        finally:
+
+    def _stale(self, key: UpstreamKey) -> DNSRecord:
+        stale = self.cache.stale(key)
+        if stale is None:  # expired past serve_stale_max meanwhile
+            raise UpstreamError("no fresh answer in time and none stale")
+        return stale
+
+    def _start(self, key: UpstreamKey, question: DNSQuestion, do: bool) -> asyncio.Task[DNSRecord]:
+        """The exchange for `key` as a task of its own: it keeps going (and refreshes the
+        cache) after a client was answered stale."""
+        task = asyncio.get_running_loop().create_task(self._refresh(key, question, do))
+        self._inflight[key] = task
+        task.add_done_callback(lambda t: self._finished(key, t))
+        return task
+
+    async def _refresh(self, key: UpstreamKey, question: DNSQuestion, do: bool) -> DNSRecord:
+        try:
+            reply = await self._exchange(question, do)
+        except UpstreamError:
+            if len(self._failed) >= MAX_FAILED:
+                self._failed.clear()
+            self._failed[key] = self.clock()
+            raise
+        self._failed.pop(key, None)
+        self.cache.put(key, reply)
+        return reply
+
+    def _finished(self, key: UpstreamKey, task: asyncio.Task[DNSRecord]) -> None:
+        if self._inflight.get(key) is task:
             del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: no "never retrieved" warning when nobody waited
 
     async def _exchange(self, question: DNSQuestion, do: bool) -> DNSRecord:
         if not self._order:
@@ -261,6 +308,8 @@ class Forwarder:
         raise UpstreamError(last_error)
 
     def close(self) -> None:
+        for task in list(self._inflight.values()):
+            task.cancel()
         for pool in self._pools.values():
             pool.close()
 

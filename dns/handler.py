@@ -261,10 +261,9 @@ class DNSHandler:
         labels = [label.lower() for label in q.qname.label]
         if labels[-2:] == [b"in-addr", b"arpa"] or labels[-2:] == [b"ip6", b"arpa"]:
             return
-        stored = self.upstream_cache.expires_at(
-            UpstreamCache.key(q.qname, q.qtype, q.qclass, request.do)
-        )
-        if stored is not None:
+        cache = self.upstream_cache
+        stored = cache.expires_at(UpstreamCache.key(q.qname, q.qtype, q.qclass, request.do))
+        if stored is not None and stored[0] > cache.clock():  # not a stale answer
             self.relayed.put(request.key[0], packet, stored[0], rcode, stored[1])
 
     def refuse(self, request: ForwardRequest) -> bytes:

@@ -81,6 +81,9 @@ class DNSServer:
             self.metrics,
             sockets=config.upstream_sockets,
             deadline=config.forward_deadline,
+            client_timeout=config.serve_stale_client_timeout,
+            recheck=config.serve_stale_recheck,
+            max_refreshes=config.max_concurrent_forwards,
         )
         self.addresses: list[tuple[str, int]] = []  # bound (host, port), UDP and TCP alike
         self._udp: list[asyncio.DatagramTransport | BatchedUDP] = []

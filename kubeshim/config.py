@@ -86,6 +86,11 @@ class Options:
     dns_rrl_ipv6_prefix: int = 56
     dns_tcp_max_connections: int = 256
     dns_tcp_max_connections_per_client: int = 16
+    # RFC 8767 serve-stale timers (dns/config.py): maximum stale, client response, failure
+    # recheck, in seconds.
+    dns_serve_stale_max: float = 86400.0
+    dns_serve_stale_client_timeout: float = 1.8
+    dns_serve_stale_recheck: float = 30.0
     # operations
     healthz_bind_address: str = "0.0.0.0:10256"
     # False once a flag or the file set it; in loopback mode the default is then 127.0.0.1.
@@ -223,6 +228,9 @@ class DNSSection(_Section):
     tcp_max_connections_per_client: int | None = msgspec.field(
         default=None, name="tcpMaxConnectionsPerClient"
     )
+    serve_stale_max: Duration | None = None
+    serve_stale_client_timeout: Duration | None = None
+    serve_stale_recheck: Duration | None = None
 
 
 class KubeProxyConfiguration(_Section):
@@ -368,6 +376,9 @@ _DNS_FIELDS: dict[str, str] = {
     "slip": "dns_rrl_slip", "ipv4PrefixLength": "dns_rrl_ipv4_prefix",
     "ipv6PrefixLength": "dns_rrl_ipv6_prefix", "tcpMaxConnections": "dns_tcp_max_connections",
     "tcpMaxConnectionsPerClient": "dns_tcp_max_connections_per_client",
+    "serveStaleMax": "dns_serve_stale_max",
+    "serveStaleClientTimeout": "dns_serve_stale_client_timeout",
+    "serveStaleRecheck": "dns_serve_stale_recheck",
 }
 POD_RECORDS = ("disabled", "insecure", "verified")
 
@@ -552,6 +563,11 @@ def _apply_dns(section: DNSSection, opts: Options, errors: list[str]) -> None:
                 value = value.strip(".").lower()
                 if not value:
                     raise ConfigError("must not be empty")
+            elif key.startswith("serveStale"):
+                try:
+                    value = parse_duration(value)
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
             elif key == "podRecords" and value not in POD_RECORDS:
                 raise ConfigError(f"{value!r} is not one of {', '.join(POD_RECORDS)}")
             elif key == "ipv4PrefixLength" and (value % 8 or not 8 <= value <= 32):

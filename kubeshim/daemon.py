@@ -132,6 +132,9 @@ class Daemon:
             rrl_ipv6_prefix=o.dns_rrl_ipv6_prefix,
             tcp_max_connections=o.dns_tcp_max_connections,
             tcp_max_connections_per_client=o.dns_tcp_max_connections_per_client,
+            serve_stale_max=o.dns_serve_stale_max,
+            serve_stale_client_timeout=o.dns_serve_stale_client_timeout,
+            serve_stale_recheck=o.dns_serve_stale_recheck,
             reuse_port=self.workers > 1 or self.worker_fd is not None,
         )
         address_map = None

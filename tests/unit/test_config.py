@@ -79,6 +79,11 @@ HONOURED: list[tuple[str, str, dict[str, Any]]] = [
      {"dns_upstream_cache_size": 50, "dns_upstream_max_ttl": 60,
       "dns_reverse_cidrs": ["10.96.0.0/12"]}),
     ("dns can be switched off", "dns: {enabled: false}\n", {"dns": False}),
+    ("dns serve-stale timers (RFC 8767 section 5)",
+     "dns: {serveStaleMax: 72h0m0s, serveStaleClientTimeout: 1500ms, serveStaleRecheck: 1m}\n",
+     {"dns_serve_stale_max": 259200.0, "dns_serve_stale_client_timeout": 1.5,
+      "dns_serve_stale_recheck": 60.0}),
+    ("serve-stale off", "dns: {serveStaleMax: 0s}\n", {"dns_serve_stale_max": 0.0}),
 ]
 
 
@@ -164,6 +169,8 @@ BAD: list[tuple[str, str, list[str]]] = [
     ("a bad reverse zone", HEAD + "dns: {reverseCIDRs: [10.96.0.0]}\n",
      ["dns.reverseCIDRs: '10.96.0.0' is not a CIDR"]),
     ("a negative TTL", HEAD + "dns: {negativeTTL: -1}\n", ["dns.negativeTTL: -1 is negative"]),
+    ("a bad serve-stale timer", HEAD + "dns: {serveStaleMax: 3days}\n",
+     ["dns.serveStaleMax: '3days' is not a duration"]),
     ("a bad upstream", HEAD + "dns: {upstreams: ['192.0.2.1:99999']}\n",
      ["dns.upstreams", "port out of range"]),
     ("every error is named at once", HEAD + "bindAddress: x\ndns: {ttl: -5}\n",

@@ -173,11 +173,13 @@ def test_expired_answer_served_stale_only_on_request_with_the_rfc_8767_ttl() -> 
     cache = UpstreamCache(10, 10, clock=clock, stale_ttl=30, stale_max=3600)
     key = cache.key("example.com", QTYPE.A, 1, False)
     cache.put(key, upstream_reply("example.com", ttl=60))
-    assert cache.stale(key) is None  # still fresh: not stale
+    assert cache.stale(key) is None and not cache.has_stale(key)  # still fresh: not stale
     clock.now += 61
     assert cache.get(key) is None  # expired for normal use...
+    assert cache.has_stale(key) and cache.stale_hits == 0  # (asking does not serve it)
     stale = cache.stale(key)  # ...but kept for when every upstream fails
     assert stale is not None and stale.rr[0].ttl == 30 and cache.stale_hits == 1
     clock.now += 3600
+    assert not cache.has_stale(key)
     assert cache.stale(key) is None and cache.get(key) is None
     assert not cache.positive  # dropped past stale_max
