@@ -230,9 +230,10 @@ class Daemon:
                 self.workers = 1  # tproxy fell back to interface mode
             if not worker:
                 self.service_health = ServiceHealthServer(
-                    self.state, o.hostname_override, o.nodeport_addresses, self.health.healthy,
+                    o.hostname_override, o.nodeport_addresses, self.health.healthy,
                     exclude_ifname=o.vip_interface if self.proxier.vips is not None else "")
                 await self.service_health.start()
+                self.proxier.attach_service_health(self.service_health)
         if o.dns:
             self.dns = self._build_dns()
             await self.dns.start()

@@ -1,7 +1,8 @@
 """The data plane: capturing Service traffic, listeners, endpoint choice, TCP and UDP forwarding.
 
     config.py       ProxyConfig, what the daemon decides
-    proxier.py      Proxier: state diffs -> port tables and what serves them (syncProxyRules shape)
+    changes.py      ServiceChangeTracker: pending Service changes between syncs (sans-IO)
+    proxier.py      Proxier: drains the tracker -> port tables, what serves them, health checks
     runtime.py      ServiceRuntime and Listener: the sockets and addresses a Service holds
     status.py       the /status document and the counts worker processes report
     capture.py      tproxy mode: Service tuples -> verdicts -> one nftables table (sans-IO)
@@ -14,7 +15,7 @@
     tcp.py          TCP forwarding with asyncio Protocols, backpressure and half-close
     udp.py          UDP flows: one connected upstream socket per client address
     budget.py       caps on connections and UDP flows, in total and per client (sans-IO)
-    healthcheck.py  health-check nodePorts of externalTrafficPolicy: Local Services
+    healthcheck.py  health-check nodePorts of Local-policy Services, fed by the sync
     sctp.py         whether this kernel can carry SCTP
     metrics.py      hot-path counters and their prometheus Collector; kube-proxy sync metrics
 """

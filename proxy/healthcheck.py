@@ -1,9 +1,11 @@
 """Health-check nodePorts: one small HTTP listener per externalTrafficPolicy: Local Service.
 
 Owns kube-proxy's service health server (pkg/proxy/healthcheck/service_health.go) for kubeshim:
-a ClusterState subscriber that opens a listener on spec.healthCheckNodePort for each proxied
-Service with externalTrafficPolicy: Local, closes it when the Service goes or stops asking, and
-answers load balancers' probes:
+it follows the Services the proxy's sync applied (`update`, fed from the proxy's change
+tracker, proxy/changes.py, as kube-proxy's syncProxyRules feeds SyncServices/SyncEndpoints),
+opens a listener on spec.healthCheckNodePort for each proxied Service with
+externalTrafficPolicy: Local, closes it when the Service goes or stops asking, and answers
+load balancers' probes:
 
     200 when the node has local endpoints and the proxy is healthy, else 503, with
     {"service": {"namespace", "name"}, "localEndpoints": N, "serviceProxyHealthy": bool},
@@ -23,7 +25,7 @@ import contextlib
 import ipaddress
 import json
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -32,7 +34,7 @@ from aiohttp.web_request import BaseRequest
 from kubeshim.cluster import handover
 from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.model import NamespacedName
-from kubeshim.cluster.state import ClusterState, ServiceChange, ServiceInfo
+from kubeshim.cluster.state import ServiceInfo
 
 log = get_logger("healthcheck")
 
@@ -79,34 +81,32 @@ def listen_hosts(nodeport_addresses: Sequence[str], exclude_ifname: str = "") ->
 class ServiceHealthServer:
     """Keeps one listener per wanted health check; probes read the latest counts."""
 
-    def __init__(self, state: ClusterState, node_name: str, nodeport_addresses: Sequence[str],
+    def __init__(self, node_name: str, nodeport_addresses: Sequence[str],
                  proxy_healthy: Callable[[], bool], exclude_ifname: str = "") -> None:
-        self.state = state
         self.exclude_ifname = exclude_ifname
         self.node_name = node_name
         self.nodeport_addresses = list(nodeport_addresses)
         self.proxy_healthy = proxy_healthy
         self._wanted: dict[NamespacedName, HealthCheck] = {}
         self._open: dict[NamespacedName, tuple[int, web.Server, list[asyncio.AbstractServer]]] = {}
-        self._dirty = asyncio.Event()
+        # Set when the wanted ports differ from the open listeners (wakes the reconciler).
+        self._reconcile = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._hosts: list[str] | None = None
 
-    # --- ClusterState subscriber ---------------------------------------------------------
+    # --- the applied Services -------------------------------------------------------------
 
-    def on_change(self, changes: Sequence[ServiceChange]) -> None:
-        for change in changes:
-            self._set(change.key, change.current)
-
-    def _set(self, key: NamespacedName, info: ServiceInfo | None) -> None:
-        check = wanted_health_check(info, self.node_name)
-        before = self._wanted.get(key)
-        if check is None:
-            self._wanted.pop(key, None)
-        else:
-            self._wanted[key] = check
-        if (before and before.port) != (check and check.port):
-            self._dirty.set()
+    def update(self, services: Iterable[tuple[NamespacedName, ServiceInfo | None]]) -> None:
+        """Services as the proxy applied them (None: gone): ports and local endpoint counts."""
+        for key, info in services:
+            check = wanted_health_check(info, self.node_name)
+            before = self._wanted.get(key)
+            if check is None:
+                self._wanted.pop(key, None)
+            else:
+                self._wanted[key] = check
+            if (before and before.port) != (check and check.port):
+                self._reconcile.set()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -114,9 +114,6 @@ class ServiceHealthServer:
         # pyroute2's synchronous socket runs its own event loop: keep it off this one.
         self._hosts = await asyncio.to_thread(
             listen_hosts, self.nodeport_addresses, self.exclude_ifname)
-        self.state.subscribe(self.on_change)
-        for key, info in self.state.services.items():
-            self._set(key, info)
         self._task = asyncio.create_task(self._run(), name="service-health")
 
     async def stop(self) -> None:
@@ -136,8 +133,8 @@ class ServiceHealthServer:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._dirty.wait()
-            self._dirty.clear()
+            await self._reconcile.wait()
+            self._reconcile.clear()
             failed = False
             for key in list(self._open):
                 check = self._wanted.get(key)
@@ -147,7 +144,7 @@ class ServiceHealthServer:
                 if key not in self._open:
                     failed |= not await self._listen(key, check.port)
             if failed:
-                loop.call_later(RETRY_SECONDS, self._dirty.set)
+                loop.call_later(RETRY_SECONDS, self._reconcile.set)
 
     async def _listen(self, key: NamespacedName, port: int) -> bool:
         loop = asyncio.get_running_loop()

@@ -1,10 +1,12 @@
 """The Proxier: turns ClusterState changes into listeners, VIPs and forwarding tables.
 
-Shaped like kube-proxy's syncProxyRules: state changes only mark Services dirty; a sync soon
-after (coalesced) returns early until the state is synced, then for the dirty Services only:
-updates their port tables (endpoints, balancing), computes their desired listeners, applies the
-difference (VIPs, sockets), schedules a retry for what failed, and does housekeeping (UDP flows
-of endpoints that went away). An endpoint change touches one port table and no socket.
+Shaped like kube-proxy's syncProxyRules: state changes only accumulate in the change tracker
+(proxy/changes.py); a sync soon after (coalesced) returns early until the state is synced, then
+drains the tracker and, for those Services only: updates their port tables (endpoints,
+balancing), computes their desired listeners, applies the difference (VIPs, sockets), schedules
+a retry for what failed, and does housekeeping (UDP flows of endpoints that went away, the
+health-check nodePorts of the same changes). An endpoint change touches one port table and no
+socket.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from kubeshim.cluster.state import ClusterState, ServiceChange, ServiceInfo
 from kubeshim.proxy.balancer import Clock, EndpointKey
 from kubeshim.proxy.budget import Budget, caps_for_limit
 from kubeshim.proxy.capture import CaptureEntry, PortEndpoints, Verdict, capture_entries
+from kubeshim.proxy.changes import ServiceChangeTracker
 from kubeshim.proxy.config import ProxyConfig
+from kubeshim.proxy.healthcheck import ServiceHealthServer
 from kubeshim.proxy.listeners import (
     ListenerKey,
     ListenerSpec,
@@ -92,7 +96,10 @@ class Proxier:
             config.max_udp_flows_per_client)
         self.tcp_budget = Budget("connections", caps.connections, caps.connections_per_client)
         self.udp_budget = Budget("udp flows", caps.udp_flows, caps.udp_flows_per_client)
-        self._dirty: dict[NamespacedName, float] = {}
+        # What changed since the last sync; the sync drains it for the tables and listeners
+        # and then for the health-check nodePorts (`service_health`, the control process's).
+        self.changes = ServiceChangeTracker()
+        self.service_health: ServiceHealthServer | None = None
         self._sync_task: asyncio.Task[None] | None = None
         self._retry_handles: dict[NamespacedName, asyncio.TimerHandle] = {}
         self._housekeeping: asyncio.TimerHandle | None = None
@@ -150,10 +157,10 @@ class Proxier:
         self.state.subscribe(self._on_changes)
         self.state.subscribe_node(self._on_node)
         now = time.monotonic()
-        for key in self.state.services:
-            self._dirty.setdefault(key, now)
+        self.changes.update((ServiceChange(key, None, info)
+                             for key, info in self.state.services.items()), now)
         # Like kube-proxy, healthy while starting: only a change that waits too long counts.
-        self.last_queued = now if self._dirty else None
+        self.last_queued = now if self.changes else None
         self._schedule()
         self._housekeeping = self._loop.call_later(HOUSEKEEPING_PERIOD, self._housekeep)
 
@@ -205,8 +212,8 @@ class Proxier:
 
     def _on_changes(self, changes: Sequence[ServiceChange]) -> None:
         now = time.monotonic()
-        for change in changes:
-            self._dirty.setdefault(change.key, now)
+        if not self.changes.update(changes, now):
+            return
         if self.last_queued is None:
             self.last_queued = now
         self.metrics.last_queued.set(time.time())
@@ -222,7 +229,7 @@ class Proxier:
         now = time.monotonic()
         hinted = [key for key, info in self.state.services.items() if _has_zone_hints(info)]
         for key in hinted:
-            self._dirty.setdefault(key, now)
+            self.changes.mark(key, self.state.services[key], now)
         log.info("node topology changed, resyncing services", node=self.config.node_name,
                  zone=after.zone if after else "-", numServices=len(hinted))
         if not hinted:
@@ -238,7 +245,7 @@ class Proxier:
             self._sync_task = self._loop.create_task(self._sync_loop())
 
     async def _sync_loop(self) -> None:
-        while self._dirty and not self._stopping:
+        while self.changes and not self._stopping:
             if not self.state.synced:
                 # Serve nothing half-known: wait for the first full list of both kinds. A list
                 # that changes nothing notifies no one, so look again shortly.
@@ -251,6 +258,11 @@ class Proxier:
             # control process's table hands it connections at once.
             await self.capture.open_listeners()
 
+    def attach_service_health(self, server: ServiceHealthServer) -> None:
+        """Health-check nodePorts follow what the sync applies, starting with what it has."""
+        self.service_health = server
+        server.update((key, rt.info) for key, rt in self.services.items())
+
     def state_mirrored(self) -> None:
         """A worker's state took its control process's changes (maybe none, but synced)."""
         self._schedule()
@@ -262,9 +274,9 @@ class Proxier:
         if not self.state.synced:
             return
         start = time.monotonic()
-        dirty, self._dirty = self._dirty, {}
+        dirty = self.changes.take()
         failed = 0
-        for key, queued in dirty.items():
+        for key, pending in dirty.items():
             try:
                 ok = await self._sync_service(key)
             except Exception:
@@ -276,13 +288,13 @@ class Proxier:
             else:
                 self.services.get(key, ServiceRuntime(key)).retries = 0
             if self.capture is None:
-                self.metrics.network_programming.observe(time.monotonic() - queued)
+                self.metrics.network_programming.observe(time.monotonic() - pending.queued)
         if self.capture is not None:
             # A Service address that appeared or went away changes the status of Services
             # whose endpoints use it (a capture loop): look at those again.
             for ip in self.capture.index.changed:
                 for user in self._endpoint_users.get(ip, ()):
-                    self._dirty.setdefault(user, time.monotonic())
+                    self.changes.mark(user, self.state.services.get(user), time.monotonic())
             self.capture.index.changed.clear()
             # One transaction for the whole batch; the rules are the data plane here.
             if not await self.capture.flush():
@@ -294,14 +306,17 @@ class Proxier:
                 self.capture.steer(any(t.affinity is not None for t in self.tables.values()),
                                    self.config.workers)
             now = time.monotonic()
-            for queued in dirty.values():
-                self.metrics.network_programming.observe(now - queued)
+            for pending in dirty.values():
+                self.metrics.network_programming.observe(now - pending.queued)
+        if self.service_health is not None:
+            # Housekeeping: the health-check nodePorts follow the same applied changes.
+            self.service_health.update((p.key, p.current) for p in dirty.values())
         end = time.monotonic()
         self.metrics.sync_duration.observe(end - start)
         self.metrics.last_sync.set(time.time())
         self.metrics.sync_failures.set(len(self._failing))
         self.last_updated = end
-        self.last_queued = min(self._dirty.values()) if self._dirty else None
+        self.last_queued = self.changes.oldest()
         if len(dirty) > 1 or log.is_debug():
             log.info("synced services", numServices=len(dirty), failed=failed,
                      seconds=round(end - start, 4))
@@ -315,7 +330,7 @@ class Proxier:
 
         def retry() -> None:
             self._retry_handles.pop(key, None)
-            self._dirty.setdefault(key, time.monotonic())
+            self.changes.mark(key, self.state.services.get(key), time.monotonic())
             self._schedule()
 
         self._retry_handles[key] = self._loop.call_later(delay, retry)

@@ -1,4 +1,6 @@
-"""Health-check nodePorts through curl: listeners follow the Services, answers follow endpoints."""
+"""Health-check nodePorts through curl: listeners follow the Services, answers follow endpoints.
+
+The server is fed each state change as the proxy's sync feeds it the changes it applied."""
 
 from __future__ import annotations
 
@@ -68,8 +70,9 @@ async def until(predicate: Any, timeout: float = 3.0) -> None:
 async def lab() -> Any:
     state = ClusterState()
     healthy = {"proxy": True}
-    server = ServiceHealthServer(state, NODE, ["127.0.0.0/8"], lambda: healthy["proxy"])
+    server = ServiceHealthServer(NODE, ["127.0.0.0/8"], lambda: healthy["proxy"])
     await server.start()
+    state.subscribe(lambda changes: server.update((c.key, c.current) for c in changes))
     try:
         yield state, server, healthy
     finally:
@@ -179,8 +182,9 @@ async def test_stop_closes_every_listener() -> None:
     state = ClusterState()
     port = free_port()
     apply(state, service("web", port), endpoint_slice("web", endpoint("10.244.0.2", NODE)))
-    server = ServiceHealthServer(state, NODE, [], lambda: True)  # every address
+    server = ServiceHealthServer(NODE, [], lambda: True)  # every address
     await server.start()
+    server.update(state.services.items())
     await until(lambda: _listening(port))
     await server.stop()
     assert await status_of(port) == -7

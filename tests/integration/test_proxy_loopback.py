@@ -64,7 +64,7 @@ class Env:
     async def settle(self) -> None:
         for _ in range(50):
             await asyncio.sleep(0.01)
-            if not self.proxier._dirty and (self.proxier._sync_task is None
+            if not self.proxier.changes and (self.proxier._sync_task is None
                                             or self.proxier._sync_task.done()):
                 return
 
