@@ -513,12 +513,12 @@ async def test_identical_questions_in_flight_share_one_exchange(
         fwd.close()
 
 
-async def test_an_expired_answer_is_served_stale_only_after_every_upstream_failed(
+async def test_an_expired_answer_is_served_stale_only_after_the_upstream_failed(
         upstreams: list[Upstream]) -> None:
     (up,) = await start(upstreams)
-    clock = Clock()
+    clock = Clock()  # the cache's and the forwarder's (failure recheck timer)
     cache = UpstreamCache(100, 100, clock=clock, stale_ttl=30, stale_max=600)
-    fwd = forwarder([up.address], timeout=0.3, cache=cache)
+    fwd = forwarder([up.address], timeout=0.3, cache=cache, clock=clock)
     try:
         up.addresses["www.example"] = "192.0.2.1"
         await fwd.resolve(q("www.example"), do=False)
@@ -532,13 +532,48 @@ async def test_an_expired_answer_is_served_stale_only_after_every_upstream_faile
         up.rcode = RCODE.SERVFAIL
         reply = await fwd.resolve(q("www.example"), do=False)
         assert answers(reply) == ["192.0.2.2"] and reply.rr[0].ttl == 30
-        up.rcode, up.silent = None, True
+        assert len(up.seen) == 3
+        # Within the failure recheck timer (30 s, RFC 8767 5) stale without asking again.
+        clock.now += 29
+        up.rcode, up.addresses["www.example"] = None, "192.0.2.3"
         reply = await fwd.resolve(q("www.example"), do=False)
         assert answers(reply) == ["192.0.2.2"] and cache.stale_hits == 2
-        assert len(up.seen) == 4  # every stale answer came after asking the upstream
+        assert len(up.seen) == 3
+        # After it, the upstream first again.
+        clock.now += 2
+        assert answers(await fwd.resolve(q("www.example"), do=False)) == ["192.0.2.3"]
         # Past stale_max: nothing to serve.
-        clock.now += 600
+        clock.now += 61 + 600
+        up.silent = True
         with pytest.raises(UpstreamError, match="TimeoutError"):
             await fwd.resolve(q("www.example"), do=False)
+    finally:
+        fwd.close()
+
+
+async def test_a_slow_upstream_gets_the_stale_answer_out_and_still_refreshes_the_cache(
+        upstreams: list[Upstream]) -> None:
+    (up,) = await start(upstreams)
+    clock = Clock()
+    cache = UpstreamCache(100, 100, clock=clock, stale_ttl=30, stale_max=600)
+    fwd = Forwarder([up.address], 2.0, cache, DNSMetrics(), client_timeout=0.2)
+    try:
+        up.addresses["held.example"] = "192.0.2.1"
+        first = asyncio.create_task(fwd.resolve(q("held.example"), do=False))
+        while not up.seen:
+            await asyncio.sleep(0.01)
+        up.release()
+        assert answers(await first) == ["192.0.2.1"]
+        clock.now += 61
+        up.addresses["held.example"] = "192.0.2.2"
+        # No answer within the client response timer: stale (RFC 8767 5) ...
+        reply = await fwd.resolve(q("held.example"), do=False)
+        assert answers(reply) == ["192.0.2.1"] and reply.rr[0].ttl == 30
+        # ... while the exchange goes on: its answer refreshes the cache.
+        up.release()
+        while cache.get(UpstreamCache.key("held.example", QTYPE.A, 1, False)) is None:
+            await asyncio.sleep(0.01)
+        assert answers(await fwd.resolve(q("held.example"), do=False)) == ["192.0.2.2"]
+        assert len(up.seen) == 2
     finally:
         fwd.close()
