@@ -6,7 +6,8 @@
     runtime.py      ServiceRuntime and Listener: the sockets and addresses a Service holds
     status.py       the /status document and the counts worker processes report
     capture.py      tproxy mode: Service tuples -> verdicts -> one nftables table (sans-IO)
-    transparent.py  tproxy mode: the transparent listeners, nft transactions, policy routing
+    transparent.py  tproxy mode: the transparent listeners, the table's transactions, policy routing
+    nft.py          nftables transactions: libnftables in-process, `nft -f -` without it
     listeners.py    interface/loopback modes: desired listeners of a Service and the diff (sans-IO)
     vip.py          the VIP interface (netlink), the loopback mapping, NodePort addresses
     topology.py     categorize_endpoints: ready / serving-terminating, topology, local (sans-IO)

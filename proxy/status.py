@@ -70,7 +70,8 @@ def status_document(proxier: Proxier) -> dict[str, Any]:
         "vipInterface": proxier.config.vip_interface if proxier.vips is not None else None,
         "capture": ({"table": "inet kubeshim", "port": proxier.capture.listen.port,
                      "families": proxier.capture.families,
-                     "transactions": proxier.capture.transactions}
+                     "transactions": proxier.capture.transactions,
+                     "appliedWith": proxier.capture.nft.backend}
                     if proxier.capture is not None else None),
         "nodePortAddresses": proxier.node_ips,
         "synced": proxier.state.synced,

@@ -13,8 +13,9 @@ traffic under `externalTrafficPolicy: Local`), the outbound socket binds that ad
 IP_TRANSPARENT; the endpoint's replies come back through the node and the table's `socket
 transparent` rule delivers them to it.
 
-Rules change in one `nft -f -` transaction per sync (kube-proxy's knftables does the same); a
-failed transaction changes nothing and the whole table is written again.
+Rules change in one nftables transaction per sync (kube-proxy's knftables runs `nft -f -` for
+each; here libnftables applies it in-process, proxy/nft.py); a failed transaction changes
+nothing and the whole table is written again.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from kubeshim.proxy.capture import (
 )
 from kubeshim.proxy.config import ProxyConfig
 from kubeshim.proxy.metrics import UDP_SEND_FAILED
+from kubeshim.proxy.nft import Nft
 from kubeshim.proxy.table import PortTable
 from kubeshim.proxy.tcp import ClientSide, TcpFrontend, reset
 from kubeshim.proxy.udp import (
@@ -471,6 +473,7 @@ class Capture:
         self.udp: list[CaptureUdp] = []
         self.families: list[int] = []
         self.transactions = 0
+        self.nft = Nft()
         self._steered = False
         self._rewrite = False  # the next flush writes the whole table
 
@@ -580,10 +583,10 @@ class Capture:
         return True
 
     async def _nft(self, text: str) -> None:
-        # On a thread with subprocess, which spawns with vfork: forking the daemon itself (as
-        # the event loop's subprocess support does) copies the page tables of a large state,
-        # about 0.1 s per transaction with 10k Services.
-        rc, err = await asyncio.get_running_loop().run_in_executor(None, _run_nft, text)
+        # On a thread: the whole table of 10k Services takes a quarter of a second to parse.
+        # (Without libnftables, subprocess spawns `nft` with vfork there: forking the daemon
+        # itself copies the page tables of a large state, about 0.1 s per transaction.)
+        rc, err = await asyncio.get_running_loop().run_in_executor(None, self.nft.run, text)
         self.transactions += 1
         if rc != 0:
             raise CaptureError(err or f"nft exited {rc}")
@@ -617,18 +620,6 @@ def _bridge_calls_nftables() -> bool:
             return f.read().strip() == "1"
     except OSError:
         return False
-
-
-def _run_nft(text: str) -> tuple[int, str]:
-    """`nft -f -` with `text`: (exit code, what it printed on stderr)."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["nft", "-f", "-"], input=text, capture_output=True, text=True,
-                             timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return 127, f"cannot run nft: {e}"
-    return out.returncode, out.stderr.strip()
 
 
 def policy_routes(add: bool) -> None:

@@ -236,6 +236,52 @@ def test_no_endpoints_refused_at_once_tcp_and_udp(cluster: Cluster) -> None:
                                             "10.96.0.15:53/UDP": "rejected"}
 
 
+def test_verdict_flips_as_a_port_gains_and_loses_its_endpoints(cluster: Cluster) -> None:
+    pod_a = [endpoint(cluster.ip("pod-a"), node=NODE)]
+    cluster.put(service("flip", "10.96.0.16", HTTP), endpoint_slice("flip", pod_a, HTTP_EP))
+    cluster.write()
+    cluster.wait(lambda: capture_of(cluster, "flip") == {"10.96.0.16:80/TCP": "captured"},
+                 "the flip service")
+    assert curl(cluster, "client", "http://10.96.0.16/")[1] == "pod-a"
+    for endpoints, verdict in (([], "rejected"), (pod_a, "captured"), ([], "rejected")):
+        cluster.put(endpoint_slice("flip", endpoints, HTTP_EP))
+        cluster.write()
+        cluster.wait(lambda v=verdict: capture_of(cluster, "flip")  # type: ignore[misc]
+                     == {"10.96.0.16:80/TCP": v}, f"the verdict {verdict}")
+        code, body, took = curl(cluster, "client", "http://10.96.0.16/")
+        assert (code, body) == ((7, "") if verdict == "rejected" else (0, "pod-a")), (code, body)
+        assert took < 1.0
+    # The element changes went through libnftables in-process (pip-nftables is a dependency).
+    assert cluster.status()["capture"]["appliedWith"] == "libnftables"
+
+
+TRANSACTION = r"""
+import sys
+from kubeshim.proxy.nft import Nft
+nft = Nft(library=sys.argv[1] == "library")
+print(nft.backend)
+table = "inet kubeshim-nft-test"
+assert nft.run(f"add table {table}\nadd set {table} s {{ type ipv4_addr; }}\n") == (0, "")
+# One batch: the bad second line leaves the first unapplied too.
+rc, err = nft.run(f"add element {table} s {{ 10.1.0.1 }}\nadd element {table} nosuch {{ 1 }}\n")
+print(rc != 0, "No such file or directory" in err)
+assert nft.run(f"add element {table} s {{ 10.1.0.2 }}\n") == (0, "")
+print(nft.run(f"delete element {table} s {{ 10.1.0.1 }}\n")[0])
+assert nft.run(f"delete table {table}\n") == (0, "")
+"""
+
+
+@pytest.mark.parametrize("how", ["library", "program"])
+def test_transactions_apply_whole_or_not_at_all(cluster: Cluster, how: str) -> None:
+    out = cluster.lab.node.run([sys.executable, "-c", TRANSACTION, how], cwd=ROOT,
+                               check=False)
+    assert out.returncode == 0, out.stderr
+    backend, failed, deleted = out.stdout.splitlines()
+    assert backend == ("libnftables" if how == "library" else "nft -f -")
+    assert failed.split() == ["True", "True"]  # failed, with the kernel's reason
+    assert deleted != "0"  # 10.1.0.1 was never added
+
+
 def test_local_policy_without_local_endpoint_drops_outside_but_serves_node_and_pods(
         cluster: Cluster) -> None:
     code, _, took = curl(cluster, "outside", f"http://{LOCAL_LB_IP}/", timeout=2)
