@@ -59,7 +59,7 @@ def zoned(ep: dict[str, object]) -> dict[str, object]:
 
 
 async def settled(proxier: Proxier, poll: float = 0.05) -> None:
-    while proxier._dirty or (proxier._sync_task and not proxier._sync_task.done()):
+    while proxier.changes or (proxier._sync_task and not proxier._sync_task.done()):
         await asyncio.sleep(poll)
 
 
