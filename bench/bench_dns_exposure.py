@@ -6,8 +6,10 @@ and without response rate limiting, and the failover time from a dead upstream.
 Amplification: kubeshim's DNS server (its own process, loopback) serves a headless Service with
 100 endpoints; one client socket sends `--rate` queries/s for it with EDNS 4096 (the largest
 answer a spoofed query can ask for: ~1.7 KB for a 59-byte query) for `--seconds`, once with
-rate limiting off and once at `--rrl` replies/s per /24 with slip `--slip`. Reported: bytes
-sent and received, full / slipped replies, and the factor (bytes out of the server / bytes in).
+rate limiting off and once at `--rrl` identical responses/s per /24 with slip `--slip`.
+Reported: bytes sent and received, full / slipped replies, and the factor (bytes out of the
+server / bytes in). A last row sends the same rate of queries for distinct names (pod records,
+small answers) under the same limit: a client asking many names is not limited.
 
 Failover: the server's first upstream is a closed loopback port (ICMP port unreachable), the
 second a live one; each forwarded name's time from query to answer, versus the same names with
@@ -71,10 +73,14 @@ def start(rrl: float, slip: int, upstreams: list[str]) -> tuple[subprocess.Popen
     return proc, int(proc.stdout.readline())
 
 
-def flood(port: int, rate: int, seconds: float) -> dict[str, float]:
+def flood(port: int, rate: int, seconds: float, distinct: bool = False) -> dict[str, float]:
     q = DNSRecord.question(NAME)
     q.add_ar(EDNS0(udp_len=4096))
     query = bytes(q.pack())
+    names = [
+        bytes(DNSRecord.question(f"10-244-{i >> 8}-{i & 255}.bench.pod.cluster.local").pack())
+        for i in range(65536)
+    ] if distinct else []
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 24)
     sock.connect(("127.0.0.1", port))
@@ -84,8 +90,9 @@ def flood(port: int, rate: int, seconds: float) -> dict[str, float]:
     n = 0
     while (now := time.perf_counter()) - started < seconds + 1.0:
         while now - started < seconds and n < rate * (now - started):
-            sock.send(n.to_bytes(2, "big")[-2:] + query[2:])
-            sent += len(query)
+            packet = names[n % len(names)] if names else query
+            sock.send(n.to_bytes(4, "big")[-2:] + packet[2:])
+            sent += len(packet)
             n += 1
         while True:
             try:
@@ -181,6 +188,14 @@ def main() -> None:
         label = "off" if not rrl else f"{rrl:.0f}/s per /24, slip {args.slip}"
         print(f"{label:>22} {r['queries']:8.0f} {r['sent']:10.0f} {r['received']:11.0f}"
               f" {r['full']:6.0f} {r['slipped']:8.0f} {r['factor']:6.1f}x")
+    proc, port = start(args.rrl, args.slip, [])
+    try:
+        r = flood(port, args.rate, args.seconds, distinct=True)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    print(f"{'distinct names, limited':>22} {r['queries']:8.0f} {r['sent']:10.0f}"
+          f" {r['received']:11.0f} {r['full']:6.0f} {r['slipped']:8.0f} {r['factor']:6.1f}x")
     times = asyncio.run(failover(args.names))
     print(f"forwarded names, {args.names} each, upstream timeout 2 s:")
     for label, ts in times.items():

@@ -84,11 +84,15 @@ class DNSConfig:
     # Clients allowed to query (CIDRs); others get REFUSED, as CoreDNS's acl plugin answers a
     # blocked client. Empty: every client that can reach a bind.
     allowed_clients: list[str] = field(default_factory=list)
-    # Response rate limiting of UDP replies per client prefix (authoritative servers' RRL):
-    # rrl_responses_per_second replies per second per prefix (0: off), a burst of one second;
-    # past it every rrl_slip-th reply goes out as an empty TC=1 reply (the client retries over
-    # TCP, which is not limited) and the rest are dropped (rrl_slip 0: all dropped).
+    # Response rate limiting of UDP replies (authoritative servers' RRL, dns/gate.py):
+    # rrl_responses_per_second identical responses per second per client prefix (0: off), a
+    # burst of one second; identical means the same name and type for an answer, the same
+    # name for NODATA, the same zone for NXDOMAIN, any error for errors. rrl_all_per_second
+    # (BIND's all-per-second; 0: off) caps every reply to a prefix together. Past a limit
+    # every rrl_slip-th reply goes out as an empty TC=1 reply (the client retries over TCP,
+    # which is not limited) and the rest are dropped (rrl_slip 0: all dropped).
     rrl_responses_per_second: float = 0.0
+    rrl_all_per_second: float = 0.0
     rrl_slip: int = 2
     rrl_ipv4_prefix: int = 24
     rrl_ipv6_prefix: int = 56
@@ -116,7 +120,7 @@ class DNSConfig:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError as e:
                 raise ValueError(f"DNS allowed client {cidr!r} is not a CIDR: {e}") from None
-        if self.rrl_responses_per_second < 0 or self.rrl_slip < 0:
+        if min(self.rrl_responses_per_second, self.rrl_all_per_second, self.rrl_slip) < 0:
             raise ValueError("DNS rate limit and slip must not be negative")
         if self.rrl_ipv4_prefix % 8 or not 8 <= self.rrl_ipv4_prefix <= 32:
             raise ValueError("DNS rate-limit IPv4 prefix must be 8, 16, 24 or 32")

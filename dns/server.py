@@ -12,7 +12,7 @@ through the `Serving` interface (`answer`, `forward`), which `DNSServer` impleme
   unread replies fill the transport's write buffer (write backpressure), a message must arrive
   whole within `tcp_read_timeout`, and an idle connection closes after `tcp_idle_timeout`.
 - With an allow-list or a rate limit (`gate.ClientGate`), queries from outside the allowed
-  CIDRs get REFUSED and UDP replies are rate limited per client prefix.
+  CIDRs get REFUSED and UDP replies are rate limited per client prefix and response.
 - A bind may be transparent (IP_TRANSPARENT): the server then answers on an address that is
   not local, such as the kube-dns ClusterIP, for packets a TPROXY rule hands to it.
 """
@@ -68,6 +68,7 @@ class DNSServer:
             config.rrl_slip,
             config.rrl_ipv4_prefix,
             config.rrl_ipv6_prefix,
+            all_rate=config.rrl_all_per_second,
         )
         self.gated = self.gate.active
         # Without a gate the shells call the handler itself: not one call more per query.
@@ -111,6 +112,7 @@ class DNSServer:
             upstreams=",".join(join_host_port(h, p) for h, p in self.config.upstreams) or "none",
             allowed=",".join(self.config.allowed_clients) or "any",
             rrl=self.config.rrl_responses_per_second,
+            rrl_all=self.config.rrl_all_per_second,
         )
 
     def _without_self(self, upstreams: list[tuple[str, int]]) -> list[tuple[str, int]]:
@@ -227,7 +229,7 @@ class DNSServer:
         return self._limited(data, out, client)
 
     def _limited(self, query: bytes, reply: bytes, client: bytes) -> bytes | None:
-        verdict = self.gate.rate_limit(client)
+        verdict = self.gate.rate_limit(client, reply)
         if verdict == DROP:
             return None
         if verdict == SLIP:
@@ -241,7 +243,7 @@ class DNSServer:
             # CoreDNS forward's max_concurrent: REFUSED instead of piling up tasks.
             send(self.handler.refuse(request))
             return
-        if client is not None and not request.tcp and self.gate.rate > 0:
+        if client is not None and not request.tcp and self.gate.limiting:
             inner, query = send, request.query.record
 
             def send(packet: bytes) -> None:

@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="repeatable; clients that may query (others get REFUSED); default: "
                          "loopback, --cluster-cidr and the node's own networks")
     dn.add_argument("--dns-rate-limit", type=float, metavar="PER_SECOND",
-                    help="UDP responses per second per client /24 (/56), slip 2; default 0: off")
+                    help="identical UDP responses per second per client /24 (/56), "
+                         "slip 2; default 0: off")
     dn.add_argument("--cluster-domain", metavar="ZONE", help="default cluster.local")
     dn.add_argument("--upstream", action="append", metavar="HOST[:PORT]",
                     help="repeatable; default: the nameservers of /etc/resolv.conf")

@@ -80,7 +80,9 @@ class Options:
     dns_transparent_binds: list[tuple[str, int]] = field(default_factory=list)
     # Who may query: None = loopback, the clusterCIDR(s) and the node's own networks.
     dns_allowed_clients: list[str] | None = None
-    dns_rrl: float = 0.0  # UDP responses per second per client prefix; 0 = no limit
+    # Identical UDP responses per second per client prefix; 0 = no limit (dns/gate.py)
+    dns_rrl: float = 0.0
+    dns_rrl_all: float = 0.0  # every UDP response per second per client prefix; 0 = no cap
     dns_rrl_slip: int = 2
     dns_rrl_ipv4_prefix: int = 24
     dns_rrl_ipv6_prefix: int = 56
@@ -221,6 +223,7 @@ class DNSSection(_Section):
     transparent_binds: list[Any] | None = None
     allowed_clients: list[Any] | None = None
     responses_per_second: float | None = None
+    all_per_second: float | None = None
     slip: int | None = None
     ipv4_prefix_length: int | None = msgspec.field(default=None, name="ipv4PrefixLength")
     ipv6_prefix_length: int | None = msgspec.field(default=None, name="ipv6PrefixLength")
@@ -373,6 +376,7 @@ _DNS_FIELDS: dict[str, str] = {
     "upstreamCacheSize": "dns_upstream_cache_size", "upstreamMaxTTL": "dns_upstream_max_ttl",
     "reverseCIDRs": "dns_reverse_cidrs", "transparentBinds": "dns_transparent_binds",
     "allowedClients": "dns_allowed_clients", "responsesPerSecond": "dns_rrl",
+    "allPerSecond": "dns_rrl_all",
     "slip": "dns_rrl_slip", "ipv4PrefixLength": "dns_rrl_ipv4_prefix",
     "ipv6PrefixLength": "dns_rrl_ipv6_prefix", "tcpMaxConnections": "dns_tcp_max_connections",
     "tcpMaxConnectionsPerClient": "dns_tcp_max_connections_per_client",

@@ -127,6 +127,7 @@ class Daemon:
             transparent_binds=list(o.dns_transparent_binds),
             allowed_clients=allowed,
             rrl_responses_per_second=o.dns_rrl,
+            rrl_all_per_second=o.dns_rrl_all,
             rrl_slip=o.dns_rrl_slip,
             rrl_ipv4_prefix=o.dns_rrl_ipv4_prefix,
             rrl_ipv6_prefix=o.dns_rrl_ipv6_prefix,

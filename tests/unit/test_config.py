@@ -83,6 +83,8 @@ HONOURED: list[tuple[str, str, dict[str, Any]]] = [
      "dns: {serveStaleMax: 72h0m0s, serveStaleClientTimeout: 1500ms, serveStaleRecheck: 1m}\n",
      {"dns_serve_stale_max": 259200.0, "dns_serve_stale_client_timeout": 1.5,
       "dns_serve_stale_recheck": 60.0}),
+    ("dns response rate limits", "dns: {responsesPerSecond: 50, allPerSecond: 500, slip: 3}\n",
+     {"dns_rrl": 50.0, "dns_rrl_all": 500.0, "dns_rrl_slip": 3}),
     ("serve-stale off", "dns: {serveStaleMax: 0s}\n", {"dns_serve_stale_max": 0.0}),
 ]
 
