@@ -9,46 +9,22 @@ uses its own loopback source address; the checks come from 127.0.0.1 with curl a
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.ports import free_dns_port, free_port
+from tests.daemon import BACKEND_PORT, Daemon, backends, curl, run
+from tests.netns import wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 NET = f"127.78.{os.getpid() % 250}"
 SVC_NET = f"10.101.{os.getpid() % 250}"
 PER_CLIENT = 20
-
-
-def run(*argv: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
-
-
-def curl(url: str) -> tuple[int, str]:
-    proc = run("curl", "-sS", "--max-time", "5", "-w", "\n%{http_code}", url)
-    if proc.returncode:
-        return -proc.returncode, ""
-    body, _, code = proc.stdout.rpartition("\n")
-    return int(code), body
-
-
-def wait_for(predicate: Any, timeout: float = 20, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def objects(name: str, ip: str, backend: int) -> list[dict[str, Any]]:
@@ -56,114 +32,56 @@ def objects(name: str, ip: str, backend: int) -> list[dict[str, Any]]:
         {"apiVersion": "v1", "kind": "Service",
          "metadata": {"name": name, "namespace": "default"},
          "spec": {"clusterIP": ip, "ports": [
-             {"name": "http", "port": 80, "targetPort": 18080},
+             {"name": "http", "port": 80, "targetPort": BACKEND_PORT},
              {"name": "echo", "port": 5353, "protocol": "UDP", "targetPort": 18053}]}},
         {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
          "metadata": {"name": f"{name}-1", "namespace": "default",
                       "labels": {"kubernetes.io/service-name": name}},
          "addressType": "IPv4",
-         "ports": [{"name": "http", "protocol": "TCP", "port": 18080},
+         "ports": [{"name": "http", "protocol": "TCP", "port": BACKEND_PORT},
                    {"name": "echo", "protocol": "UDP", "port": 18053}],
          "endpoints": [{"addresses": [f"{NET}.{backend}"]}]},
     ]
 
 
-class Daemon:
-    def __init__(self, tmp: Path) -> None:
-        self.healthz, self.metrics = free_port(), free_port()
-        self.dns = free_dns_port()
-        self.manifests = tmp / "manifests"
-        self.manifests.mkdir()
-        for name, n in (("web", 1), ("api", 2)):
-            (self.manifests / f"{name}.yaml").write_text(
-                yaml.safe_dump_all(objects(name, f"{SVC_NET}.{n}", n)))
-        self.config = tmp / "config.yaml"
-        self.write_config("info")
-        self.log = tmp / "kubeshim.log"
-        argv = [sys.executable, "-m", "kubeshim", "run", "--config", str(self.config),
-                "--manifests", str(self.manifests), "--vip-mode", "loopback",
-                "--max-connections-per-client", str(PER_CLIENT),
-                "--max-udp-flows-per-client", str(PER_CLIENT)]
-        with self.log.open("w") as out:
-            self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+def config(d: Daemon, level: str, extra: str = "") -> str:
+    return d.config_text(f"logging: {{verbosity: {4 if level == 'debug' else 2}}}\n{extra}")
 
-    def write_config(self, level: str, extra: str = "") -> None:
-        self.config.write_text(f"""\
-apiVersion: kubeproxy.config.k8s.io/v1alpha1
-kind: KubeProxyConfiguration
-healthzBindAddress: 127.0.0.1:{self.healthz}
-metricsBindAddress: 127.0.0.1:{self.metrics}
-logging: {{verbosity: {4 if level == "debug" else 2}}}
-dns:
-  binds: ["127.0.0.1:{self.dns}"]
-  upstreams: ["127.0.0.1:{free_port(kind=socket.SOCK_DGRAM)}"]
-{extra}""")
 
-    def status(self) -> dict[str, Any]:
-        code, body = curl(f"http://127.0.0.1:{self.metrics}/status")
-        assert code == 200, (code, self.log.read_text()[-3000:])
-        return json.loads(body)  # type: ignore[no-any-return]
-
-    def served_at(self, name: str) -> str:
-        for svc in self.status()["proxy"]["services"]:
-            if svc["name"] == f"default/{name}":
-                return next(iter(svc["servedAt"].values()))  # type: ignore[no-any-return]
-        raise AssertionError(f"{name} not served")
-
-    def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
-
-    def dig(self, name: str, tcp: bool = False) -> list[str]:
-        proc = run("dig", "+short", "+time=2", "+tries=1", *(["+tcp"] if tcp else []),
-                   "-p", str(self.dns), "@127.0.0.1", name, "A")
-        return proc.stdout.split()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+def wait_for(check: Any, what: str) -> None:
+    wait_until(check, what, timeout=20)  # generous: the machine may be busy
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "examples/backend.py"), f"b{i}",
-                               f"{NET}.{i}", "18080"], start_new_session=True) for i in (1, 2)]
-    d = Daemon(tmp_path_factory.mktemp("daemon"))
-    try:
-        for i in (1, 2):
-            wait_for(lambda i=i: curl(f"http://{NET}.{i}:18080/")[0] == 200, what="backend")
-        wait_for(lambda: d.proc.poll() is not None or curl(
-            f"http://127.0.0.1:{d.healthz}/healthz")[0] == 200, what="healthz")
-        assert d.proc.poll() is None, d.log.read_text()
-        wait_for(lambda: len(d.status()["proxy"]["services"]) == 2, what="services")
-        d.idle_rss = d.rss_kib()  # type: ignore[attr-defined]
-        yield d
-    finally:
-        d.stop()
-        for p in procs:
-            os.kill(p.pid, signal.SIGTERM)
-            p.wait(timeout=5)
+    d = Daemon(tmp_path_factory.mktemp("daemon"), "--vip-mode", "loopback",
+               "--max-connections-per-client", str(PER_CLIENT),
+               "--max-udp-flows-per-client", str(PER_CLIENT))
+    for name, n in (("web", 1), ("api", 2)):
+        (d.manifests / f"{name}.yaml").write_text(
+            yaml.safe_dump_all(objects(name, f"{SVC_NET}.{n}", n)))
+    d.write_config(config(d, "info"))
+    with backends(("b1", f"{NET}.1"), ("b2", f"{NET}.2")):
+        try:
+            d.start().wait_serving(timeout=20)
+            wait_for(lambda: len(d.status()["proxy"]["services"]) == 2, "services")
+            d.idle_rss = d.rss_kib()  # type: ignore[attr-defined]
+            yield d
+        finally:
+            d.stop()
 
 
 def assert_everything_serves(d: Daemon, withdrawals: bool = False) -> None:
     """The other Service, DNS over UDP and TCP, /healthz: all answer; nothing withdrawn (unless
     the test removed something itself)."""
-    assert d.proc.poll() is None, d.log.read_text()[-3000:]
+    assert d.alive(), d.log_text()[-3000:]
     code, body = curl(f"http://{d.served_at('api')}/")
     assert (code, body) == (200, "hello from b2\n")
     name = "web.default.svc.cluster.local"
     assert d.dig(name) == [d.served_at("web")]
-    assert d.dig(name, tcp=True) == [d.served_at("web")]
-    assert curl(f"http://127.0.0.1:{d.healthz}/healthz")[0] == 200
-    log = d.log.read_text()
+    assert d.dig(name, "+tcp") == [d.served_at("web")]
+    assert curl(d.url("/healthz"))[0] == 200
+    log = d.log_text()
     if not withdrawals:
         assert "listener closed" not in log and "manifest file removed" not in log
     assert "Traceback" not in log, log[-3000:]
@@ -219,7 +137,7 @@ def test_udp_flows_from_many_source_ports_are_capped(daemon: Daemon) -> None:
             s.sendto(b"x", (host, 5353))
             socks.append(s)
         wait_for(lambda: daemon.status()["proxy"]["budget"]["udpFlows"][
-            "refusedPerClientLimit"] >= PER_CLIENT * 9, what="flows refused")
+            "refusedPerClientLimit"] >= PER_CLIENT * 9, "flows refused")
         assert daemon.status()["proxy"]["budget"]["udpFlows"]["active"] <= PER_CLIENT
         assert_everything_serves(daemon)
     finally:
@@ -245,10 +163,10 @@ def test_slow_requests_to_the_health_port_are_capped_and_timed_out(daemon: Daemo
 
 
 def test_out_of_descriptors_is_not_a_deletion(daemon: Daemon) -> None:
-    pid = daemon.proc.pid
+    pid = daemon.pid
     (daemon.manifests / "late.yaml").write_text(
         yaml.safe_dump_all(objects("late", f"{SVC_NET}.3", 1)))
-    wait_for(lambda: len(daemon.status()["proxy"]["services"]) == 3, what="late served")
+    wait_for(lambda: len(daemon.status()["proxy"]["services"]) == 3, "late served")
     late = daemon.served_at("late")
     limit = run("prlimit", "-p", str(pid), "--nofile", "--raw", "--noheadings").stdout.split()
 
@@ -264,7 +182,7 @@ def test_out_of_descriptors_is_not_a_deletion(daemon: Daemon) -> None:
             yaml.safe_dump_all(objects("late", f"{SVC_NET}.3", 2)))
         deadline = time.monotonic() + 1
         while time.monotonic() < deadline:
-            if "Too many open files" in daemon.log.read_text():
+            if "Too many open files" in daemon.log_text():
                 return True
             time.sleep(0.05)
         (daemon.manifests / "sub").rmdir()
@@ -286,17 +204,17 @@ def test_out_of_descriptors_is_not_a_deletion(daemon: Daemon) -> None:
 
 
 def test_sighup_reloads_and_never_stops(daemon: Daemon) -> None:
-    daemon.write_config("debug")
-    os.kill(daemon.proc.pid, signal.SIGHUP)
-    wait_for(lambda: "configuration reloaded log_level=debug" in daemon.log.read_text(),
+    daemon.write_config(config(daemon, "debug"))
+    os.kill(daemon.pid, signal.SIGHUP)
+    wait_for(lambda: "configuration reloaded log_level=debug" in daemon.log_text(),
              what="reload")
-    daemon.write_config("info", extra="notAField: 1\n")
-    os.kill(daemon.proc.pid, signal.SIGHUP)
-    wait_for(lambda: "configuration reload failed" in daemon.log.read_text(), what="failure")
-    assert "notAField: unknown field" in daemon.log.read_text()
-    daemon.write_config("info")
-    os.kill(daemon.proc.pid, signal.SIGHUP)
-    wait_for(lambda: "configuration reloaded log_level=info" in daemon.log.read_text(),
+    daemon.write_config(config(daemon, "info", "notAField: 1\n"))
+    os.kill(daemon.pid, signal.SIGHUP)
+    wait_for(lambda: "configuration reload failed" in daemon.log_text(), "failure")
+    assert "notAField: unknown field" in daemon.log_text()
+    daemon.write_config(config(daemon, "info"))
+    os.kill(daemon.pid, signal.SIGHUP)
+    wait_for(lambda: "configuration reloaded log_level=info" in daemon.log_text(),
              what="reload")
     assert_everything_serves(daemon)
 
@@ -323,9 +241,9 @@ def test_loopback_collision_is_reported_and_never_answered(daemon: Daemon) -> No
         assert "status: NOERROR" in out and "ANSWER: 0" in out, out
         assert daemon.dig("web.default.svc.cluster.local") == [web]
         assert curl(f"http://{web}/") == (200, "hello from b1\n")
-        assert "maps to loopback address" in daemon.log.read_text()
+        assert "maps to loopback address" in daemon.log_text()
     finally:
         path.unlink()
     wait_for(lambda: "default/twin" not in {s["name"] for s in daemon.status()["proxy"][
-        "services"]}, what="twin gone")
+        "services"]}, "twin gone")
     assert_everything_serves(daemon, withdrawals=True)
