@@ -13,6 +13,8 @@ COPY proxy proxy
 COPY dns dns
 COPY kubeshim kubeshim
 COPY scripts/image-install.sh /usr/local/lib/kubeshim/image-install.sh
+# An offline build: --build-arg KUBESHIM_WHEELS=<folder or http:// URL of wheels>.
+ARG KUBESHIM_WHEELS=
 RUN sh /usr/local/lib/kubeshim/image-install.sh
 COPY examples examples
 

@@ -16,6 +16,15 @@ if [ -n "$missing" ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $missing
   rm -rf /var/lib/apt/lists/*
 fi
+# KUBESHIM_WHEELS: a folder or http:// URL of wheels (kubeshim's dependencies and setuptools,
+# e.g. from `pip wheel -w DIR . 'setuptools>=68'`) to install from instead of the package
+# index, for a build without access to it.
+if [ -n "${KUBESHIM_WHEELS:-}" ]; then
+  set -- --no-index --find-links "$KUBESHIM_WHEELS"
+  case "$KUBESHIM_WHEELS" in
+    http://*) set -- "$@" --trusted-host "$(echo "$KUBESHIM_WHEELS" | sed -E 's#^http://([^/]+).*#\1#')" ;;
+  esac
+fi
 # Debian marks its Python as externally managed; the image has no other Python user.
-python3 -m pip install --no-cache-dir --no-compile --break-system-packages /app
+python3 -m pip install --no-cache-dir --no-compile --break-system-packages "$@" /app
 rm -rf /app/build /app/kubeshim.egg-info

@@ -11,6 +11,8 @@ APT_PACKAGES=(
   musl-tools  # musl-gcc: the DNS tests build a getaddrinfo client against musl
   # The test node (tests/peers/node.py): runtime, CNI plugins, and the images' Debian base.
   containerd runc containernetworking-plugins debootstrap iptables
+  # The compose lab (tests/e2e/test_compose_lab.py): Debian's Docker engine and Compose.
+  docker.io docker-compose
 )
 
 missing=()
@@ -21,10 +23,19 @@ if ((${#missing[@]})); then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   echo "setup: installing ${missing[*]}"
   $SUDO apt-get update -qq
+  # No service starts while installing (invoke-rc.d's policy): a dockerd started in the host's
+  # namespace would add its bridge and firewall rules there.
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null && $SUDO chmod 755 "$policy"
+    trap '$SUDO rm -f "$policy"' EXIT
+  fi
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # nginx and haproxy are benchmark peers, containerd the test node's runtime: started on
-  # demand, never system services.
-  for svc in nginx haproxy dnsmasq nsd containerd; do
+  [ -z "$policy" ] || $SUDO rm -f "$policy"
+  # nginx and haproxy are benchmark peers, containerd the test node's runtime, dockerd the
+  # compose lab's engine: started on demand, never system services.
+  for svc in nginx haproxy dnsmasq nsd containerd docker.socket docker; do
     $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || $SUDO service "$svc" stop >/dev/null 2>&1 || true
   done
 fi
