@@ -1,6 +1,6 @@
-"""RFC 8767 serve-stale on real sockets, with dig as the client and an upstream written here
-that answers only when the test lets it (a slow upstream is a fault a real server cannot give
-on demand):
+"""RFC 8767 serve-stale on real sockets, with dig and the glibc resolver (getent) as clients
+and an upstream written here that answers only when the test lets it (a slow upstream is a
+fault a real server cannot give on demand):
 
 - the client response timer: an expired name whose upstream has not answered yet is answered
   stale (TTL 30) after the upstream was asked, before the upstream replies; the exchange goes
@@ -8,12 +8,15 @@ on demand):
 - the failure recheck timer: after a failed refresh, the name is answered stale without asking
   upstream again until the timer runs out;
 - the maximum stale timer: past it, a failing upstream means SERVFAIL, not an old answer;
-- without anything stale the client waits for the upstream, however slow.
+- without anything stale the client waits for the upstream, however slow;
+- glibc, whose patience (here 3 s) is shorter than the upstream's timeout, gets the stale
+  address instead of nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +25,7 @@ from typing import Any
 
 import pytest
 from dnslib import QTYPE, RR, A, DNSRecord
+from test_dns_forward import closed_port
 from test_dns_server import Dig, dig
 
 from kubeshim.cluster.state import ClusterState
@@ -71,7 +75,9 @@ class SlowUpstream(asyncio.DatagramProtocol):
 
 
 @asynccontextmanager
-async def serving(**options: Any) -> AsyncIterator[tuple[DNSServer, SlowUpstream]]:
+async def serving(
+    bind: tuple[str, int] = ("127.0.0.1", 0), **options: Any
+) -> AsyncIterator[tuple[DNSServer, SlowUpstream]]:
     loop = asyncio.get_running_loop()
     transport, upstream = await loop.create_datagram_endpoint(
         SlowUpstream, local_addr=("127.0.0.1", 0)
@@ -80,7 +86,7 @@ async def serving(**options: Any) -> AsyncIterator[tuple[DNSServer, SlowUpstream
     state.replace("Service", [])
     state.replace("EndpointSlice", [])
     port = transport.get_extra_info("sockname")[1]
-    config = DNSConfig(binds=[("127.0.0.1", 0)], upstreams=[("127.0.0.1", port)], **options)
+    config = DNSConfig(binds=[bind], upstreams=[("127.0.0.1", port)], **options)
     server = DNSServer(state, config)
     await server.start()
     try:
@@ -163,3 +169,36 @@ async def test_without_a_stale_answer_the_client_waits_for_the_slow_upstream() -
         upstream.release()
         r = await answer
         assert r.answer == [(NAME + ".", 1, "A", "192.0.2.1")] and upstream.asked == 1
+
+
+async def getent(resolv_conf: str, name: str) -> list[str]:
+    """The glibc resolver's IPv4 addresses for `name` (getent ahostsv4), with `resolv_conf`
+    mounted over /etc/resolv.conf in a mount namespace of its own."""
+    script = 'mount --bind "$1" /etc/resolv.conf && exec getent ahostsv4 "$2"'
+    proc = await asyncio.create_subprocess_exec(
+        "unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+        resolv_conf, name, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    return sorted({line.split()[0] for line in out.decode().splitlines() if line.strip()})
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare to give getent its own resolv.conf")
+async def test_glibc_gets_the_stale_address_within_its_patience(tmp_path: Any) -> None:
+    # glibc only speaks to port 53: a loopback address of this test's own (no address is
+    # assigned: all of 127/8 is local), so nothing else on port 53 is in the way.
+    host = f"127.53.{os.getpid() % 250}.{closed_port() % 250 + 1}"
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(f"nameserver {host}\noptions timeout:3 attempts:1\n")
+    # An upstream timeout past glibc's 3 s: only the client response timer answers in time.
+    options = {"upstream_timeout": 5.0, "forward_deadline": 5.0}
+    async with serving(bind=(host, 53), **options) as (server, upstream):
+        assert await getent(str(resolv), NAME) == ["192.0.2.1"]
+        await expire(server)
+        upstream.open, upstream.address = False, "192.0.2.2"
+        assert await getent(str(resolv), NAME) == ["192.0.2.1"]  # stale, in time
+        assert upstream.asked == 2 and len(upstream.held) == 1  # asked first, still holding
+        upstream.release()
+        assert await getent(str(resolv), NAME) == ["192.0.2.2"]
+        assert upstream.asked == 2
