@@ -15,21 +15,19 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.test_proxy_netns import Cluster
+from tests.daemon import ROOT
 from tests.netns import NODE_IP, OUTSIDE_NODE_IP, Lab
+from tests.nodelab import METRICS, Cluster, serve_dns
 from tests.proxy_helpers import endpoint, endpoint_slice, service
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
 NODE = "node-1"
 OTHER = "node-2"
-METRICS = "127.0.0.1:10249"
 HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
 HTTP_EP = [{"name": "http", "port": 8080, "protocol": "TCP"}]
 DNS = [{"name": "dns", "port": 53, "protocol": "UDP"}]
@@ -49,58 +47,34 @@ ZONE = "cluster.local"
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with Lab("cap") as lab:
-        folder = tmp_path_factory.mktemp("manifests")
-        c = Cluster(lab, folder)
+        c = Cluster(lab, tmp_path_factory.mktemp("manifests"))
         for name in ("pod-a", "pod-b"):
-            c.pods[name] = lab.add_host(name)
-        c.pods["pod-r"] = lab.add_host("pod-r", ROUTED_POD, routed=True)
-        for name, pod in c.pods.items():
-            pod.popen([sys.executable, str(ROOT / "tests/e2e/proxy_backend.py"), name])
-        c.pods["pod-b"].popen(["dnsmasq", "-k", "-C", "/dev/null", "--no-resolv", "--no-hosts",
-                               "--pid-file", "--user=root", "-p", "53",
-                               "--address=/who.test/10.1.0.2"])
+            c.add_pod(name)
+        c.add_pod("pod-r", ROUTED_POD, routed=True)
+        serve_dns(c.pods["pod-b"], "who.test", "10.1.0.2")
         lab.add_host("client")  # a pod on the bridge, the "client" Cluster expects
         lab.add_outside("outside", CLIENT)
         lab.add_outside("neighbour", NEIGHBOUR)
         lab.node.run(["ip", "route", "add", "default", "via", CLIENT])
         # br_netfilter would run the capture rules on the bridge port, where TPROXY cannot
-        # deliver (docs/compatibility.md); this namespace's own setting.
-        lab.node.run(["sh", "-c", "! test -e /proc/sys/net/bridge/bridge-nf-call-iptables || "
-                      "sysctl -qw net.bridge.bridge-nf-call-iptables=0 "
-                      "net.bridge.bridge-nf-call-ip6tables=0"])
+        # deliver.
+        c.bridge_without_netfilter()
         # Announced routes: the outside reaches the LoadBalancer range and the externalIP
         # through the node (the externalIP is on-link for the neighbour, which just asks ARP).
         lab.hosts["outside"].run(["ip", "route", "add", "192.168.77.0/24", "via", OUTSIDE_NODE_IP])
         lab.hosts["outside"].run(["ip", "route", "add", EXTERNAL_IP, "via", OUTSIDE_NODE_IP])
         build_manifests(c)
-        c.write()
-        for pod in c.pods.values():
-            pod.wait_port("", 8080)
+        c.wait_pods()
         # Host programs of the node on ports that Services use, and on one that none uses.
         for port in (80, 2222, 30080):
             lab.node.popen(["socat", f"TCP-LISTEN:{port},fork,reuseaddr", "SYSTEM:echo host"])
         lab.node.popen(["socat", "UDP-RECVFROM:53,fork,reuseaddr", "SYSTEM:echo host"])
-        with open(folder.parent / "proxy.log", "w") as log_file:
-            c.proxy = lab.node.popen(
-                [sys.executable, "-m", "kubeshim", "run", "--manifests", str(folder),
-                 "--vip-mode", "tproxy", "--hostname-override", NODE,
-                 "--dns-transparent-bind", f"{KUBE_DNS}:53", "--upstream", "127.0.0.1:9",
-                 "--cluster-cidr", "10.244.0.0/16", "--metrics-bind-address", METRICS,
-                 "--drain-timeout", "2"],
-                cwd=ROOT, stderr=log_file,
-            )
-        try:
-            c.wait(lambda: len(c.status()["services"]) == 10 and c.all_processes_serving(),
-                   "the proxy to serve", 20)
-        except TimeoutError:
-            print((folder.parent / "proxy.log").read_text())
-            raise
-        yield c
-        if c.proxy.poll() is None:
-            c.proxy.terminate()
-            c.proxy.wait(10)
-        log = (folder.parent / "proxy.log").read_text()
-        assert "Traceback" not in log, log
+        with c.running("--vip-mode", "tproxy", "--hostname-override", NODE,
+                       "--dns-transparent-bind", f"{KUBE_DNS}:53", "--upstream", "127.0.0.1:9",
+                       "--cluster-cidr", "10.244.0.0/16", "--drain-timeout", "2",
+                       ready=lambda: len(c.status()["services"]) == 10
+                       and c.all_processes_serving()):
+            yield c
 
 
 def build_manifests(c: Cluster) -> None:
@@ -239,13 +213,11 @@ def test_no_endpoints_refused_at_once_tcp_and_udp(cluster: Cluster) -> None:
 def test_verdict_flips_as_a_port_gains_and_loses_its_endpoints(cluster: Cluster) -> None:
     pod_a = [endpoint(cluster.ip("pod-a"), node=NODE)]
     cluster.put(service("flip", "10.96.0.16", HTTP), endpoint_slice("flip", pod_a, HTTP_EP))
-    cluster.write()
     cluster.wait(lambda: capture_of(cluster, "flip") == {"10.96.0.16:80/TCP": "captured"},
                  "the flip service")
     assert curl(cluster, "client", "http://10.96.0.16/")[1] == "pod-a"
     for endpoints, verdict in (([], "rejected"), (pod_a, "captured"), ([], "rejected")):
         cluster.put(endpoint_slice("flip", endpoints, HTTP_EP))
-        cluster.write()
         cluster.wait(lambda v=verdict: capture_of(cluster, "flip")  # type: ignore[misc]
                      == {"10.96.0.16:80/TCP": v}, f"the verdict {verdict}")
         code, body, took = curl(cluster, "client", "http://10.96.0.16/")
@@ -343,7 +315,6 @@ def test_endpoint_that_is_a_service_address_is_refused_with_a_status_error(
 def test_new_service_captured_and_state_shown(cluster: Cluster) -> None:
     cluster.put(service("new", "10.96.0.90", HTTP),
                 endpoint_slice("new", [endpoint(cluster.ip("pod-b"), node=NODE)], HTTP_EP))
-    cluster.write()
     cluster.wait(lambda: capture_of(cluster, "new") == {"10.96.0.90:80/TCP": "captured"},
                  "the new service")
     assert curl(cluster, "client", "http://10.96.0.90/")[1] == "pod-b"
@@ -353,9 +324,7 @@ def test_new_service_captured_and_state_shown(cluster: Cluster) -> None:
 
 
 def test_shutdown_removes_the_table_and_the_policy_route(cluster: Cluster) -> None:
-    assert cluster.proxy is not None
-    cluster.proxy.terminate()
-    assert cluster.proxy.wait(10) == 0
+    assert cluster.stop() == 0
     out = cluster.lab.node.run(["nft", "list", "tables"]).stdout
     assert "kubeshim" not in out
     assert "0x4b53" not in cluster.lab.node.run(["ip", "rule"]).stdout

@@ -9,101 +9,29 @@ LoadBalancer ingress IPs through the node, using curl, wrk, dig and a raw socket
 
 from __future__ import annotations
 
-import collections
-import json
-import os
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
-import msgspec
 import pytest
-import yaml
 
-from tests.netns import NODE_IP, Lab, Netns, wait_until
+from tests.netns import NODE_IP, Lab
+from tests.nodelab import Cluster, serve_dns
 from tests.proxy_helpers import endpoint, endpoint_slice, service
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
 NODE = "node-1"
 OTHER = "node-2"
 HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
 HTTP_EP = [{"name": "http", "port": 8080, "protocol": "TCP"}]
 EXTERNAL_IP = "192.168.77.7"
 LB_IP = "192.168.77.8"
-METRICS = "127.0.0.1:10249"
 POD6 = "fd00:244::"  # the lab's IPv6 pod network; the node is ::1 of it
 NODE_IP6 = f"{POD6}1"
-
-
-def obj(o: Any) -> dict[str, Any]:
-    # omit_defaults drops kind/apiVersion; a manifest needs them.
-    return {"apiVersion": o.api_version, "kind": o.kind, **msgspec.to_builtins(o)}
-
-
-class Cluster:
-    """The lab plus the manifest folder the proxy follows."""
-
-    def __init__(self, lab: Lab, folder: Path) -> None:
-        self.lab = lab
-        self.folder = folder
-        self.objects: dict[str, dict[str, Any]] = {}
-        self.pods: dict[str, Netns] = {}
-        self.ip6: dict[str, str] = {}
-        self.proxy: subprocess.Popen[Any] | None = None
-        self.mode = "interface"
-
-    @property
-    def client(self) -> Netns:
-        return self.lab.hosts["client"]
-
-    def ip(self, pod: str) -> str:
-        return self.pods[pod].ip
-
-    def put(self, *objs: Any) -> None:
-        for o in objs:
-            self.objects[f"{o.kind}/{o.metadata.name}"] = obj(o)
-
-    def write(self) -> None:
-        tmp = self.folder.parent / "cluster.yaml.tmp"
-        tmp.write_text(yaml.safe_dump_all(list(self.objects.values())))
-        os.replace(tmp, self.folder / "cluster.yaml")
-
-    def status(self) -> dict[str, Any]:
-        """The proxier's part of the daemon's /status (metrics address, node namespace)."""
-        out = self.lab.node.run(["curl", "-sS", "--max-time", "2", f"http://{METRICS}/status"],
-                                check=False)
-        if out.returncode != 0:
-            raise KeyError("status not served yet")
-        return json.loads(out.stdout)["proxy"]  # type: ignore[no-any-return]
-
-    def port_status(self, service: str) -> dict[str, Any]:
-        for s in self.status()["services"]:
-            if s["name"] == f"default/{service}":
-                return s["ports"][0]  # type: ignore[no-any-return]
-        raise KeyError(service)
-
-    def wait(self, check: Callable[[], bool], what: str, timeout: float = 10) -> None:
-        wait_until(check, what, timeout, (FileNotFoundError, json.JSONDecodeError, KeyError))
-
-    def all_processes_serving(self) -> bool:
-        """Every worker process has joined the listeners (tproxy mode with workers)."""
-        workers = self.status().get("workers")
-        return workers is None or workers["serving"] == workers["configured"]
-
-    def endpoints_of(self, service: str) -> set[str]:
-        return {e["address"] for e in self.port_status(service)["endpoints"]}
-
-    def curl(self, *urls: str, extra: tuple[str, ...] = ()) -> list[str]:
-        """One curl process fetching every URL on its own connection; the pod names answered."""
-        out = self.client.run(["curl", "-sS", "--max-time", "5", "-H", "Connection: close",
-                               *extra, *urls])
-        return out.stdout.split()
 
 
 def enable_ipv6(lab: Lab) -> dict[str, str]:
@@ -127,51 +55,27 @@ def cluster(request: pytest.FixtureRequest,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     mode: str = request.param
     with Lab("px" + mode[0]) as lab:
-        folder = tmp_path_factory.mktemp("manifests")
-        c = Cluster(lab, folder)
+        c = Cluster(lab, tmp_path_factory.mktemp("manifests"))
         c.mode = mode
         if mode == "tproxy":
-            # A node whose bridge does not hand IP traffic to br_netfilter (the lab's own
-            # namespace setting): docs/compatibility.md, limits of tproxy mode.
-            lab.node.run(["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0",
-                          "net.bridge.bridge-nf-call-ip6tables=0"])
+            c.bridge_without_netfilter()
         for name in ("pod-a", "pod-b", "pod-c"):
-            pod = c.pods[name] = lab.add_host(name)
-            pod.popen([sys.executable, str(ROOT / "tests/e2e/proxy_backend.py"), name])
+            c.add_pod(name)
         lab.add_host("client")
         c.ip6 = enable_ipv6(lab)
-        for name, answer in (("pod-b", "10.1.0.2"), ("pod-c", "10.1.0.3")):
-            c.pods[name].popen(["dnsmasq", "-k", "-C", "/dev/null", "--no-resolv", "--no-hosts",
-                                "--pid-file", "--user=root", "-p", "53",
-                                f"--address=/who.test/{answer}"])
+        serve_dns(c.pods["pod-b"], "who.test", "10.1.0.2")
+        serve_dns(c.pods["pod-c"], "who.test", "10.1.0.3")
         build_manifests(c)
-        c.write()
-        for pod in c.pods.values():
-            pod.wait_port("", 8080)
+        c.wait_pods()
         # A leftover from an earlier run that did not shut down: cleaned at start.
         lab.node.run(["ip", "link", "add", "kubeshim0", "type", "bridge"])
         lab.node.run(["ip", "addr", "add", "10.96.99.99/32", "dev", "kubeshim0"])
-        with open(folder.parent / "proxy.log", "w") as log_file:
-            c.proxy = lab.node.popen(
-                [sys.executable, "-m", "kubeshim", "run", "--manifests", str(folder),
-                 "--vip-mode", mode, "--hostname-override", NODE, "--no-dns",
-                 "--metrics-bind-address", METRICS, "--udp-timeout", "30",
-                 "--drain-timeout", "2"],
-                cwd=ROOT, stderr=log_file,
-            )
-        try:
-            c.wait(lambda: len(c.status()["services"]) == 10 and not any(
-                s["errors"] for s in c.status()["services"]) and c.all_processes_serving(),
-                "the proxy to serve", 20)
-        except TimeoutError:
-            print((folder.parent / "proxy.log").read_text())
-            raise
-        yield c
-        if c.proxy.poll() is None:
-            c.proxy.terminate()
-            c.proxy.wait(10)
-        log = (folder.parent / "proxy.log").read_text()
-        assert "Traceback" not in log, log
+        with c.running("--vip-mode", mode, "--hostname-override", NODE, "--no-dns",
+                       "--udp-timeout", "30", "--drain-timeout", "2",
+                       ready=lambda: len(c.status()["services"]) == 10 and not any(
+                           s["errors"] for s in c.status()["services"])
+                       and c.all_processes_serving()):
+            yield c
 
 
 def build_manifests(c: Cluster) -> None:
@@ -234,7 +138,7 @@ def test_stale_addresses_cleaned_at_start(cluster: Cluster) -> None:
 
 
 def test_cluster_ip_round_robin_spreads_evenly(cluster: Cluster) -> None:
-    names = collections.Counter(cluster.curl(*["http://10.96.0.10/"] * 30))
+    names = cluster.spread("http://10.96.0.10/", 30)
     assert names == {"pod-a": 10, "pod-b": 10, "pod-c": 10}
 
 
@@ -326,7 +230,6 @@ def test_udp_dns_through_cluster_ip_and_flow_moves(cluster: Cluster) -> None:
     gone, stay = ("pod-b", "pod-c") if first == "10.1.0.2" else ("pod-c", "pod-b")
     cluster.put(endpoint_slice("dns", [pod_endpoint(cluster, stay, node=NODE)],
                                [{"name": "dns", "port": 53, "protocol": "UDP"}]))
-    cluster.write()
     cluster.wait(lambda: cluster.endpoints_of("dns") == {f"{cluster.ip(stay)}:53"},
                  "the dns endpoint removal")
     assert dig() == ("10.1.0.3" if stay == "pod-c" else "10.1.0.2")
@@ -343,7 +246,6 @@ def test_endpoint_removal_under_wrk_load_has_no_errors(cluster: Cluster) -> None
     time.sleep(1.5)
     cluster.put(endpoint_slice("load", [pod_endpoint(cluster, "pod-a", node=NODE),
                                         pod_endpoint(cluster, "pod-b", node=NODE)], HTTP_EP))
-    cluster.write()
     cluster.wait(lambda: len(cluster.endpoints_of("load")) == 2, "the endpoint removal")
     at_removal = hits("pod-c")
     out, _ = wrk.communicate(timeout=30)
@@ -356,8 +258,7 @@ def test_endpoint_removal_under_wrk_load_has_no_errors(cluster: Cluster) -> None
 
 
 def test_removed_service_loses_its_address_and_listener(cluster: Cluster) -> None:
-    del cluster.objects["Service/term"]
-    cluster.write()
+    cluster.delete("Service/term")
     cluster.wait(lambda: all(s["name"] != "default/term" for s in cluster.status()["services"]),
                  "the service removal")
     if cluster.mode == "interface":
@@ -387,7 +288,7 @@ def test_metrics_and_status_count_traffic(cluster: Cluster) -> None:
 
 
 def test_prometheus_metrics(cluster: Cluster) -> None:
-    out = cluster.lab.node.run(["curl", "-sS", f"http://{METRICS}/metrics"]).stdout
+    out = cluster.metrics()
     assert re.search(r'kubeshim_proxy_connections_total\{port="http",protocol="TCP",'
                      r'service="default/web"\} [1-9]', out), out[:2000]
     assert re.search(r"kubeproxy_sync_proxy_rules_duration_seconds_count [1-9]", out)
@@ -396,9 +297,7 @@ def test_prometheus_metrics(cluster: Cluster) -> None:
 
 
 def test_shutdown_removes_service_addresses(cluster: Cluster) -> None:
-    assert cluster.proxy is not None
-    cluster.proxy.terminate()
-    assert cluster.proxy.wait(10) == 0
+    assert cluster.stop() == 0
     out = cluster.lab.node.run(["ip", "-o", "addr"]).stdout
     assert "10.96.0.10" not in out and EXTERNAL_IP not in out
     assert "kubeshim" not in cluster.lab.node.run(["nft", "list", "tables"]).stdout

@@ -11,26 +11,22 @@ every connection went.
 
 from __future__ import annotations
 
-import collections
 import json
-import os
 import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.netns import NODE_IP, Lab, LiveConnection, Netns, wait_until
+from tests.daemon import ROOT
+from tests.netns import NODE_IP, Lab, LiveConnection
+from tests.nodelab import METRICS, Cluster
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
 NODE = "node-1"
-METRICS = "127.0.0.1:10249"
 EXTERNAL_IP = "192.168.78.9"
 IDLE_TIMEOUT = 2  # --tcp-idle-timeout for this lab: an idle connection closes within 2-4 s
 # pod -> (nodeName, zone) of the endpoint it backs
@@ -63,16 +59,8 @@ def node(zone: str | None, taints: list[dict[str, str]] | None = None) -> dict[s
             "spec": {"taints": taints or []}}
 
 
-class Lab4:
-    def __init__(self, lab: Lab, folder: Path) -> None:
-        self.lab = lab
-        self.folder = folder
-        self.objects: dict[str, dict[str, Any]] = {}
-        self.pods: dict[str, Netns] = {}
-
-    @property
-    def client(self) -> Netns:
-        return self.lab.hosts["client"]
+class Lab4(Cluster):
+    """Four pods on four nodes in two zones, as PLACEMENT says, and a client."""
 
     def endpoint(self, pod: str, ready: bool = True, hints: str | None = None,
                  **extra: Any) -> dict[str, Any]:
@@ -88,71 +76,29 @@ class Lab4:
         ep.update(extra)
         return ep
 
-    def put(self, *objs: dict[str, Any]) -> None:
-        for o in objs:
-            self.objects[f"{o['kind']}/{o['metadata']['name']}"] = o
-        tmp = self.folder.parent / "cluster.yaml.tmp"
-        tmp.write_text(yaml.safe_dump_all(list(self.objects.values())))
-        os.replace(tmp, self.folder / "cluster.yaml")
-
-    def status(self) -> dict[str, Any]:
-        out = self.lab.node.run(["curl", "-sS", "--max-time", "2", f"http://{METRICS}/status"],
-                                check=False)
-        if out.returncode != 0:
-            raise KeyError("status not served yet")
-        return json.loads(out.stdout)  # type: ignore[no-any-return]
-
-    def port(self, name: str) -> dict[str, Any]:
-        for s in self.status()["proxy"]["services"]:
-            if s["name"] == f"default/{name}":
-                return s["ports"][0]  # type: ignore[no-any-return]
-        raise KeyError(name)
-
-    def wait(self, check: Callable[[], bool], what: str, timeout: float = 10) -> None:
-        wait_until(check, what, timeout, (json.JSONDecodeError, KeyError))
-
-    def curl(self, url: str, count: int) -> collections.Counter[str]:
-        """`count` connections, one request each; which pod answered how often."""
-        out = self.client.run(["curl", "-sS", "--max-time", "5", "-H", "Connection: close",
-                               *[url] * count])
-        return collections.Counter(out.stdout.split())
-
 
 @pytest.fixture(scope="module")
 def lab4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab4]:
     with Lab("tp") as lab:
-        folder = tmp_path_factory.mktemp("manifests")
-        c = Lab4(lab, folder)
+        c = Lab4(lab, tmp_path_factory.mktemp("manifests"))
         for name in PLACEMENT:
-            pod = c.pods[name] = lab.add_host(name)
-            pod.popen([sys.executable, str(ROOT / "tests/e2e/proxy_backend.py"), name])
+            c.add_pod(name)
         c.pods["pod-a"].popen(["socat", "TCP-LISTEN:7000,fork,reuseaddr", "PIPE"])
         lab.add_host("client")
         c.put(node("zone-a"))
-        for pod in c.pods.values():
-            pod.wait_port("", 8080)
+        c.wait_pods()
         c.pods["pod-a"].wait_port("", 7000)
-        log = folder.parent / "proxy.log"
-        with open(log, "w") as log_file:
-            proxy = lab.node.popen(
-                [sys.executable, "-m", "kubeshim", "run", "--manifests", str(folder),
-                 "--hostname-override", NODE, "--no-dns", "--metrics-bind-address", METRICS,
-                 "--tcp-idle-timeout", f"{IDLE_TIMEOUT}s", "--drain-timeout", "1"],
-                cwd=ROOT, stderr=log_file)
-        try:
-            c.wait(lambda: c.status()["synced"], "the proxy to start", 20)
+        with c.running("--hostname-override", NODE, "--no-dns",
+                       "--tcp-idle-timeout", f"{IDLE_TIMEOUT}s", "--drain-timeout", "1",
+                       ready=lambda: c.full_status()["synced"], what="the proxy to start"):
             yield c
-        finally:
-            if proxy.poll() is None:
-                proxy.terminate()
-                proxy.wait(10)
-            text = log.read_text()
-            print(text[-4000:])
-        assert "Traceback" not in text
 
 
 def served(c: Lab4, name: str, topology: str | None) -> Callable[[], bool]:
-    return lambda: bool(c.port(name).get("listeners")) and c.port(name).get("topology") == topology
+    def check() -> bool:
+        port = c.port_status(name)
+        return bool(port.get("listeners")) and port.get("topology") == topology
+    return check
 
 
 ALL = {"pod-a", "pod-b", "pod-c", "pod-d"}
@@ -169,7 +115,7 @@ def test_traffic_distribution_keeps_every_connection_close(
     lab4.put(service(name, ip, trafficDistribution=distribution),
              slice_(name, [lab4.endpoint(p, hints=distribution) for p in PLACEMENT]))
     lab4.wait(served(lab4, name, mode), f"{name} served with topology")
-    got = lab4.curl(f"http://{ip}/", 24)
+    got = lab4.spread(f"http://{ip}/", 24)
     assert set(got) == want and sum(got.values()) == 24, got
 
 
@@ -180,7 +126,7 @@ def test_incomplete_hints_spread_over_every_endpoint(lab4: Lab4) -> None:
     lab4.put(service("partial", "10.96.1.4", trafficDistribution="PreferClose"),
              slice_("partial", eps))
     lab4.wait(served(lab4, "partial", None), "partial served")
-    got = lab4.curl("http://10.96.1.4/", 24)
+    got = lab4.spread("http://10.96.1.4/", 24)
     assert got == {p: 6 for p in ALL}, got
 
 
@@ -189,17 +135,17 @@ def test_node_hint_falls_back_to_zone_then_to_all(lab4: Lab4) -> None:
     lab4.put(service("samenode", "10.96.1.5", trafficDistribution="PreferSameNode"),
              slice_("samenode", eps))
     lab4.wait(served(lab4, "samenode", "PreferSameNode"), "samenode on-node")
-    assert set(lab4.curl("http://10.96.1.5/", 8)) == {"pod-a"}
+    assert set(lab4.spread("http://10.96.1.5/", 8)) == {"pod-a"}
     # The on-node endpoint stops being ready: no node hint for this node, zone hints apply.
     eps[0] = lab4.endpoint("pod-a", ready=False)
     lab4.put(slice_("samenode", eps))
     lab4.wait(served(lab4, "samenode", "PreferSameZone"), "samenode in-zone")
-    assert set(lab4.curl("http://10.96.1.5/", 8)) == {"pod-b"}
+    assert set(lab4.spread("http://10.96.1.5/", 8)) == {"pod-b"}
     # And the in-zone one too: nothing hinted for zone-a, every ready endpoint.
     eps[1] = lab4.endpoint("pod-b", ready=False)
     lab4.put(slice_("samenode", eps))
     lab4.wait(served(lab4, "samenode", None), "samenode anywhere")
-    assert lab4.curl("http://10.96.1.5/", 8) == {"pod-c": 4, "pod-d": 4}
+    assert lab4.spread("http://10.96.1.5/", 8) == {"pod-c": 4, "pod-d": 4}
 
 
 def test_the_nodes_zone_label_decides_and_a_change_applies_at_once(lab4: Lab4) -> None:
@@ -207,19 +153,19 @@ def test_the_nodes_zone_label_decides_and_a_change_applies_at_once(lab4: Lab4) -
     lab4.put(service("zonal", "10.96.1.6", trafficDistribution="PreferClose"),
              slice_("zonal", eps))
     lab4.wait(served(lab4, "zonal", "PreferSameZone"), "zonal")
-    assert set(lab4.curl("http://10.96.1.6/", 12)) == {"pod-a", "pod-b"}
+    assert set(lab4.spread("http://10.96.1.6/", 12)) == {"pod-a", "pod-b"}
     shown = lab4.lab.node.run([sys.executable, "-m", "kubeshim", "status", "--address", METRICS],
                               cwd=ROOT).stdout
     assert "Node object: zone=zone-a  eligible" in shown and "[PreferSameZone]" in shown, shown
     try:
         lab4.put(node("zone-b"))
-        lab4.wait(lambda: lab4.status()["nodeObject"]["zone"] == "zone-b", "zone-b")
-        lab4.wait(lambda: set(lab4.curl("http://10.96.1.6/", 4)) <= {"pod-c", "pod-d"},
+        lab4.wait(lambda: lab4.full_status()["nodeObject"]["zone"] == "zone-b", "zone-b")
+        lab4.wait(lambda: set(lab4.spread("http://10.96.1.6/", 4)) <= {"pod-c", "pod-d"},
                   "traffic to move to zone-b")
-        assert set(lab4.curl("http://10.96.1.6/", 12)) == {"pod-c", "pod-d"}
+        assert set(lab4.spread("http://10.96.1.6/", 12)) == {"pod-c", "pod-d"}
         lab4.put(node(None))  # no zone label: zone hints cannot apply
         lab4.wait(served(lab4, "zonal", None), "zonal without a zone")
-        assert lab4.curl("http://10.96.1.6/", 24) == {p: 6 for p in ALL}
+        assert lab4.spread("http://10.96.1.6/", 24) == {p: 6 for p in ALL}
     finally:
         lab4.put(node("zone-a"))
 
@@ -228,18 +174,18 @@ def test_external_policy_local_on_a_cluster_ip_service_with_external_ips(lab4: L
     lab4.put(service("extlocal", "10.96.1.7", externalIPs=[EXTERNAL_IP],
                      externalTrafficPolicy="Local"),
              slice_("extlocal", [lab4.endpoint(p) for p in ("pod-a", "pod-b", "pod-c")]))
-    lab4.wait(lambda: len(lab4.port("extlocal")["listeners"]) == 2, "extlocal listeners")
+    lab4.wait(lambda: len(lab4.port_status("extlocal")["listeners"]) == 2, "extlocal listeners")
     # External traffic stays on this node's endpoint; cluster traffic uses every endpoint.
-    assert set(lab4.curl(f"http://{EXTERNAL_IP}/", 9)) == {"pod-a"}
-    assert set(lab4.curl("http://10.96.1.7/", 9)) == {"pod-a", "pod-b", "pod-c"}
+    assert set(lab4.spread(f"http://{EXTERNAL_IP}/", 9)) == {"pod-a"}
+    assert set(lab4.spread("http://10.96.1.7/", 9)) == {"pod-a", "pod-b", "pod-c"}
     # No local endpoint: external traffic gets none (kube-proxy drops it), internal still works.
     lab4.put(slice_("extlocal", [lab4.endpoint(p) for p in ("pod-b", "pod-c")]))
     lab4.wait(lambda: all(e["usedFor"] == ["internal"]
-                          for e in lab4.port("extlocal")["endpoints"]), "no local endpoint")
+                          for e in lab4.port_status("extlocal")["endpoints"]), "no local endpoint")
     out = lab4.client.run(["curl", "-sS", "--max-time", "3", f"http://{EXTERNAL_IP}/"],
                           check=False)
     assert out.returncode != 0 and not out.stdout
-    assert set(lab4.curl("http://10.96.1.7/", 6)) == {"pod-b", "pod-c"}
+    assert set(lab4.spread("http://10.96.1.7/", 6)) == {"pod-b", "pod-c"}
 
 
 def test_idle_connections_close_only_after_the_idle_timeout(lab4: Lab4) -> None:
@@ -247,7 +193,7 @@ def test_idle_connections_close_only_after_the_idle_timeout(lab4: Lab4) -> None:
     lab4.put(service("echo", "10.96.1.8", echo),
              slice_("echo", [lab4.endpoint("pod-a")],
                     [{"name": "echo", "port": 7000, "protocol": "TCP"}]))
-    lab4.wait(lambda: bool(lab4.port("echo")["listeners"]), "echo served")
+    lab4.wait(lambda: bool(lab4.port_status("echo")["listeners"]), "echo served")
     kept = LiveConnection(lab4.client, "10.96.1.8:7000")
     dropped = LiveConnection(lab4.client, "10.96.1.8:7000")
     try:
@@ -258,7 +204,7 @@ def test_idle_connections_close_only_after_the_idle_timeout(lab4: Lab4) -> None:
             assert kept.echo(f"keep {i}") == f"keep {i}"
         # `dropped` has now been idle for > 2x the timeout: closed by the proxy.
         assert dropped.proc.wait(5) == 0
-        assert lab4.port("echo")["errors"].get("idle_timeout", 0) >= 1
+        assert lab4.port_status("echo")["errors"].get("idle_timeout", 0) >= 1
     finally:
         for conn in (kept, dropped):
             if conn.proc.poll() is None:
@@ -293,7 +239,7 @@ def test_healthz_follows_the_nodes_autoscaler_taint(lab4: Lab4) -> None:
         lab4.put(node("zone-a", [taint]))
         lab4.wait(lambda: healthz()[0] == 503 and healthz()[1]["nodeEligible"] is False, "503")
         # Traffic still flows: eligibility is for load balancers, not for the data plane.
-        assert set(lab4.curl("http://10.96.1.10/", 6)) == {"pod-a", "pod-c"}
+        assert set(lab4.spread("http://10.96.1.10/", 6)) == {"pod-a", "pod-c"}
         # The per-Service checks keep answering for their local endpoints: kube-proxy's
         # service health server asks only whether the proxy is healthy, not the node.
         code, doc = service_check()
@@ -311,7 +257,7 @@ def test_sctp_port_is_reported_with_the_kernels_reason_and_tcp_still_served(lab4
                     [*HTTP_EP, {"name": "sig", "port": 3868, "protocol": "SCTP"}]))
 
     def errors() -> list[str]:
-        for s in lab4.status()["proxy"]["services"]:
+        for s in lab4.status()["services"]:
             if s["name"] == "default/mixed":
                 return s["errors"]  # type: ignore[no-any-return]
         raise KeyError("mixed")
@@ -325,4 +271,4 @@ def test_sctp_port_is_reported_with_the_kernels_reason_and_tcp_still_served(lab4
     (error,) = errors()
     assert error.startswith("port default/mixed:sig: SCTP port not served")
     assert ("this kernel has no SCTP" in error) is not kernel_has_sctp
-    assert set(lab4.curl("http://10.96.1.9/", 3)) == {"pod-c"}
+    assert set(lab4.spread("http://10.96.1.9/", 3)) == {"pod-c"}

@@ -15,19 +15,16 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.test_proxy_netns import Cluster
 from tests.netns import NODE_IP, Lab, wait_until
+from tests.nodelab import Cluster
 from tests.proxy_helpers import endpoint, endpoint_slice, service
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
-METRICS = "127.0.0.1:10249"
 HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
 HTTP_EP = [{"name": "http", "port": 8080, "protocol": "TCP"}]
 VIP = "10.96.0.10"
@@ -57,52 +54,24 @@ for line in sys.stdin:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with Lab("wrk") as lab:
-        folder = tmp_path_factory.mktemp("manifests")
-        c = Cluster(lab, folder)
+        c = Cluster(lab, tmp_path_factory.mktemp("manifests"))
         for name in ("pod-a", "pod-b"):
-            c.pods[name] = lab.add_host(name)
-            c.pods[name].popen([sys.executable, str(ROOT / "tests/e2e/proxy_backend.py"), name])
+            c.add_pod(name)
         lab.add_host("client")
-        lab.node.run(["sh", "-c", "! test -e /proc/sys/net/bridge/bridge-nf-call-iptables || "
-                      "sysctl -qw net.bridge.bridge-nf-call-iptables=0 "
-                      "net.bridge.bridge-nf-call-ip6tables=0"])
+        c.bridge_without_netfilter()
         c.put(service("web", VIP, HTTP),
               endpoint_slice("web", [endpoint(c.ip("pod-a")), endpoint(c.ip("pod-b"))], HTTP_EP))
-        c.write()
-        for pod in c.pods.values():
-            pod.wait_port("", 8080)
-        log_path = folder.parent / "proxy.log"
-        with open(log_path, "w") as log_file:
-            c.proxy = lab.node.popen(
-                [sys.executable, "-m", "kubeshim", "run", "--manifests", str(folder),
-                 "--vip-mode", "tproxy", "--workers", "2", "--hostname-override", "node-1",
-                 "--dns-bind", f"{NODE_IP}:53", "--upstream", f"{NODE_IP}:5399",
-                 "--cluster-cidr", "10.244.0.0/16", "--metrics-bind-address",
-                 METRICS, "--drain-timeout", "2"],
-                cwd=ROOT, stderr=log_file)
-        try:
-            c.wait(lambda: c.status()["workers"]["serving"] == 2, "both processes serving", 20)
-        except TimeoutError:
-            print(log_path.read_text())
-            raise
-        yield c
-        if c.proxy.poll() is None:
-            c.proxy.terminate()
-            c.proxy.wait(15)
-        log = log_path.read_text()
-        assert "Traceback" not in log, log
-
-
-def full_status(c: Cluster) -> dict[str, Any]:
-    out = c.lab.node.run(["curl", "-sS", "--max-time", "2", f"http://{METRICS}/status"],
-                         check=False)
-    if out.returncode != 0:
-        raise KeyError("status not served yet")
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+        c.wait_pods()
+        with c.running("--vip-mode", "tproxy", "--workers", "2", "--hostname-override", "node-1",
+                       "--dns-bind", f"{NODE_IP}:53", "--upstream", f"{NODE_IP}:5399",
+                       "--cluster-cidr", "10.244.0.0/16", "--drain-timeout", "2",
+                       ready=lambda: c.status()["workers"]["serving"] == 2,
+                       what="both processes serving"):
+            yield c
 
 
 def workers(c: Cluster) -> list[dict[str, Any]]:
-    return full_status(c)["workers"][1:]  # type: ignore[no-any-return]
+    return c.full_status()["workers"][1:]  # type: ignore[no-any-return]
 
 
 def test_both_processes_serve_and_status_counts_them_as_one(cluster: Cluster) -> None:
@@ -120,8 +89,7 @@ def test_both_processes_serve_and_status_counts_them_as_one(cluster: Cluster) ->
     endpoints = {e["address"]: e for e in c.port_status("web")["endpoints"]}
     assert set(endpoints) == {f"{c.ip('pod-a')}:8080", f"{c.ip('pod-b')}:8080"}
     # /metrics (served by the control process) counts the worker's connections too.
-    metrics = c.lab.node.run(["curl", "-sS", "--max-time", "2", f"http://{METRICS}/metrics"])
-    total = next(float(line.rsplit(" ", 1)[1]) for line in metrics.stdout.splitlines()
+    total = next(float(line.rsplit(" ", 1)[1]) for line in c.metrics().splitlines()
                  if line.startswith("kubeshim_proxy_connections_total{")
                  and 'service="default/web"' in line)
     assert total == c.port_status("web")["connectionsTotal"]
@@ -198,7 +166,6 @@ def test_client_ip_affinity_holds_across_processes(cluster: Cluster) -> None:
     c.put(service("sticky", STICKY, HTTP, sessionAffinity="ClientIP",
                   sessionAffinityConfig={"clientIP": {"timeoutSeconds": 2}}),
           endpoint_slice("sticky", [endpoint(c.ip("pod-a")), endpoint(c.ip("pod-b"))], HTTP_EP))
-    c.write()
     c.wait(lambda: len(c.status()["services"]) == 2, "the sticky Service served", 10)
     first = c.curl(*[f"http://{STICKY}/"] * 12)
     assert len(set(first)) == 1, first
