@@ -11,6 +11,7 @@ are lowered per test (module constants) so that a handful of connections reach t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -223,6 +224,19 @@ async def test_a_port_in_use_is_logged_and_not_fatal() -> None:
 # --- connection caps and timeouts ------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def healthz_endpoint() -> AsyncIterator[Endpoints]:
+    """The healthz endpoint alone, started under the caps the test set."""
+    plane = DataPlane()
+    app, _ = build_apps(plane.health(), dict)
+    server = await serve(app, "127.0.0.1", 0, "healthz")
+    assert server is not None
+    try:
+        yield Endpoints(plane, server, server)
+    finally:
+        await server.cleanup()
+
+
 @pytest.fixture
 def caps(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     def set_caps(**values: float) -> None:
@@ -234,13 +248,9 @@ def caps(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
 async def test_one_client_holds_at_most_its_share_and_others_still_get_in(
         caps: Callable[..., None]) -> None:
     caps(PER_CLIENT=3, MAX_CONNECTIONS=5)
-    plane = DataPlane()
-    app, _ = build_apps(plane.health(), dict)
-    server = await serve(app, "127.0.0.1", 0, "healthz")
-    assert server is not None
-    e = Endpoints(plane, server, server)
     held: list[asyncio.StreamWriter] = []
-    try:
+    async with healthz_endpoint() as e:
+        server = e.healthz
         for _ in range(3):  # 127.0.0.2's share, kept alive after a request each
             reader, writer = await e.connect("127.0.0.2")
             assert await request(reader, writer, GET) == 200
@@ -263,23 +273,17 @@ async def test_one_client_holds_at_most_its_share_and_others_still_get_in(
         reader, writer = await e.connect("127.0.0.2")
         held.append(writer)
         assert await request(reader, writer, GET) == 200
-    finally:
         for writer in held:
             writer.close()
         await asyncio.sleep(0.1)
         assert server.status()["active"] == 0 and server.limits.by_client == {}
-        await server.cleanup()
 
 
 async def test_a_head_not_finished_in_time_is_cut_and_a_slow_complete_one_is_served(
         caps: Callable[..., None]) -> None:
     caps(HEADER_TIMEOUT=0.5)
-    plane = DataPlane()
-    app, _ = build_apps(plane.health(), dict)
-    server = await serve(app, "127.0.0.1", 0, "healthz")
-    assert server is not None
-    e = Endpoints(plane, server, server)
-    try:
+    async with healthz_endpoint() as e:
+        server = e.healthz
         stalled_reader, stalled = await e.connect("127.0.0.2")
         stalled.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
         # A head in pieces, its blank line split across two of them, finished in time.
@@ -294,8 +298,6 @@ async def test_a_head_not_finished_in_time_is_cut_and_a_slow_complete_one_is_ser
         assert await request(reader, writer, GET) == 200
         stalled.close()
         writer.close()
-    finally:
-        await server.cleanup()
 
 
 async def test_a_head_longer_than_any_request_is_cut_at_once(endpoints: Endpoints) -> None:
@@ -317,15 +319,8 @@ async def test_a_head_longer_than_any_request_is_cut_at_once(endpoints: Endpoint
 async def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout(
         caps: Callable[..., None]) -> None:
     caps(KEEPALIVE_TIMEOUT=0.5)
-    plane = DataPlane()
-    app, _ = build_apps(plane.health(), dict)
-    server = await serve(app, "127.0.0.1", 0, "healthz")
-    assert server is not None
-    e = Endpoints(plane, server, server)
-    try:
+    async with healthz_endpoint() as e:
         reader, writer = await e.connect("127.0.0.2")
         assert await request(reader, writer, GET) == 200
         assert await closed_by_server(reader, within=3)
         writer.close()
-    finally:
-        await server.cleanup()
