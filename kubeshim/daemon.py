@@ -29,6 +29,7 @@ from kubeshim.cluster import handover
 from kubeshim.cluster import log as logs
 from kubeshim.cluster.errors import ConfigError
 from kubeshim.cluster.log import get_logger
+from kubeshim.cluster.netaddr import ip_family
 from kubeshim.cluster.state import ClusterState
 from kubeshim.config import Options, default_vip_mode
 from kubeshim.limits import raise_nofile
@@ -111,7 +112,10 @@ class Daemon:
         upstreams = o.upstreams or resolv_conf_nameservers()
         allowed = o.dns_allowed_clients
         if allowed is None:
-            allowed = ["127.0.0.0/8", "::1/128", *o.cluster_cidrs, *node_networks()]
+            # The node itself asking a Service address that is local (interface mode) comes
+            # from that very address.
+            own = [f"{h}/{32 if ip_family(h) == 4 else 128}" for h, _ in o.dns_transparent_binds]
+            allowed = ["127.0.0.0/8", "::1/128", *o.cluster_cidrs, *node_networks(), *own]
         config = DNSConfig(
             zone=o.cluster_domain,
             binds=binds,

@@ -51,5 +51,7 @@ class ProxyConfig:
     # Pod CIDRs (kube-proxy's clusterCIDR, detectLocalMode ClusterCIDR): which clients are
     # local pods, for Local-policy short-circuits and keeping the client's address.
     cluster_cidrs: list[str] = field(default_factory=list)
-    # tproxy mode: the DNS server's transparent binds, handed their tuples by the capture table.
+    # The DNS server's transparent binds (the kube-dns ClusterIP on this node): tproxy mode
+    # hands their tuples to it in the capture table; interface mode keeps their addresses on
+    # the VIP interface and opens no listener of its own on those ports.
     dns_capture: list[tuple[str, int]] = field(default_factory=list)

@@ -85,6 +85,18 @@ def desired_listeners(
     return out, problems
 
 
+def leave_to_dns(
+    desired: Mapping[ListenerKey, ListenerSpec], dns_binds: Sequence[tuple[str, int]]
+) -> tuple[dict[ListenerKey, ListenerSpec], set[str]]:
+    """Split off the Service tuples the node's DNS server answers itself (`dns.transparentBinds`,
+    e.g. the kube-dns ClusterIP on port 53): (the listeners still to open, the Service addresses
+    that must stay on the VIP interface so that the kernel delivers them to the DNS sockets)."""
+    owned = set(dns_binds)
+    kept = {k: s for k, s in desired.items()
+            if s.kind == "NodePort" or (s.service_ip, k.port) not in owned}
+    return kept, {s.service_ip for k, s in desired.items() if k not in kept}
+
+
 def diff_listeners(
     current: Mapping[ListenerKey, ListenerSpec], desired: Mapping[ListenerKey, ListenerSpec]
 ) -> tuple[list[ListenerKey], list[ListenerSpec]]:

@@ -35,6 +35,7 @@ from kubeshim.proxy.listeners import (
     ListenerSpec,
     desired_listeners,
     diff_listeners,
+    leave_to_dns,
     vips_of,
 )
 from kubeshim.proxy.metrics import PortCounters, ProxyMetrics
@@ -350,11 +351,14 @@ class Proxier:
         rt.info = info
         errors: dict[str, str] = {}
         desired, port_names = self._update_tables(rt, info, errors)
+        dns_vips: set[str] = set()
         if self.capture is not None:
             # tproxy mode: rules instead of listeners and addresses.
             self._sync_capture(rt, info, errors)
             desired = {}
-        await self._apply_listeners(rt, desired, errors)
+        elif self.config.vip_mode == "interface" and self.config.dns_capture:
+            desired, dns_vips = leave_to_dns(desired, self.config.dns_capture)
+        await self._apply_listeners(rt, desired, errors, dns_vips)
         self._drop_ports(rt, port_names)
         self._record_errors(rt, errors)
         if info is None:
@@ -408,9 +412,10 @@ class Proxier:
 
     async def _apply_listeners(self, rt: ServiceRuntime,
                                desired: dict[ListenerKey, ListenerSpec],
-                               errors: dict[str, str]) -> None:
+                               errors: dict[str, str], dns_vips: set[str]) -> None:
         """Close, retarget and open sockets; assign Service addresses before binding them and
-        release the unused ones after closing."""
+        release the unused ones after closing. `dns_vips` are addresses wanted for the DNS
+        server's own sockets only."""
         key = rt.key
         close, open_ = diff_listeners({k: li.spec for k, li in rt.listeners.items()}, desired)
         for k in close:
@@ -422,7 +427,7 @@ class Proxier:
             if self._owners.get(k) == key:
                 del self._owners[k]
             log.info("listener closed", service=str(key), address=str(k))
-        wanted_vips = vips_of(desired)
+        wanted_vips = vips_of(desired) | dns_vips
         for ip in rt.vips - wanted_vips:
             await self._release_vip(ip, key)
         for ip in wanted_vips - rt.vips:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from test_dns_netns import endpoint_slice, service
 
-from tests.netns import NODE_IP, Lab, Netns
+from tests.netns import NODE_IP, OUTSIDE_NODE_IP, Lab, Netns
 
 pytestmark = pytest.mark.e2e
 
@@ -82,7 +82,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Netns]]
         daemon.terminate()
         daemon.wait(15)
         log = log_path.read_text()
-        assert 'allowed="127.0.0.0/8,::1/128,10.244.0.0/24"' in log, log
+        assert 'allowed="127.0.0.0/8,::1/128,10.244.0.0/24,10.96.0.10/32"' in log, log
         assert "Traceback" not in log
 
 
@@ -102,3 +102,93 @@ def test_only_the_clusterip_tuple_is_served(lab: tuple[Lab, Netns]) -> None:
     out = pod.run(["dig", f"@{NODE_IP}", "+tries=1", "+time=1", "web.default.svc.cluster.local"],
                   check=False)
     assert "status:" not in out.stdout  # the node's own address does not answer
+
+
+def kube_dns_service() -> dict[str, object]:
+    """deploy/kube-dns.yaml's shape: no selector, no endpoints; each node answers it itself."""
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "kube-dns", "namespace": "kube-system"},
+        "spec": {"clusterIP": KUBE_DNS, "ports": [
+            {"name": "dns", "port": 53, "protocol": "UDP"},
+            {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]},
+    }
+
+
+OUTSIDER = "192.168.50.7"
+
+
+@pytest.fixture(scope="module")
+def interface_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Netns]]:
+    """The shipped DaemonSet's shape: interface VIP mode, the kube-dns Service without
+    endpoints, the DNS server on its ClusterIP (`--dns-transparent-bind`) and nothing on the
+    node's own address. No rule of the test's own: the ClusterIP is on kubeshim0."""
+    folder = tmp_path_factory.mktemp("manifests-if")
+    with Lab("dnsif") as lab:
+        pod = lab.add_host("pod")
+        pod.write_resolv_conf(
+            f"search default.svc.{ZONE} svc.{ZONE} {ZONE}\nnameserver {KUBE_DNS}\n"
+            "options ndots:5\n")
+        outsider = lab.add_outside("outsider", OUTSIDER)
+        (folder / "web.yaml").write_text(yaml.safe_dump_all([
+            service("web", "10.96.0.20"), endpoint_slice("web", [(pod.ip, None)]),
+            kube_dns_service()]))
+        log_path = folder.parent / "kubeshim-if.log"
+        with open(log_path, "w") as log_file:
+            daemon = lab.node.popen(
+                [sys.executable, "-m", "kubeshim", "run", "--manifests", str(folder),
+                 "--vip-mode", "interface", "--hostname-override", "node-1",
+                 "--cluster-cidr", "10.244.0.0/16",
+                 # Pods, and the node asking the local ClusterIP (whose source is that address).
+                 "--dns-allowed-client", "10.244.0.0/16",
+                 "--dns-allowed-client", f"{KUBE_DNS}/32",
+                 "--dns-transparent-bind", f"{KUBE_DNS}:53",
+                 "--upstream", "127.0.0.1:9", "--healthz-bind-address", "",
+                 "--metrics-bind-address", ""],
+                cwd=ROOT, stderr=log_file)
+        try:
+            deadline = time.monotonic() + 20
+            while pod.run(["getent", "hosts", "web"], check=False).returncode != 0:
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+        except AssertionError:
+            print(log_path.read_text())
+            raise
+        yield lab, outsider
+        daemon.terminate()
+        daemon.wait(15)
+        log = log_path.read_text()
+        assert "cannot serve" not in log, log
+        assert "Traceback" not in log, log
+
+
+def test_interface_mode_answers_the_kube_dns_clusterip_itself(
+        interface_lab: tuple[Lab, Netns]) -> None:
+    lab, _ = interface_lab
+    pod, node = lab.hosts["pod"], lab.node
+    assert pod.run(["getent", "hosts", "web"]).stdout.split() == [
+        "10.96.0.20", f"web.default.svc.{ZONE}"]
+    for who in (pod, node):  # a pod, and the node itself (hostNetwork Pods)
+        for transport in ("+notcp", "+tcp"):
+            out = who.run(["dig", f"@{KUBE_DNS}", transport, "+short", f"web.default.svc.{ZONE}"])
+            assert out.stdout.split() == ["10.96.0.20"], (who.name, transport, out.stdout)
+    # The DNS server holds the tuple; the proxy opened nothing there, and nothing else listens
+    # on port 53 (the node's address does not answer).
+    for proto in ("u", "t"):
+        listening = node.run(["ss", f"-l{proto}nH", "sport = :53"]).stdout.splitlines()
+        assert [line.split()[3] for line in listening if line.strip()] == [f"{KUBE_DNS}:53"]
+    out = pod.run(["dig", f"@{NODE_IP}", "+tries=1", "+time=1", f"web.default.svc.{ZONE}"],
+                  check=False)
+    assert "status:" not in out.stdout
+
+
+def test_interface_mode_refuses_clients_outside_the_allowed_cidrs(
+        interface_lab: tuple[Lab, Netns]) -> None:
+    lab, outsider = interface_lab
+    outsider.run(["ip", "route", "add", "10.96.0.0/12", "via", OUTSIDE_NODE_IP])
+    for name in ("example.org", f"web.default.svc.{ZONE}"):
+        out = outsider.run(["dig", f"@{KUBE_DNS}", "+tries=1", "+time=2", name], check=False)
+        assert "status: REFUSED" in out.stdout, out.stdout
+    out = outsider.run(["dig", f"@{OUTSIDE_NODE_IP}", "+tries=1", "+time=1", "example.org"],
+                       check=False)
+    assert "status:" not in out.stdout  # nothing listens on the node's addresses

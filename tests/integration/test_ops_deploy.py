@@ -3,8 +3,9 @@
 The manifests go to a real kube-apiserver (tests/peers) with `kubectl apply --dry-run=server
 --validate=strict`, which rejects unknown or misplaced fields exactly as a cluster would. The
 checks by kind hold them to what kubeshim needs: the capabilities and no more, kube-proxy's
-tolerations and priority, a configuration kubeshim accepts, a kube-dns Service that selects
-the DaemonSet's Pods. The unit file goes through `systemd-analyze verify`.
+tolerations and priority, a configuration kubeshim accepts, a kube-dns Service whose
+ClusterIP the DNS server answers itself (and no node address). The unit file goes through
+`systemd-analyze verify`.
 """
 
 from __future__ import annotations
@@ -99,26 +100,30 @@ def test_the_daemon_accepts_its_arguments_and_configuration(
         if ref := e.get("valueFrom", {}).get("configMapKeyRef"):
             assert ref["name"] == cm["metadata"]["name"] and ref["key"] in cm["data"]
     # The argv, with the downward API's values, parses as the daemon would parse it.
-    values = {"NODE_NAME": "node-1", "NODE_IP": "192.0.2.10"}
+    values = {"NODE_NAME": "node-1"}
     argv = [re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], a) for a in c["args"]]
     argv = [a.replace(config_arg, str(config)) for a in argv]
     opts = options_from_args(build_parser().parse_args(argv))
     assert (opts.hostname_override, opts.in_cluster, opts.vip_mode) == ("node-1", True, "interface")
-    assert opts.dns_binds == [("192.0.2.10", 53)]
+    # DNS on the kube-dns ClusterIP only: no bind on a node address or on all addresses.
+    assert opts.dns_binds == [] and opts.dns_transparent_binds == [("10.96.0.10", 53)]
     assert opts.healthz_bind_address.endswith(":10256")
 
 
-def test_kube_dns_selects_kubeshim(objs: dict[tuple[str, str], dict[str, Any]]) -> None:
+def test_kube_dns_is_answered_by_kubeshim_on_each_node(
+        objs: dict[tuple[str, str], dict[str, Any]]) -> None:
     svc = objs[("Service", "kube-dns")]
     assert svc["metadata"]["namespace"] == "kube-system"
     assert svc["spec"]["clusterIP"] == "10.96.0.10"
-    labels = objs[("DaemonSet", "kubeshim")]["spec"]["template"]["metadata"]["labels"]
-    assert svc["spec"]["selector"].items() <= labels.items()
+    # No selector, so no endpoints: the DNS server holds the ClusterIP's port 53 itself.
+    assert "selector" not in svc["spec"]
     ports = {(p["name"], p["protocol"], p["port"]) for p in svc["spec"]["ports"]}
     assert ports == {("dns", "UDP", 53), ("dns-tcp", "TCP", 53)}
-    declared = {(p["name"], p["protocol"]) for p in container(objs)["ports"]}
-    for p in svc["spec"]["ports"]:
-        assert (p["targetPort"], p["protocol"]) in declared
+    dns = yaml.safe_load(objs[("ConfigMap", "kubeshim")]["data"]["config.yaml"])["dns"]
+    assert dns["transparentBinds"] == [f"{svc['spec']['clusterIP']}:53"]
+    assert "binds" not in dns
+    # No hostPort 53 is claimed on the node.
+    assert all(p["containerPort"] != 53 for p in container(objs)["ports"])
 
 
 def test_manifests_pass_a_real_api_servers_strict_validation(

@@ -7,7 +7,13 @@ import ipaddress
 import pytest
 
 from kubeshim.cluster.state import build_service_info
-from kubeshim.proxy.listeners import ListenerKey, desired_listeners, diff_listeners, vips_of
+from kubeshim.proxy.listeners import (
+    ListenerKey,
+    desired_listeners,
+    diff_listeners,
+    leave_to_dns,
+    vips_of,
+)
 from kubeshim.proxy.table import PortTable
 from kubeshim.proxy.vip import LoopbackMapper, VipError
 from tests.proxy_helpers import endpoint, endpoint_slice, service
@@ -87,6 +93,22 @@ def test_headless_service_gets_no_listeners() -> None:
 
 def test_loopback_mode_binds_mapped_addresses() -> None:
     assert keys({}, [HTTP], MAPPER.address) == {"ClusterIP 127.96.0.20:80/TCP"}
+
+
+def test_tuples_of_the_dns_server_are_left_to_it_but_keep_their_address() -> None:
+    dns_tcp = {"name": "dns-tcp", "port": 53, "protocol": "TCP", "nodePort": 30053}
+    info = build_service_info(service("kube-dns", "10.96.0.20", [DNS, dns_tcp, HTTP],
+                                      type="NodePort"), [], "kubeshim")
+    desired, _ = desired_listeners(info, NODE_IPS, identity)
+    kept, vips = leave_to_dns(desired, [("10.96.0.20", 53)])
+    # Both protocols of the ClusterIP tuple go to DNS; other ports and NodePorts stay.
+    assert sorted(str(k) for k in kept) == [
+        "10.96.0.20:80/TCP", "192.0.2.10:30053/TCP", "192.0.2.10:30080/TCP"]
+    assert vips == {"10.96.0.20"}
+    only_dns, vips = leave_to_dns({k: s for k, s in desired.items() if s.port_name.port != "http"
+                                   and s.kind != "NodePort"}, [("10.96.0.20", 53)])
+    assert only_dns == {} and vips == {"10.96.0.20"}  # the address stays for the DNS sockets
+    assert leave_to_dns(desired, [("10.96.0.21", 53)]) == (desired, set())
 
 
 def test_diff_opens_new_closes_gone_and_reopens_changed() -> None:
