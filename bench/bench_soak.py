@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kubeshim.proxy.vip import LoopbackMapper  # noqa: E402
-from tests.proxy_helpers import free_port  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 BACKENDS = ("127.0.4.1", "127.0.4.2")
 HOG = "127.0.4.3"  # behind the Service the idle connections pile on: listens, never accepts

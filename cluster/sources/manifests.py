@@ -13,11 +13,14 @@ would find them, and turning edits into ClusterState events:
   (`ServiceList`, `EndpointSliceList`, `NodeList`, whose items may omit `kind`). A Node is
   optional; only the one named like this node (--hostname-override) is used, for its zone
   label and taints. Other kinds are ignored.
-- following: inotify watches on every directory read. The kernel names the file that changed,
-  so an edit costs one file's read, not a scan; directory events (a new or removed directory,
-  a ConfigMap's `..data` swap, an overflowed event queue) rescan the tree. A file is read when
-  its writer closes it or renames it into place (not on each write, which would see it half
-  written). Where inotify is unavailable or its watch limit is reached, the folder is polled
+- following: inotify watches on every directory read, each set before the directory is listed
+  (so nothing written after a listing goes unseen, and start-up needs one walk). The kernel
+  names the file that changed, so an edit costs one file's read, not a scan; only directory
+  events (a directory or a link to one came or went, a ConfigMap's `..data` swap, an
+  overflowed event queue) walk the tree again. Other files in the folder (a README, the temp
+  file of `sed -i`, an editor's probe file) are no manifests and cost nothing. A file is read
+  when its writer closes it or renames it into place (not on each write, which would see it
+  half written). Where inotify is unavailable or its watch limit is reached, the folder is polled
   every `poll_interval` seconds instead.
 - work off the event loop: walking, reading and parsing run on a thread; only the resulting
   events are applied on the loop, so a slow disk or a huge file never stalls serving. The one
@@ -40,7 +43,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,10 +135,15 @@ class Walk:
     # Paths whose contents are unknown this time (unlisted directories, unreadable entries):
     # every known file at or under them keeps its objects.
     kept: list[Path] = field(default_factory=list)
+    # inotify watch descriptor -> directory, for a walk that set watches.
+    watched: dict[int, Path] = field(default_factory=dict)
 
 
-def walk(root: Path) -> Walk:
-    """The manifest files under `root` (or `root` itself) with their stat signatures."""
+def walk(root: Path, watch: Callable[[Path], None] | None = None) -> Walk:
+    """The manifest files under `root` (or `root` itself) with their stat signatures.
+
+    `watch` is called with each directory just before it is listed.
+    """
     w = Walk()
     try:
         st = os.stat(root)
@@ -162,6 +170,8 @@ def walk(root: Path) -> Walk:
             continue
         visited[ident] = d
         w.dirs.append(d)
+        if watch is not None:
+            watch(d)
         try:
             with os.scandir(d) as it:
                 names = sorted(entry.name for entry in it)
@@ -326,8 +336,13 @@ class ManifestSource:
         self._wake = asyncio.Event()
         self._inotify: Any = None
         self._watches: dict[int, Path] = {}  # inotify watch descriptor -> directory
+        self._watched: set[Path] = set()  # the directories watched (and links followed to them)
+        self._watch_limit: str | None = None  # why a watch could not be set (ENOSPC, ENOMEM)
+        self._mask = 0
         self._outside: Path | None = None
         self.mode = "poll"
+        # Full walks of the folder so far (start-up, directory events, polling, retries).
+        self.walks = 0
 
     # --- entry points ---------------------------------------------------------------------------
 
@@ -342,9 +357,12 @@ class ManifestSource:
                 "manifest path does not exist (yet); serving nothing until it does",
                 path=str(self.path),
             )
-        self._apply(await asyncio.to_thread(self._read, True, set()), initial=True)
         if self.use_inotify:
-            self._start_inotify()
+            self._start_inotify()  # before the first walk, which sets the watches
+        self._apply(await asyncio.to_thread(self._read, True, set()), initial=True)
+        if self._inotify is not None:
+            self.mode = "inotify"
+            asyncio.get_running_loop().add_reader(self._inotify.fileno(), self._on_inotify)
         log.info("following manifests", path=str(self.path), mode=self.mode)
         try:
             while True:
@@ -390,7 +408,7 @@ class ManifestSource:
     def _read(self, full: bool, paths: set[Path]) -> _Read:
         candidates: dict[Path, Signature] = {}
         if full:
-            result = _Read(walk(self.path))
+            result = _Read(self._walk())
             assert result.walk is not None
             candidates = result.walk.files
             result.problems.update(result.walk.problems)
@@ -430,11 +448,41 @@ class ManifestSource:
                 result.retry.add(path)
         return result
 
+    def _walk(self) -> Walk:
+        """Walk the folder, watching each directory before it is listed (under inotify)."""
+        if self._inotify is None:
+            return walk(self.path)
+        watched: dict[int, Path] = {}
+        w = walk(self.path, lambda d: self._watch(d, watched))
+        if not w.dirs:
+            # One file, or a folder not there yet: its parent's events tell when that changes.
+            # Look once more now that they do.
+            self._watch(self.path.parent, watched)
+            w = walk(self.path)
+        w.watched = watched
+        return w
+
+    def _watch(self, d: Path, watched: dict[int, Path]) -> None:
+        """Watch one directory (on the walking thread; the loop's view of the watches only
+        grows here, so an event of a new watch is known before the walk ends)."""
+        if self._watch_limit is not None or self._inotify is None:
+            return
+        try:
+            wd = self._inotify.add_watch(d, self._mask)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.ENOMEM):
+                self._watch_limit = _os_reason(e)
+            return  # otherwise gone since it was found: the event that removed it says so
+        watched[wd] = d
+        self._watches[wd] = d
+        self._watched.add(d)
+
     # --- applying (on the loop) -------------------------------------------------------------------
 
     def _apply(self, result: _Read, initial: bool = False) -> None:
         removed: list[Path] = []
         if result.walk is not None:
+            self.walks += 1
             kept = result.walk.kept
             for path in self._files:
                 if path not in result.walk.files and path not in result.problems and not any(
@@ -553,15 +601,11 @@ class ManifestSource:
             log.warning("inotify unavailable; polling the manifest folder",
                         reason=_os_reason(e), interval=self.poll_interval)
             return
-        self._watches = {}
-        walked = walk(self.path)  # the directories to watch; cheap next to the first load
-        self._sync_watches(walked)
-        if self._inotify is not None:
-            self.mode = "inotify"
-            asyncio.get_running_loop().add_reader(self._inotify.fileno(), self._on_inotify)
-            # Anything that changed between the first read and the watches: look once more.
-            self._pending_full = True
-            self._wake.set()
+        from inotify_simple import flags
+
+        self._mask = (flags.CLOSE_WRITE | flags.MOVED_TO | flags.MOVED_FROM | flags.CREATE
+                      | flags.DELETE | flags.ATTRIB | flags.DELETE_SELF | flags.MOVE_SELF)
+        self._watches, self._watched, self._watch_limit = {}, set(), None
 
     def _stop_inotify(self) -> None:
         if self._inotify is not None:
@@ -571,33 +615,24 @@ class ManifestSource:
             self._inotify = None
 
     def _sync_watches(self, walked: Walk) -> None:
+        """After a walk: drop the watches of directories it no longer found, or fall back to
+        polling when the watch limit was reached."""
         if self._inotify is None:
             return
-        from inotify_simple import flags
-
-        mask = (flags.CLOSE_WRITE | flags.MOVED_TO | flags.MOVED_FROM | flags.CREATE
-                | flags.DELETE | flags.ATTRIB | flags.DELETE_SELF | flags.MOVE_SELF)
-        # Without a folder to watch (one file, or a folder not there yet): watch its parent.
+        if self._watch_limit is not None:
+            log.warning("inotify watch limit reached; polling the manifest folder",
+                        reason=self._watch_limit, interval=self.poll_interval,
+                        hint="raise fs.inotify.max_user_watches")
+            self._stop_inotify()
+            self.mode = "poll"
+            self._wake.set()
+            return
         self._outside = None if walked.dirs else self.path.parent
-        dirs = walked.dirs or [self.path.parent]
-        watches: dict[int, Path] = {}
-        for d in dirs:
-            try:
-                watches[self._inotify.add_watch(d, mask)] = d
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.ENOMEM):
-                    log.warning("inotify watch limit reached; polling the manifest folder",
-                                reason=_os_reason(e), interval=self.poll_interval,
-                                hint="raise fs.inotify.max_user_watches")
-                    self._stop_inotify()
-                    self.mode = "poll"
-                    self._wake.set()
-                    return
-                # Vanished since the walk: the event that removed it triggers another walk.
-        for wd in self._watches.keys() - watches.keys():
+        for wd in self._watches.keys() - walked.watched.keys():
             with contextlib.suppress(OSError):
                 self._inotify.rm_watch(wd)
-        self._watches = watches
+        self._watches = dict(walked.watched)
+        self._watched = set(walked.watched.values())
 
     def _on_inotify(self) -> None:
         from inotify_simple import flags
@@ -626,12 +661,19 @@ class ManifestSource:
                     self._pending_full = True
             elif _is_manifest(ev.name) and not ev.mask & flags.ISDIR:
                 self._pending.add(d / ev.name)
-            elif ev.name.startswith("..") or not _ignored(ev.name):
+            elif ev.name.startswith("..") or not _ignored(ev.name) and (
+                    ev.mask & flags.ISDIR or self._directory_link(d / ev.name)):
                 # A directory (or a link to one) came or went, or a ConfigMap volume swapped
-                # its `..data` link: walk again. Editors' dotfiles and temp files are ignored.
+                # its `..data` link: walk again.
                 self._pending_full = True
+            # Any other name is no manifest (a README, `sed -i`'s temp file, an editor's swap
+            # or probe file, a dot-directory): nothing to read.
         if self._pending or self._pending_full:
             self._wake.set()
+
+    def _directory_link(self, path: Path) -> bool:
+        """A link to a directory: one walked before (now removed or replaced) or one now."""
+        return path in self._watched or os.path.isdir(path)
 
     def _queue(self, paths: set[Path]) -> None:
         for path in paths:

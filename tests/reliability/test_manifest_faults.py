@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -132,6 +133,38 @@ async def test_configmap_swap_through_inotify(tmp_path: Path, harness) -> None:
     os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
     await h.wait(lambda: h.state.services[NamespacedName("default", "a")]
                  .ports[0].endpoints[0].ip == "10.244.0.2")
+
+
+async def test_one_walk_at_start_and_none_for_other_files(tmp_path: Path, harness) -> None:
+    write(tmp_path / "a.yaml", manifest("a", "10.96.0.1"))
+    write(tmp_path / "b.yaml", manifest("b", "10.96.0.2"))
+    h = harness()
+    await h.wait(lambda: h.services() == {"default/a", "default/b"})
+    assert h.source.mode == "inotify"
+    await asyncio.sleep(0.2)
+    assert h.source.walks == 1  # the watches were set while the folder was read
+    # `sed -i` writes a temp file beside the manifest and renames it over it; a README and an
+    # editor's probe file come and go. Only the manifest is read again: no walk of the folder.
+    subprocess.run(["sed", "-i", "s/10.244.0.5/10.244.0.6/", str(tmp_path / "a.yaml")],
+                   check=True)
+    (tmp_path / "README").write_text("not a manifest\n")
+    (tmp_path / "4913").write_text("")
+    (tmp_path / "4913").unlink()
+    await h.wait(lambda: h.state.services[NamespacedName("default", "a")]
+                 .ports[0].endpoints[0].ip == "10.244.0.6")
+    await asyncio.sleep(0.2)
+    assert h.source.walks == 1
+    # A link to a directory is a directory: its manifests are served, and withdrawn with it.
+    (tmp_path / ".more").mkdir()
+    write(tmp_path / ".more" / "c.yaml", manifest("c", "10.96.0.3"))
+    os.symlink(".more", tmp_path / "more")
+    await h.wait(lambda: h.services() == {"default/a", "default/b", "default/c"})
+    write(tmp_path / ".more" / "c.yaml", manifest("c", "10.96.0.3", "10.244.0.9"))
+    await h.wait(lambda: h.state.services[NamespacedName("default", "c")]
+                 .ports[0].endpoints[0].ip == "10.244.0.9")
+    os.unlink(tmp_path / "more")
+    await h.wait(lambda: h.services() == {"default/a", "default/b"})
+    assert h.withdrawn == ["default/c"]
 
 
 async def test_symlink_loops_fifo_device_and_huge_file_are_skipped(
