@@ -34,8 +34,9 @@ from collections.abc import Callable, Iterable
 SEND, SLIP, DROP = 0, 1, 2
 _MEMO = 65536  # remembered allow decisions / buckets before the store is trimmed
 _SOA = b"\x00\x06"
-# Response kinds, the first byte of a token.
-POSITIVE, NODATA, NXDOMAIN, ERROR = b"A", b"D", b"N", b"E"
+# Response kinds, the first byte of a token: never a label length (0-63), so a positive
+# answer's token (its wire question, starting with one) needs no kind byte of its own.
+POSITIVE, NODATA, NXDOMAIN, ERROR = b"", b"D", b"N", b"E"
 _ALL = b"*"  # the token of the per-prefix bucket counting every reply
 
 
@@ -139,16 +140,24 @@ class ClientGate:
 
 def response_token(reply: bytes) -> bytes:
     """What makes UDP replies identical for rate limiting (module docstring): the kind, then
-    the lower-cased wire name (and the type and class of a positive answer)."""
-    rcode = reply[3] & 0xF if len(reply) >= 12 else 2
-    end = _question_end(reply) if rcode in (0, 3) else None
-    if end is None:
+    the lower-cased wire name (and the type and class of a positive answer).
+
+    The question's name is taken up to its first zero byte (the root label) without walking
+    its labels: a zero byte inside a label (legal, never seen in practice) only shortens the
+    token, so such responses share a bucket with more of their kind, never fewer."""
+    if len(reply) < 17 or reply[5] != 1 or reply[4]:  # one question
         return ERROR
+    rcode = reply[3] & 0xF
     if rcode == 0:
+        end = reply.find(b"\x00", 12) + 5
         if reply[6] or reply[7]:  # ANCOUNT
-            return POSITIVE + reply[12:end].lower()
+            return reply[12:end].lower()  # starts with a label length: no kind byte needed
         return NODATA + reply[12 : end - 4].lower()
-    return NXDOMAIN + (_soa_owner(reply, end) or b"")
+    if rcode == 3:
+        question_end = _question_end(reply)
+        owner = _soa_owner(reply, question_end) if question_end else None
+        return NXDOMAIN + (owner or b"")
+    return ERROR
 
 
 def _soa_owner(reply: bytes, i: int) -> bytes | None:
