@@ -209,6 +209,11 @@ class UpstreamCache:
         self.stale_hits += 1
         return entry.reply
 
+    def is_stale(self, key: UpstreamKey, reply: DNSRecord) -> bool:
+        """True when `reply` is the expired answer stored under `key` (one `stale()` gave)."""
+        entry = self._stale_entry(key)
+        return entry is not None and entry.reply is reply
+
     def _stale_entry(self, key: UpstreamKey) -> _Stored | None:
         for store in (self.positive, self.negative):
             entry = store.get(key)

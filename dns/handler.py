@@ -32,7 +32,15 @@ from kubeshim.dns.cache import AnswerCache, CacheKey, RelayedAnswers, UpstreamCa
 from kubeshim.dns.config import DNSConfig
 from kubeshim.dns.metrics import DNSMetrics
 from kubeshim.dns.records import ClusterRecords
-from kubeshim.dns.wire import AnswerKey, Query, error_reply, finish, parse_query, question_key
+from kubeshim.dns.wire import (
+    EDE_STALE_ANSWER,
+    AnswerKey,
+    Query,
+    error_reply,
+    finish,
+    parse_query,
+    question_key,
+)
 
 log = get_logger("dns")
 
@@ -242,8 +250,12 @@ class DNSHandler:
             reply = DNSRecord(DNSHeader(id=query.id, qr=1, rd=rd, ra=1), q=q)
             reply.header.rcode = RCODE.SERVFAIL
         max_udp = self.config.max_udp_payload
-        packet = finish(reply, query, query.size_limit(request.tcp, max_udp), max_udp)
-        if upstream is not None:
+        key = UpstreamCache.key(q.qname, q.qtype, q.qclass, request.do)
+        # A stale answer (RFC 8767) says so to EDNS clients: EDE 3, Stale Answer (RFC 8914 4.4).
+        stale = upstream is not None and self.upstream_cache.is_stale(key, upstream)
+        ede = EDE_STALE_ANSWER if stale else None
+        packet = finish(reply, query, query.size_limit(request.tcp, max_udp), max_udp, ede)
+        if upstream is not None and not stale:
             self._keep_relayed(request, packet, reply.header.rcode)
         self.metrics.rcodes[reply.header.rcode] += 1
         self.metrics.duration.observe(time.perf_counter() - started)
@@ -261,9 +273,10 @@ class DNSHandler:
         labels = [label.lower() for label in q.qname.label]
         if labels[-2:] == [b"in-addr", b"arpa"] or labels[-2:] == [b"ip6", b"arpa"]:
             return
-        cache = self.upstream_cache
-        stored = cache.expires_at(UpstreamCache.key(q.qname, q.qtype, q.qclass, request.do))
-        if stored is not None and stored[0] > cache.clock():  # not a stale answer
+        stored = self.upstream_cache.expires_at(
+            UpstreamCache.key(q.qname, q.qtype, q.qclass, request.do)
+        )
+        if stored is not None:
             self.relayed.put(request.key[0], packet, stored[0], rcode, stored[1])
 
     def refuse(self, request: ForwardRequest) -> bytes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from dnslib import EDNS0, QTYPE, RCODE, RR, DNSHeader, DNSRecord
+from dnslib import EDNS0, QTYPE, RCODE, RR, DNSHeader, DNSRecord, EDNSOption
 
 HEADER = struct.Struct("!6H")
 FLAG_QR = 0x8000
@@ -21,6 +21,8 @@ FLAG_RD = 0x0100
 CLASSIC_UDP_SIZE = 512  # RFC 1035 4.2.1: without EDNS a UDP reply holds 512 bytes
 TCP_SIZE = 65535
 BADVERS = 16  # RFC 6891 9: extended RCODE for an unsupported EDNS version
+EDE_OPTION = 15  # RFC 8914 2: the Extended DNS Error EDNS option
+EDE_STALE_ANSWER = 3  # RFC 8914 4.4: answered from expired cache data (RFC 8767 serve-stale)
 
 # Key of the wire-answer cache: (lower-cased qname bytes, qtype+qclass bytes, RD bit,
 # size limit, DO bit, has OPT). Two queries with equal keys get byte-identical replies except
@@ -167,8 +169,11 @@ def error_reply(qid: int, flags: int, rcode: int) -> bytes:
     return HEADER.pack(qid, FLAG_QR | (flags & (MASK_OPCODE | FLAG_RD)) | rcode, 0, 0, 0, 0)
 
 
-def finish(reply: DNSRecord, query: Query, limit: int, max_udp: int) -> bytes:
-    """Pack `reply` with an OPT when the query had one, truncated to `limit` bytes if over it.
+def finish(
+    reply: DNSRecord, query: Query, limit: int, max_udp: int, ede: int | None = None
+) -> bytes:
+    """Pack `reply` with an OPT when the query had one (carrying the extended DNS error `ede`,
+    RFC 8914, if given), truncated to `limit` bytes if over it.
 
     Truncation keeps, section by section (answer, authority, additional), the longest run of
     whole records that fits beside what is already kept, and sets TC when any record was left
@@ -179,7 +184,8 @@ def finish(reply: DNSRecord, query: Query, limit: int, max_udp: int) -> bytes:
     """
     opt = None
     if query.edns is not None:
-        opt = EDNS0(udp_len=max_udp, flags="do" if query.edns.do else "")
+        options = [] if ede is None else [EDNSOption(EDE_OPTION, ede.to_bytes(2, "big"))]
+        opt = EDNS0(udp_len=max_udp, flags="do" if query.edns.do else "", opts=options)
         reply.ar = [rr for rr in reply.ar if rr.rtype != QTYPE.OPT] + [opt]
     packed = bytes(reply.pack())
     if len(packed) <= limit:

@@ -118,11 +118,12 @@ async def test_stale_answer_after_the_client_response_timer_then_the_refreshed_o
         # Answered stale (RFC 8767 section 4: TTL 30) while the upstream still holds the
         # question it was asked first.
         assert r.status == "NOERROR" and r.answer == [(NAME + ".", 30, "A", "192.0.2.1")]
+        assert "EDE: 3 (Stale Answer)" in r.text  # RFC 8914 4.4, to EDNS clients
         assert upstream.asked == 2 and upstream.answered == 1 and len(upstream.held) == 1
         assert time.monotonic() - started >= server.config.serve_stale_client_timeout * 0.9
         upstream.release()  # the exchange goes on: its answer refreshes the cache
         r = await ask(server)
-        assert r.answer == [(NAME + ".", 1, "A", "192.0.2.2")]
+        assert r.answer == [(NAME + ".", 1, "A", "192.0.2.2")] and "EDE" not in r.text
         assert upstream.asked == 2  # no new exchange: the late answer was kept
 
 
@@ -135,8 +136,9 @@ async def test_failed_refresh_is_not_retried_before_the_recheck_timer() -> None:
         r = await ask(server)
         assert r.answer == [(NAME + ".", 30, "A", "192.0.2.1")]
         assert upstream.asked == 2
-        r = await ask(server)  # within the failure recheck timer (30 s): stale, not asked
-        assert r.answer == [(NAME + ".", 30, "A", "192.0.2.1")]
+        r = await ask(server, "+noedns")  # within the failure recheck timer (30 s): stale,
+        assert r.answer == [(NAME + ".", 30, "A", "192.0.2.1")]  # upstream not asked
+        assert "OPT PSEUDOSECTION" not in r.text  # (no EDNS asked: no OPT, no EDE)
         assert upstream.asked == 2
         # The forwarder's clock (injected) passes the recheck timer: upstream asked again.
         server.forwarder.clock = lambda: time.monotonic() + server.config.serve_stale_recheck

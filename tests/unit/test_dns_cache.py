@@ -179,6 +179,7 @@ def test_expired_answer_served_stale_only_on_request_with_the_rfc_8767_ttl() -> 
     assert cache.has_stale(key) and cache.stale_hits == 0  # (asking does not serve it)
     stale = cache.stale(key)  # ...but kept for when every upstream fails
     assert stale is not None and stale.rr[0].ttl == 30 and cache.stale_hits == 1
+    assert cache.is_stale(key, stale) and not cache.is_stale(key, upstream_reply("example.com"))
     clock.now += 3600
     assert not cache.has_stale(key)
     assert cache.stale(key) is None and cache.get(key) is None
