@@ -307,11 +307,14 @@ class Forwarder:
             return reply
         raise UpstreamError(last_error)
 
-    def close(self) -> None:
-        for task in list(self._inflight.values()):
+    def close(self) -> list[asyncio.Task[DNSRecord]]:
+        """Close the sockets and cancel the exchanges in flight; returns them (to await)."""
+        exchanges = list(self._inflight.values())
+        for task in exchanges:
             task.cancel()
         for pool in self._pools.values():
             pool.close()
+        return exchanges
 
 
 def _query_packet(qid: int, question: DNSQuestion, do: bool) -> bytes:

@@ -178,7 +178,8 @@ class DNSServer:
             await server.wait_closed()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.forwarder.close()
+        if exchanges := self.forwarder.close():  # some may outlive the clients they served
+            await asyncio.gather(*exchanges, return_exceptions=True)
         self._udp.clear()
         self._tcp.clear()
         self.addresses.clear()

@@ -127,6 +127,19 @@ async def test_stale_answer_after_the_client_response_timer_then_the_refreshed_o
         assert upstream.asked == 2  # no new exchange: the late answer was kept
 
 
+async def test_stop_ends_an_exchange_that_outlived_its_client() -> None:
+    async with serving(serve_stale_client_timeout=0.2) as (server, upstream):
+        await ask(server)
+        await expire(server)
+        upstream.open = False
+        r = await ask(server)
+        assert r.answer == [(NAME + ".", 30, "A", "192.0.2.1")] and len(upstream.held) == 1
+        before = asyncio.all_tasks()
+        assert len(before) > 1  # the exchange goes on after the client got its answer
+        await server.stop()
+        assert asyncio.all_tasks() == {asyncio.current_task()}  # and ends with the server
+
+
 async def test_failed_refresh_is_not_retried_before_the_recheck_timer() -> None:
     options = {"upstream_timeout": 0.3, "forward_deadline": 0.3}
     async with serving(**options) as (server, upstream):
