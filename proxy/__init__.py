@@ -14,7 +14,7 @@
     balancer.py     round robin, random, least connections; ClientIP affinity table (sans-IO)
     table.py        PortTable: one service port's live endpoints, balancer, affinity, counters
     tcp.py          TCP forwarding with asyncio Protocols, backpressure and half-close
-    udp.py          UDP flows: one connected upstream socket per client address
+    udp.py          UDP flows: their one lifecycle (both listener kinds) and the plain listener
     budget.py       caps on connections and UDP flows, in total and per client (sans-IO)
     healthcheck.py  health-check nodePorts of Local-policy Services, fed by the sync
     sctp.py         whether this kernel can carry SCTP

@@ -585,7 +585,7 @@ class Proxier:
         stale = set(stale)
         if self.capture is not None:
             for udp in self.capture.udp:
-                udp.drop_endpoints(name, stale)
+                udp.drop_endpoints(stale, name)
         for listener in rt.listeners.values():
             if listener.udp is not None and listener.spec.port_name == name:
                 listener.udp.drop_endpoints(stale)

@@ -26,7 +26,7 @@ import errno
 import ipaddress
 import socket
 import struct
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,6 @@ from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.model import NamespacedName, ServicePort, ServicePortName
 from kubeshim.cluster.netaddr import ip_family, socket_family
 from kubeshim.cluster.state import EndpointInfo, ServicePortInfo
-from kubeshim.proxy.balancer import EndpointKey
 from kubeshim.proxy.budget import Budget
 from kubeshim.proxy.capture import (
     BYPASS_MARK,
@@ -56,9 +55,8 @@ from kubeshim.proxy.tcp import ClientSide, TcpFrontend, reset
 from kubeshim.proxy.udp import (
     MAX_DATAGRAM,
     READ_BATCH,
-    admit_flow,
-    flow_closed,
-    flow_opened,
+    Flow,
+    FlowTable,
     have_sockets,
     no_socket,
 )
@@ -285,75 +283,45 @@ class CapturedClientSide(ClientSide):
 # --- UDP ---------------------------------------------------------------------------------------
 
 
-class CapturedFlow:
-    """One UDP client of one original destination: a socket that answers from the Service
-    address (bound to it, connected to the client, so the kernel hands it the client's next
-    datagrams) and a socket connected to the endpoint."""
+class CapturedFlow(Flow):
+    """One UDP client of one original destination: the shared flow lifecycle (proxy/udp.py)
+    plus a socket that answers from the Service address (bound to it, connected to the client,
+    so the kernel hands it the client's next datagrams)."""
 
-    __slots__ = ("udp", "key", "table", "endpoint", "down", "up", "active", "timer")
+    __slots__ = ("down",)
 
     def __init__(self, udp: CaptureUdp, key: tuple[Any, Any], table: PortTable,
                  endpoint: EndpointInfo, down: socket.socket, up: socket.socket) -> None:
-        self.udp = udp
-        self.key = key
-        self.table = table
-        self.endpoint = endpoint
+        super().__init__(udp, key, key[0][0], table, endpoint, up)
         self.down = down
-        self.up = up
-        self.active = False
-        self.timer: asyncio.TimerHandle | None = None
+
+    def reply(self, data: bytes) -> None:
+        self.down.send(data)
+
+    def readers(self) -> list[tuple[socket.socket, Callable[[], None]]]:
+        return [(self.down, self.from_client), (self.up, self.from_endpoint)]
 
     def from_client(self) -> None:
-        counters = self.table.counters
+        recv = self.down.recv
         for _ in range(READ_BATCH):
             try:
-                data = self.down.recv(MAX_DATAGRAM)
-                self.up.send(data)
+                data = recv(MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                counters.error(UDP_SEND_FAILED)
+                self.table.counters.error(UDP_SEND_FAILED)
                 return
-            counters.bytes_in += len(data)
-            counters.datagrams_in += 1
-            self.active = True
-
-    def from_endpoint(self) -> None:
-        counters = self.table.counters
-        for _ in range(READ_BATCH):
-            try:
-                data = self.up.recv(MAX_DATAGRAM)
-                self.down.send(data)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                # ICMP port unreachable from the endpoint surfaces here (ECONNREFUSED).
-                counters.error(UDP_SEND_FAILED)
-                return
-            counters.bytes_out += len(data)
-            counters.datagrams_out += 1
-            self.active = True
-
-    def idle_check(self) -> None:
-        if self.active:
-            self.active = False
-            self.timer = self.udp.loop.call_later(self.udp.config.udp_timeout, self.idle_check)
-        else:
-            self.timer = None
-            self.udp.drop(self)
+            self.to_endpoint(data)
 
 
-class CaptureUdp:
+class CaptureUdp(FlowTable):
     """A transparent UDP listener: first datagrams of new flows arrive here."""
 
     def __init__(self, capture: Capture, sock: socket.socket, config: ProxyConfig,
                  budget: Budget | None = None) -> None:
+        super().__init__(config, budget)
         self.capture = capture
         self.sock = sock
-        self.config = config
-        self.budget = budget or Budget("udp flows", 1 << 62, 1 << 62)
-        self.loop = asyncio.get_running_loop()
-        self.flows: dict[tuple[Any, Any], CapturedFlow] = {}
         self.loop.add_reader(sock.fileno(), self.readable)
 
     def readable(self) -> None:
@@ -373,14 +341,7 @@ class CaptureUdp:
                 flow = self._new_flow(key, client[:2], dst)
                 if flow is None:
                     continue
-            try:
-                flow.up.send(data)
-            except OSError:
-                flow.table.counters.error(UDP_SEND_FAILED)
-                continue
-            flow.table.counters.bytes_in += len(data)
-            flow.table.counters.datagrams_in += 1
-            flow.active = True
+            flow.to_endpoint(data)
 
     def _new_flow(self, key: tuple[Any, Any], client: tuple[str, int],
                   dst: tuple[str, int]) -> CapturedFlow | None:
@@ -388,8 +349,7 @@ class CaptureUdp:
         if target is None:
             return None
         table = target.table
-        ep = admit_flow(table, client[0], target.external, self.flows, self.config, self.budget,
-                        self.drop)
+        ep = self.admit(table, client[0], target.external)
         if ep is None:
             return None
         family = socket_family(dst[0])
@@ -417,35 +377,11 @@ class CaptureUdp:
             table.counters.error(UDP_SEND_FAILED)
             return None
         flow = CapturedFlow(self, key, table, ep, down, up)
-        self.flows[key] = flow
-        self.loop.add_reader(down.fileno(), flow.from_client)
-        self.loop.add_reader(up.fileno(), flow.from_endpoint)
-        flow.timer = self.loop.call_later(self.config.udp_timeout, flow.idle_check)
-        flow_opened(table, ep)
+        self.start(flow)
         return flow
 
-    def drop(self, flow: CapturedFlow) -> None:
-        if self.flows.get(flow.key) is not flow:
-            return
-        del self.flows[flow.key]
-        for sock in (flow.down, flow.up):
-            self.loop.remove_reader(sock.fileno())
-            sock.close()
-        if flow.timer is not None:
-            flow.timer.cancel()
-        self.budget.release(flow.key[0][0])
-        flow_closed(flow.table, flow.endpoint)
-
-    def drop_endpoints(self, name: ServicePortName, stale: Collection[EndpointKey]) -> int:
-        gone = [f for f in self.flows.values()
-                if f.table.name == name and (f.endpoint.ip, f.endpoint.port) in stale]
-        for flow in gone:
-            self.drop(flow)
-        return len(gone)
-
     def close(self) -> None:
-        for flow in list(self.flows.values()):
-            self.drop(flow)
+        self.drop_all()
         self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
 

@@ -1,7 +1,10 @@
 """UDP forwarding: a flow per client address, each with its own connected upstream socket.
 
-The listener is an asyncio DatagramProtocol; a flow is a plain non-blocking socket connected to
-the chosen endpoint and watched with `add_reader`, so creating a flow needs no await. Flows end
+The flow lifecycle (`Flow`, `FlowTable`) serves both listener kinds: the plain listener here (an
+asyncio DatagramProtocol, replies through its own socket) and tproxy mode's transparent
+listener (proxy/transparent.py, replies from a socket bound to the Service address). A flow's
+upstream is a plain non-blocking socket connected to the chosen endpoint and watched with
+`add_reader`, so creating a flow needs no await. Flows end
 after `udp_timeout` without traffic (kube-proxy's --udp-timeout / conntrack UDP timeout), when
 the table is full (the oldest goes), or when their endpoint stops being usable — like
 kube-proxy's conntrack cleanup for UDP, so the next datagram picks a live endpoint.
@@ -16,6 +19,7 @@ from typing import Any
 
 from kubeshim.cluster import handover
 from kubeshim.cluster.log import get_logger
+from kubeshim.cluster.model import ServicePortName
 from kubeshim.cluster.netaddr import socket_family
 from kubeshim.cluster.state import EndpointInfo
 from kubeshim.proxy.balancer import EndpointKey
@@ -85,45 +89,59 @@ def have_sockets(table: PortTable) -> None:
         log.info("UDP flows get sockets again", service=str(table.name))
 
 
-def flow_opened(table: PortTable, ep: EndpointInfo) -> None:
-    table.opened(ep)
-    table.counters.connections_total += 1
-    table.counters.flows_active += 1
+class Flow:
+    """One UDP flow's lifecycle, the same for both flow kinds: a socket connected to the chosen
+    endpoint (`up`), replies read from it in batches and sent back to the client (`reply`, the
+    one step each kind does its own way), an idle timer re-armed only when it fires (the data
+    path just sets `active`, so an idle flow ends between 1x and 2x udp_timeout), and the end
+    (`FlowTable.drop`): sockets closed, budget released, the endpoint's count returned."""
 
+    __slots__ = ("owner", "key", "client_ip", "table", "endpoint", "up", "active", "timer")
 
-def flow_closed(table: PortTable, ep: EndpointInfo) -> None:
-    table.closed(ep)
-    table.counters.flows_active -= 1
-
-
-class UdpFlow:
-    __slots__ = ("frontend", "client", "endpoint", "sock", "fd", "active", "timer")
-
-    def __init__(self, frontend: UdpFrontend, client: Any, endpoint: EndpointInfo,
-                 sock: socket.socket) -> None:
-        self.frontend = frontend
-        self.client = client
+    def __init__(self, owner: FlowTable, key: Any, client_ip: str, table: PortTable,
+                 endpoint: EndpointInfo, up: socket.socket) -> None:
+        self.owner = owner
+        self.key = key
+        self.client_ip = client_ip
+        self.table = table
         self.endpoint = endpoint
-        self.sock = sock
-        self.fd = sock.fileno()
+        self.up = up
         self.active = False
         self.timer: asyncio.TimerHandle | None = None
 
-    def readable(self) -> None:
-        fe = self.frontend
-        transport = fe.transport
-        counters = fe.table.counters
-        recv = self.sock.recv
+    def reply(self, data: bytes) -> None:
+        """Send the endpoint's datagram back to the client."""
+        raise NotImplementedError
+
+    def readers(self) -> list[tuple[socket.socket, Callable[[], None]]]:
+        """The sockets the loop watches for this flow, with their callbacks."""
+        return [(self.up, self.from_endpoint)]
+
+    def to_endpoint(self, data: bytes) -> None:
+        counters = self.table.counters
+        try:
+            self.up.send(data)
+        except OSError:
+            counters.error(UDP_SEND_FAILED)
+            return
+        counters.bytes_in += len(data)
+        counters.datagrams_in += 1
+        self.active = True
+
+    def from_endpoint(self) -> None:
+        counters = self.table.counters
+        recv = self.up.recv
+        reply = self.reply
         for _ in range(READ_BATCH):
             try:
                 data = recv(MAX_DATAGRAM)
+                reply(data)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 # ICMP port unreachable from the endpoint surfaces here (ECONNREFUSED).
                 counters.error(UDP_SEND_FAILED)
                 return
-            transport.sendto(data, self.client)
             counters.bytes_out += len(data)
             counters.datagrams_out += 1
             self.active = True
@@ -131,26 +149,91 @@ class UdpFlow:
     def idle_check(self) -> None:
         if self.active:
             self.active = False
-            self.timer = self.frontend.loop.call_later(self.frontend.config.udp_timeout,
-                                                       self.idle_check)
+            self.timer = self.owner.loop.call_later(self.owner.config.udp_timeout,
+                                                    self.idle_check)
         else:
             self.timer = None
-            self.frontend.drop(self)
+            self.owner.drop(self)
 
 
-class UdpFrontend(asyncio.DatagramProtocol):
-    """One UDP listener of a service port and its flow table."""
+class FlowTable:
+    """The flows of one UDP listener, oldest first (for eviction), and their accounting: the
+    shared budget of flows in total and per client, and the port tables' active counts."""
 
-    def __init__(self, table: PortTable, external: bool, config: ProxyConfig,
-                 budget: Budget | None = None) -> None:
-        self.table = table
-        self.external = external
+    def __init__(self, config: ProxyConfig, budget: Budget | None) -> None:
         self.config = config
         # Shared by every listener: flows in total and per client address.
         self.budget = budget or Budget("udp flows", 1 << 62, 1 << 62)
         self.loop = asyncio.get_running_loop()
+        self.flows: dict[Any, Flow] = {}  # insertion order = age, for eviction
+
+    def admit(self, table: PortTable, client_ip: str, external: bool) -> EndpointInfo | None:
+        return admit_flow(table, client_ip, external, self.flows, self.config, self.budget,
+                          self.drop)
+
+    def start(self, flow: Flow) -> None:
+        """An admitted flow with its sockets ready: watch them and start its idle timer."""
+        self.flows[flow.key] = flow
+        for sock, callback in flow.readers():
+            self.loop.add_reader(sock.fileno(), callback)
+        flow.timer = self.loop.call_later(self.config.udp_timeout, flow.idle_check)
+        table, ep = flow.table, flow.endpoint
+        table.opened(ep)
+        table.counters.connections_total += 1
+        table.counters.flows_active += 1
+
+    def drop(self, flow: Flow) -> None:
+        if self.flows.get(flow.key) is not flow:
+            return
+        del self.flows[flow.key]
+        for sock, _ in flow.readers():
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        if flow.timer is not None:
+            flow.timer.cancel()
+        self.budget.release(flow.client_ip)
+        flow.table.closed(flow.endpoint)
+        flow.table.counters.flows_active -= 1
+
+    def drop_endpoints(self, stale: Collection[EndpointKey],
+                       name: ServicePortName | None = None) -> int:
+        """Drop the flows (of service port `name`, if given) whose endpoint is no longer
+        usable; returns how many."""
+        gone = [f for f in self.flows.values()
+                if (f.endpoint.ip, f.endpoint.port) in stale
+                and (name is None or f.table.name == name)]
+        for flow in gone:
+            self.drop(flow)
+        return len(gone)
+
+    def drop_all(self) -> None:
+        for flow in list(self.flows.values()):
+            self.drop(flow)
+
+
+class UdpFlow(Flow):
+    """A flow of a plain listener: replies leave through the listener's own socket."""
+
+    __slots__ = ("transport",)
+
+    def __init__(self, owner: UdpFrontend, client: Any, endpoint: EndpointInfo,
+                 up: socket.socket) -> None:
+        super().__init__(owner, client, client[0], owner.table, endpoint, up)
+        self.transport = owner.transport
+
+    def reply(self, data: bytes) -> None:
+        self.transport.sendto(data, self.key)
+
+
+class UdpFrontend(FlowTable, asyncio.DatagramProtocol):
+    """One UDP listener of a service port and its flows, one per client address."""
+
+    def __init__(self, table: PortTable, external: bool, config: ProxyConfig,
+                 budget: Budget | None = None) -> None:
+        super().__init__(config, budget)
+        self.table = table
+        self.external = external
         self.transport: Any = None
-        self.flows: dict[Any, UdpFlow] = {}  # insertion order = age, for eviction
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -161,23 +244,14 @@ class UdpFrontend(asyncio.DatagramProtocol):
             flow = self._new_flow(addr)
             if flow is None:
                 return
-        counters = self.table.counters
-        try:
-            flow.sock.send(data)
-        except OSError:
-            counters.error(UDP_SEND_FAILED)
-            return
-        counters.bytes_in += len(data)
-        counters.datagrams_in += 1
-        flow.active = True
+        flow.to_endpoint(data)
 
     def error_received(self, exc: Exception) -> None:
         self.table.counters.error(UDP_SEND_FAILED)
 
-    def _new_flow(self, addr: Any) -> UdpFlow | None:
+    def _new_flow(self, addr: Any) -> Flow | None:
         table = self.table
-        ep = admit_flow(table, addr[0], self.external, self.flows, self.config, self.budget,
-                        self.drop)
+        ep = self.admit(table, addr[0], self.external)
         if ep is None:
             return None
         try:
@@ -195,33 +269,8 @@ class UdpFrontend(asyncio.DatagramProtocol):
             table.counters.error(UDP_SEND_FAILED)
             return None
         flow = UdpFlow(self, addr, ep, sock)
-        self.flows[addr] = flow
-        self.loop.add_reader(flow.fd, flow.readable)
-        flow.timer = self.loop.call_later(self.config.udp_timeout, flow.idle_check)
-        flow_opened(table, ep)
+        self.start(flow)
         return flow
-
-    def drop(self, flow: UdpFlow) -> None:
-        if self.flows.get(flow.client) is not flow:
-            return
-        del self.flows[flow.client]
-        self.loop.remove_reader(flow.fd)
-        if flow.timer is not None:
-            flow.timer.cancel()
-        flow.sock.close()
-        self.budget.release(flow.client[0])
-        flow_closed(self.table, flow.endpoint)
-
-    def drop_endpoints(self, stale: Collection[EndpointKey]) -> int:
-        """Drop the flows of endpoints that are no longer usable; returns how many."""
-        gone = [f for f in self.flows.values() if (f.endpoint.ip, f.endpoint.port) in stale]
-        for flow in gone:
-            self.drop(flow)
-        return len(gone)
-
-    def drop_all(self) -> None:
-        for flow in list(self.flows.values()):
-            self.drop(flow)
 
     def close(self) -> None:
         self.drop_all()
