@@ -25,7 +25,7 @@ from dnslib import QTYPE, RCODE, RR, SOA, A, DNSRecord
 from kubeshim.dns.cache import UpstreamCache
 from kubeshim.dns.forward import Forwarder, UpstreamError
 from kubeshim.dns.metrics import DNSMetrics
-from tests.ports import free_port
+from tests.ports import free_dns_port, free_port
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -198,8 +198,9 @@ def forwarder(addresses: list[tuple[str, int]], timeout: float = 2.0, sockets: i
 
 @pytest.fixture
 def closed() -> Iterator[tuple[str, int]]:
-    """A loopback UDP port nobody listens on: queries there get ICMP port unreachable."""
-    yield ("127.0.0.1", free_port(kind=socket.SOCK_DGRAM))
+    """A loopback port nobody listens on: queries there get ICMP port unreachable. Free for
+    TCP too, so that an upstream can be started there later."""
+    yield ("127.0.0.1", free_dns_port())
 
 
 def q(name: str, qtype: str = "A") -> Any:
