@@ -23,6 +23,7 @@ from kubeshim.config import (
     Options,
     bad_cidrs,
     expand_nodeport_addresses,
+    finish,
     load_config_file,
     parse_duration,
     parse_host_port,
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     dn.add_argument("--no-dns", dest="dns", action="store_false", default=None, help="proxy only")
     dn.add_argument("--dns-bind", action="append", metavar="HOST:PORT",
                     help="repeatable; default: the node's bindAddress:53 if set, else "
-                         "127.0.0.1:53 as root, 127.0.0.1:5353 otherwise (never all addresses)")
+                         "127.0.0.1:53; 127.0.0.1:5353 in loopback mode (never all addresses)")
     dn.add_argument("--dns-transparent-bind", action="append", metavar="HOST:PORT",
                     help="repeatable; also serve on this (non-local) address with "
                          "IP_TRANSPARENT, e.g. the kube-dns ClusterIP handed over by TPROXY")
@@ -155,58 +156,64 @@ def options_from_args(args: argparse.Namespace) -> Options:
     opts = Options()
     if getattr(args, "config", None):
         load_config_file(args.config, opts)
+    # flag -> where it goes: an Options attribute, or `proxy.`/`dns.` and the component's field
     simple = {
         "manifests": "manifests", "manifests_poll": "manifests_poll",
         "control_socket": "control_socket", "takeover": "takeover",
         "kubeconfig": "kubeconfig", "context": "context",
-        "in_cluster": "in_cluster", "hostname_override": "hostname_override",
+        "in_cluster": "in_cluster", "hostname_override": "proxy.node_name",
         "healthz_bind_address": "healthz_bind_address",
         "metrics_bind_address": "metrics_bind_address", "drain_timeout": "drain_timeout",
         "workers": "workers",
-        "proxy": "proxy", "vip_mode": "vip_mode", "vip_interface": "vip_interface",
-        "capture_port": "capture_port",
-        "balance": "balance", "udp_timeout": "udp_timeout", "tcp_idle_timeout": "tcp_idle_timeout",
-        "dns": "dns", "cluster_domain": "cluster_domain", "dns_ttl": "dns_ttl",
-        "dns_negative_ttl": "dns_negative_ttl", "pod_records": "pod_records",
+        "proxy": "proxy_enabled", "vip_mode": "proxy.vip_mode",
+        "vip_interface": "proxy.vip_interface", "capture_port": "proxy.capture_port",
+        "balance": "proxy.balance", "udp_timeout": "proxy.udp_timeout",
+        "tcp_idle_timeout": "proxy.tcp_idle_timeout",
+        "dns": "dns_enabled", "cluster_domain": "dns.zone", "dns_ttl": "dns.ttl",
+        "dns_negative_ttl": "dns.negative_ttl", "pod_records": "dns.pod_records",
         "log_level": "log_level", "proxy_name": "proxy_name",
-        "max_connections": "max_connections",
-        "max_connections_per_client": "max_connections_per_client",
-        "max_udp_flows": "max_udp_flows", "max_udp_flows_per_client": "max_udp_flows_per_client",
+        "max_connections": "proxy.max_connections",
+        "max_connections_per_client": "proxy.max_connections_per_client",
+        "max_udp_flows": "proxy.max_udp_flows",
+        "max_udp_flows_per_client": "proxy.max_udp_flows_per_client",
+        "dns_rate_limit": "dns.rrl_responses_per_second",
     }
-    for flag, attr in simple.items():
+    for flag, path in simple.items():
         value = getattr(args, flag, None)
         if value is not None:
-            setattr(opts, attr, value)
+            target, _, attr = path.rpartition(".")
+            setattr(getattr(opts, target) if target else opts, attr, value)
+    proxy, dns = opts.proxy, opts.dns
     if getattr(args, "healthz_bind_address", None) is not None:
         opts.healthz_bind_default = False
     if getattr(args, "verbose", False):
         opts.log_level = "debug"
     if getattr(args, "cluster_cidr", None):
-        opts.cluster_cidrs = [c.strip() for c in args.cluster_cidr.split(",") if c.strip()]
-        if bad := bad_cidrs(opts.cluster_cidrs):
+        proxy.cluster_cidrs = [c.strip() for c in args.cluster_cidr.split(",") if c.strip()]
+        if bad := bad_cidrs(proxy.cluster_cidrs):
             raise ConfigError(f"--cluster-cidr: {'; '.join(bad)}")
     if getattr(args, "service_cluster_ip_range", None):
         opts.service_cidrs = [c for c in args.service_cluster_ip_range.split(",") if c]
         if bad := bad_cidrs(opts.service_cidrs):
             raise ConfigError(f"--service-cluster-ip-range: {bad[0]}")
     if getattr(args, "nodeport_addresses", None):
-        opts.nodeport_addresses = expand_nodeport_addresses(
+        proxy.nodeport_addresses = expand_nodeport_addresses(
             [c for c in args.nodeport_addresses.split(",") if c], opts.node_ip)
     if getattr(args, "dns_bind", None):
-        opts.dns_binds = [parse_host_port(b, 53) for b in args.dns_bind]
+        dns.binds = [parse_host_port(b, 53) for b in args.dns_bind]
     if getattr(args, "dns_transparent_bind", None):
-        opts.dns_transparent_binds = [parse_host_port(b, 53) for b in args.dns_transparent_bind]
+        dns.transparent_binds = [parse_host_port(b, 53) for b in args.dns_transparent_bind]
     if getattr(args, "dns_allowed_client", None):
-        opts.dns_allowed_clients = list(args.dns_allowed_client)
-    if getattr(args, "dns_rate_limit", None) is not None:
-        opts.dns_rrl = args.dns_rate_limit
+        dns.allowed_clients = list(args.dns_allowed_client)
+        opts.dns_allowed_clients_default = False
     if getattr(args, "upstream", None):
-        opts.upstreams = [parse_host_port(u, 53) for u in args.upstream]
-    opts.cluster_domain = opts.cluster_domain.strip(".")
-    if not opts.hostname_override:
+        dns.upstreams = [parse_host_port(u, 53) for u in args.upstream]
+    dns.zone = dns.zone.strip(".")
+    if not proxy.node_name:
         import socket
 
-        opts.hostname_override = socket.gethostname().lower()
+        proxy.node_name = socket.gethostname().lower()
+    finish(opts)
     return opts
 
 

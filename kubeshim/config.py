@@ -2,17 +2,20 @@
 
 `--config FILE` reads a kubeproxy.config.k8s.io/v1alpha1 KubeProxyConfiguration, the file
 kube-proxy itself takes, optionally with a `dns:` section of kubeshim's own. Fields a user-space
-proxy can honour map onto `Options`; the others are listed once at start with the reason they
-do not apply. Flags use kube-proxy's names where they mean the same thing and win over the file.
+proxy can honour map onto `Options`, whose `proxy` and `dns` are the components' own
+configurations (ProxyConfig, DNSConfig); the others are listed once at start with the reason
+they do not apply. Flags use kube-proxy's names where they mean the same thing and win over the
+file; `finish` then derives what depends on both (the DNS server's default bind).
 """
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import os
 import re
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, TypeGuard, TypeVar, get_args, get_type_hints
 
@@ -20,24 +23,38 @@ import msgspec
 import yaml
 
 from kubeshim.cluster.errors import ConfigError
+from kubeshim.dns.config import DNSConfig
+from kubeshim.proxy.config import ProxyConfig, VipMode
 
 KUBE_PROXY_API = "kubeproxy.config.k8s.io/v1alpha1"
-TCP_IDLE_TIMEOUT_DEFAULT = 86400.0  # kube-proxy's conntrack.tcpEstablishedTimeout: 24h
 _T = TypeVar("_T")
+
+
+def _proxy_defaults() -> ProxyConfig:
+    # The mode no flag or file chose: tproxy as root (interface without nft), else loopback.
+    return ProxyConfig(vip_mode=default_vip_mode())
+
+
+def _dns_defaults() -> DNSConfig:
+    # No binds: the node's default (`finish`). Upstreams: /etc/resolv.conf's, read now.
+    return DNSConfig(binds=[])
 
 
 @dataclass
 class Options:
+    """Everything the daemon runs with: its own settings, and the proxy's and the DNS server's
+    configurations as the components take them (`proxy`, `dns`), filled from the defaults, the
+    file and the flags. The daemon adds only what it learns at start (descriptor limit,
+    worker processes, the node's networks)."""
+
     # sources
     manifests: Path | None = None
     kubeconfig: Path | None = None
     context: str | None = None
     in_cluster: bool = False
-    # node
-    hostname_override: str = ""
+    # node: its name is the proxy's `node_name` (hostnameOverride, --hostname-override)
     # bindAddress: the node's primary IP, when set (kube-proxy does not bind to it either).
     node_ip: str = ""
-    cluster_cidrs: list[str] = field(default_factory=list)
     # Restart without a gap: where a running daemon hands over its sockets, and whether this
     # one takes over from it (kubeshim/takeover.py).
     control_socket: Path | None = None
@@ -46,53 +63,14 @@ class Options:
     manifests_poll: bool = False
     # kube-apiserver's --service-cluster-ip-range: ClusterIPs read from manifests must lie in it.
     service_cidrs: list[str] = field(default_factory=list)
-    # proxy
-    proxy: bool = True
-    vip_mode: str = ""  # "" = tproxy as root (interface without nft), loopback otherwise
-    capture_port: int = 10265
-    vip_interface: str = "kubeshim0"
-    nodeport_addresses: list[str] = field(default_factory=list)
-    balance: str = "round-robin"
-    # kube-proxy's conntrack.tcpEstablishedTimeout default: an idle proxied connection lives
-    # 24 h (its conntrack entry's lifetime); 0 never closes one.
-    tcp_idle_timeout: float = TCP_IDLE_TIMEOUT_DEFAULT
-    udp_timeout: float = 30.0
-    # caps on proxied TCP connections and UDP flows, in total and per client address
-    # (0: sized from the descriptor limit, proxy/budget.py)
-    max_connections: int = 0
-    max_connections_per_client: int = 0
-    max_udp_flows: int = 0
-    max_udp_flows_per_client: int = 0
-    # dns
-    dns: bool = True
-    dns_binds: list[tuple[str, int]] = field(default_factory=list)
-    cluster_domain: str = "cluster.local"
-    upstreams: list[tuple[str, int]] = field(default_factory=list)
-    dns_ttl: int = 30
-    dns_negative_ttl: int = 30
-    pod_records: str = "insecure"
-    dns_cache_size: int = 10000  # wire answers for cluster names
-    dns_upstream_cache_size: int = 10000  # upstream answers, each of positive and negative
-    dns_upstream_max_ttl: int = 3600
-    dns_reverse_cidrs: list[str] = field(default_factory=list)
-    # Binds opened with IP_TRANSPARENT (served when a TPROXY rule hands their packets over,
-    # e.g. the kube-dns ClusterIP); each is also served like a bind.
-    dns_transparent_binds: list[tuple[str, int]] = field(default_factory=list)
-    # Who may query: None = loopback, the clusterCIDR(s) and the node's own networks.
-    dns_allowed_clients: list[str] | None = None
-    # Identical UDP responses per second per client prefix; 0 = no limit (dns/gate.py)
-    dns_rrl: float = 0.0
-    dns_rrl_all: float = 0.0  # every UDP response per second per client prefix; 0 = no cap
-    dns_rrl_slip: int = 2
-    dns_rrl_ipv4_prefix: int = 24
-    dns_rrl_ipv6_prefix: int = 56
-    dns_tcp_max_connections: int = 256
-    dns_tcp_max_connections_per_client: int = 16
-    # RFC 8767 serve-stale timers (dns/config.py): maximum stale, client response, failure
-    # recheck, in seconds.
-    dns_serve_stale_max: float = 86400.0
-    dns_serve_stale_client_timeout: float = 1.8
-    dns_serve_stale_recheck: float = 30.0
+    # the components and whether each runs (--no-proxy, --no-dns, dns.enabled)
+    proxy_enabled: bool = True
+    proxy: ProxyConfig = field(default_factory=_proxy_defaults)
+    dns_enabled: bool = True
+    dns: DNSConfig = field(default_factory=_dns_defaults)
+    # True until a flag or the file lists dns.allowedClients: then loopback, the clusterCIDR(s)
+    # and the node's own networks may query (found at start).
+    dns_allowed_clients_default: bool = True
     # operations
     healthz_bind_address: str = "0.0.0.0:10256"
     # False once a flag or the file set it; in loopback mode the default is then 127.0.0.1.
@@ -368,21 +346,24 @@ _IGNORED_REASONS = {
     "portRange": "no user-space port range is allocated",
 }
 
-# kubeshim's `dns:` section: file field -> Options attribute.
-_DNS_FIELDS: dict[str, str] = {
-    "enabled": "dns", "clusterDomain": "cluster_domain", "binds": "dns_binds",
-    "upstreams": "upstreams", "ttl": "dns_ttl", "negativeTTL": "dns_negative_ttl",
-    "podRecords": "pod_records", "cacheSize": "dns_cache_size",
-    "upstreamCacheSize": "dns_upstream_cache_size", "upstreamMaxTTL": "dns_upstream_max_ttl",
-    "reverseCIDRs": "dns_reverse_cidrs", "transparentBinds": "dns_transparent_binds",
-    "allowedClients": "dns_allowed_clients", "responsesPerSecond": "dns_rrl",
-    "allPerSecond": "dns_rrl_all",
-    "slip": "dns_rrl_slip", "ipv4PrefixLength": "dns_rrl_ipv4_prefix",
-    "ipv6PrefixLength": "dns_rrl_ipv6_prefix", "tcpMaxConnections": "dns_tcp_max_connections",
-    "tcpMaxConnectionsPerClient": "dns_tcp_max_connections_per_client",
-    "serveStaleMax": "dns_serve_stale_max",
-    "serveStaleClientTimeout": "dns_serve_stale_client_timeout",
-    "serveStaleRecheck": "dns_serve_stale_recheck",
+# kubeshim's `dns:` section: file field -> the DNSConfig fields it sets ("enabled" is the
+# daemon's: Options.dns_enabled).
+_DNS_FIELDS: dict[str, tuple[str, ...]] = {
+    "enabled": (), "clusterDomain": ("zone",), "binds": ("binds",),
+    "upstreams": ("upstreams",), "ttl": ("ttl",), "negativeTTL": ("negative_ttl",),
+    "podRecords": ("pod_records",), "cacheSize": ("answer_cache_size",),
+    # One size for the positive and the negative store of upstream answers.
+    "upstreamCacheSize": ("upstream_cache_size", "upstream_negative_cache_size"),
+    "upstreamMaxTTL": ("upstream_max_ttl",),
+    "reverseCIDRs": ("reverse_cidrs",), "transparentBinds": ("transparent_binds",),
+    "allowedClients": ("allowed_clients",), "responsesPerSecond": ("rrl_responses_per_second",),
+    "allPerSecond": ("rrl_all_per_second",),
+    "slip": ("rrl_slip",), "ipv4PrefixLength": ("rrl_ipv4_prefix",),
+    "ipv6PrefixLength": ("rrl_ipv6_prefix",), "tcpMaxConnections": ("tcp_max_connections",),
+    "tcpMaxConnectionsPerClient": ("tcp_max_connections_per_client",),
+    "serveStaleMax": ("serve_stale_max",),
+    "serveStaleClientTimeout": ("serve_stale_client_timeout",),
+    "serveStaleRecheck": ("serve_stale_recheck",),
 }
 POD_RECORDS = ("disabled", "insecure", "verified")
 
@@ -416,7 +397,7 @@ def load_config_file(path: Path, opts: Options) -> None:
             f"got kind {kind!r}, apiVersion {api!r}"
         )
     cfg, errors = _decode_errors(doc)
-    new = replace(opts, ignored=list(opts.ignored))
+    new = copy.deepcopy(opts)
     if cfg is not None:
         _apply(cfg, doc, new, errors)
     if errors:
@@ -441,9 +422,10 @@ def _apply(cfg: KubeProxyConfiguration, doc: dict[str, Any], opts: Options,
             return None
         return seconds
 
+    proxy = opts.proxy
     if _is_set(v := cfg.hostname_override):
         # kube-proxy trims and lower-cases the node name (pkg/proxy/util nodeName).
-        opts.hostname_override = v.strip().lower()
+        proxy.node_name = v.strip().lower()
     if _is_set(v := cfg.bind_address):
         # Not a socket address: kube-proxy's idea of the node's primary IP (types.go).
         try:
@@ -471,12 +453,12 @@ def _apply(cfg: KubeProxyConfiguration, doc: dict[str, Any], opts: Options,
                 if attr == "healthz_bind_address":
                     opts.healthz_bind_default = False
     if _is_set(cidrs := cfg.cluster_cidr):
-        opts.cluster_cidrs = [c.strip() for c in cidrs.split(",") if c.strip()]
-        errors += [f"clusterCIDR: {e}" for e in bad_cidrs(opts.cluster_cidrs)]
+        proxy.cluster_cidrs = [c.strip() for c in cidrs.split(",") if c.strip()]
+        errors += [f"clusterCIDR: {e}" for e in bad_cidrs(proxy.cluster_cidrs)]
     if (addresses := cfg.node_port_addresses) is not None:
         try:
-            opts.nodeport_addresses = expand_nodeport_addresses([str(a) for a in addresses],
-                                                                opts.node_ip)
+            proxy.nodeport_addresses = expand_nodeport_addresses([str(a) for a in addresses],
+                                                                 opts.node_ip)
         except ConfigError as e:
             errors.append(f"nodePortAddresses: {e}")
     if cfg.client_connection and _is_set(v := cfg.client_connection.kubeconfig):
@@ -484,11 +466,11 @@ def _apply(cfg: KubeProxyConfiguration, doc: dict[str, Any], opts: Options,
     conntrack = cfg.conntrack or Conntrack()
     if _is_set(v := conntrack.tcp_established_timeout) and (
             t := dur("conntrack.tcpEstablishedTimeout", v)) is not None:
-        opts.tcp_idle_timeout = t
+        proxy.tcp_idle_timeout = t
     for name, v in (("udpIdleTimeout", cfg.udp_idle_timeout),
                     ("conntrack.udpTimeout", conntrack.udp_timeout)):
         if _is_set(v) and (t := dur(name, v)) is not None:
-            opts.udp_timeout = t
+            proxy.udp_timeout = t
     if cfg.logging and (verbosity := cfg.logging.verbosity) is not None:
         if verbosity < 0:
             errors.append(f"logging.verbosity: {verbosity} is negative")
@@ -518,6 +500,22 @@ def _apply(cfg: KubeProxyConfiguration, doc: dict[str, Any], opts: Options,
         if label not in reported:
             reported.add(label)
             opts.ignored.append(f"{label}: {_IGNORED_REASONS.get(top, 'not used by kubeshim')}")
+
+
+def finish(opts: Options) -> None:
+    """What follows from the settings once the file and the flags are read: the DNS server's
+    default bind, its transparent binds served like binds, and the DNS tuples the proxy's
+    capture hands to them."""
+    dns = opts.dns
+    if not dns.binds and not dns.transparent_binds:
+        # Never all addresses by default: that would answer (and recurse for) anyone who
+        # reaches the node, and take port 53 from UDP Services. Pods reach kubeshim at the
+        # address the kubelet's clusterDNS names (see deploy/ and the README). Without
+        # privileges (loopback mode) port 53 cannot be bound.
+        dns.binds = [(opts.node_ip or "127.0.0.1", 53) if opts.proxy.vip_mode != "loopback"
+                     else ("127.0.0.1", 5353)]
+    dns.binds = [*dns.binds, *(b for b in dns.transparent_binds if b not in dns.binds)]
+    opts.proxy.dns_capture = list(dns.transparent_binds) if opts.dns_enabled else []
 
 
 def expand_nodeport_addresses(values: list[str], node_ip: str = "") -> list[str]:
@@ -583,7 +581,14 @@ def _apply_dns(section: DNSSection, opts: Options, errors: list[str]) -> None:
         except ConfigError as e:
             errors.append(f"dns.{key}: {e}")
             continue
-        setattr(opts, _DNS_FIELDS[key], value)
+        if key == "enabled":
+            opts.dns_enabled = value
+        elif key in ("binds", "upstreams") and not value:
+            continue  # an empty list is the default (`finish`, /etc/resolv.conf)
+        if key == "allowedClients":
+            opts.dns_allowed_clients_default = False
+        for attr in _DNS_FIELDS[key]:
+            setattr(opts.dns, attr, value)
 
 
 def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -614,7 +619,7 @@ def parse_duration(value: Any) -> float:
     return sum(float(n) * _UNIT[u] for n, u in parts)
 
 
-def default_vip_mode() -> str:
+def default_vip_mode() -> VipMode:
     """tproxy as root where nft is installed and bridged traffic reaches the capture rules (the
     proxy falls back to interface mode when the kernel refuses the table); interface as root
     otherwise; loopback without root. With br_netfilter's bridge-nf-call-iptables=1 the rules

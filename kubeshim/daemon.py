@@ -19,7 +19,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import fields, is_dataclass, replace
 from typing import Any
 
 from prometheus_client import REGISTRY
@@ -31,7 +31,7 @@ from kubeshim.cluster.errors import ConfigError
 from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.netaddr import ip_family
 from kubeshim.cluster.state import ClusterState
-from kubeshim.config import Options, default_vip_mode
+from kubeshim.config import Options
 from kubeshim.limits import raise_nofile
 from kubeshim.ops import Health, OpsServer, build_apps, serve
 from kubeshim.proxy.healthcheck import ServiceHealthServer
@@ -54,7 +54,7 @@ class Daemon:
         self.pool: WorkerPool | None = None
         self.descriptor_limit = 0
         self.ops: dict[str, OpsServer] = {}
-        self.state = ClusterState(proxy_name=opts.proxy_name, node_name=opts.hostname_override)
+        self.state = ClusterState(proxy_name=opts.proxy_name, node_name=opts.proxy.node_name)
         # kube-proxy uses twice its sync period (default 30 s) as the health timeout.
         self.health = Health(timeout=60.0, probe=self._health_probe,
                              node_eligible=lambda: self.state.node_eligible,
@@ -71,86 +71,37 @@ class Daemon:
     # --- wiring -------------------------------------------------------------------------
 
     def _build_proxier(self) -> Any:
-        from kubeshim.proxy.config import ProxyConfig
         from kubeshim.proxy.proxier import Proxier
 
-        o = self.opts
-        config = ProxyConfig(
-            vip_mode=o.vip_mode or default_vip_mode(),  # type: ignore[arg-type]
-            vip_interface=o.vip_interface,
-            node_name=o.hostname_override,
-            nodeport_addresses=list(o.nodeport_addresses),
-            balance=o.balance,  # type: ignore[arg-type]
-            tcp_idle_timeout=o.tcp_idle_timeout,
-            udp_timeout=o.udp_timeout,
-            max_connections=o.max_connections,
-            max_connections_per_client=o.max_connections_per_client,
-            max_udp_flows=o.max_udp_flows,
-            max_udp_flows_per_client=o.max_udp_flows_per_client,
-            descriptor_limit=self.descriptor_limit,
-            adopt=self.opts.takeover and self.worker_fd is None,
-            capture_port=o.capture_port,
-            cluster_cidrs=list(o.cluster_cidrs),
-            dns_capture=list(o.dns_transparent_binds) if o.dns else [],
-            worker=self.worker_fd is not None,
-            workers=self.workers,
-        )
+        # The configured proxy plus what this process learnt at start. A copy: the proxier
+        # changes its own (tproxy falls back to interface mode where the kernel refuses).
+        config = replace(self.opts.proxy, descriptor_limit=self.descriptor_limit,
+                         adopt=self.opts.takeover and self.worker_fd is None,
+                         worker=self.worker_fd is not None, workers=self.workers)
         return Proxier(self.state, config)
 
     def _build_dns(self) -> Any:
-        from kubeshim.dns.config import DNSConfig, resolv_conf_nameservers
         from kubeshim.dns.server import DNSServer
 
         o = self.opts
-        # Never all addresses by default: that would answer (and recurse for) anyone who
-        # reaches the node, and take port 53 from UDP Services. Pods reach kubeshim at the
-        # address the kubelet's clusterDNS names (see deploy/ and the README).
-        default = (o.node_ip or "127.0.0.1", 53) if default_vip_mode() != "loopback" else (
-            "127.0.0.1", 5353)
-        binds = list(o.dns_binds or ([] if o.dns_transparent_binds else [default]))
-        binds += [b for b in o.dns_transparent_binds if b not in binds]
-        upstreams = o.upstreams or resolv_conf_nameservers()
-        allowed = o.dns_allowed_clients
-        if allowed is None:
+        allowed = o.dns.allowed_clients
+        if o.dns_allowed_clients_default:
             # The node itself asking a Service address that is local (interface mode) comes
             # from that very address.
-            own = [f"{h}/{32 if ip_family(h) == 4 else 128}" for h, _ in o.dns_transparent_binds]
-            allowed = ["127.0.0.0/8", "::1/128", *o.cluster_cidrs, *node_networks(), *own]
-        config = DNSConfig(
-            zone=o.cluster_domain,
-            binds=binds,
-            upstreams=upstreams,
-            ttl=o.dns_ttl,
-            negative_ttl=o.dns_negative_ttl,
-            pod_records=o.pod_records,  # type: ignore[arg-type]
-            answer_cache_size=o.dns_cache_size,
-            upstream_cache_size=o.dns_upstream_cache_size,
-            upstream_negative_cache_size=o.dns_upstream_cache_size,
-            upstream_max_ttl=o.dns_upstream_max_ttl,
-            reverse_cidrs=list(o.dns_reverse_cidrs),
-            transparent_binds=list(o.dns_transparent_binds),
-            allowed_clients=allowed,
-            rrl_responses_per_second=o.dns_rrl,
-            rrl_all_per_second=o.dns_rrl_all,
-            rrl_slip=o.dns_rrl_slip,
-            rrl_ipv4_prefix=o.dns_rrl_ipv4_prefix,
-            rrl_ipv6_prefix=o.dns_rrl_ipv6_prefix,
-            tcp_max_connections=o.dns_tcp_max_connections,
-            tcp_max_connections_per_client=o.dns_tcp_max_connections_per_client,
-            serve_stale_max=o.dns_serve_stale_max,
-            serve_stale_client_timeout=o.dns_serve_stale_client_timeout,
-            serve_stale_recheck=o.dns_serve_stale_recheck,
-            reuse_port=self.workers > 1 or self.worker_fd is not None,
-        )
+            own = [f"{h}/{32 if ip_family(h) == 4 else 128}" for h, _ in o.dns.transparent_binds]
+            allowed = ["127.0.0.0/8", "::1/128", *o.proxy.cluster_cidrs, *node_networks(), *own]
+        # A copy with what start found (validated again, as DNSConfig checks itself).
+        config = replace(o.dns, allowed_clients=allowed,
+                         reuse_port=self.workers > 1 or self.worker_fd is not None)
         address_map = None
-        if self.proxier is not None and (o.vip_mode or default_vip_mode()) == "loopback":
+        if self.proxier is not None and self.proxier.config.vip_mode == "loopback":
             address_map = self.proxier.served_address
         return DNSServer(self.state, config, address_map=address_map)
 
     def status(self) -> dict[str, Any]:
         """What the daemon serves, for `kubeshim status` (GET /status on the metrics address)."""
         out: dict[str, Any] = {
-            "node": self.opts.hostname_override,
+            "node": self.opts.proxy.node_name,
             "nodeObject": self._node_status(),
             "synced": self.state.synced,
             "generation": self.state.generation,
@@ -205,11 +156,11 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._reload_config)
 
         worker = self.worker_fd is not None
-        vip_mode = o.vip_mode or default_vip_mode()
+        vip_mode = o.proxy.vip_mode
         # DNS alone shares its binds in any mode; the proxy only tproxy mode's listeners.
         self.workers = 1 if worker else (
-            o.workers or default_workers(vip_mode if o.proxy else "tproxy"))
-        if self.workers > 1 and o.proxy and vip_mode != "tproxy":
+            o.workers or default_workers(vip_mode if o.proxy_enabled else "tproxy"))
+        if self.workers > 1 and o.proxy_enabled and vip_mode != "tproxy":
             log.warning("one worker: only tproxy mode's listeners are shared", vip_mode=vip_mode,
                         workers=self.workers)
             self.workers = 1
@@ -228,18 +179,18 @@ class Daemon:
                 if port and (server := await serve(app, host, port, what)) is not None:
                     self.ops[what] = server
 
-        if o.proxy:
+        if o.proxy_enabled:
             self.proxier = self._build_proxier()
             await self.proxier.start()
             if self.proxier.config.vip_mode != "tproxy":
                 self.workers = 1  # tproxy fell back to interface mode
             if not worker:
                 self.service_health = ServiceHealthServer(
-                    o.hostname_override, o.nodeport_addresses, self.health.healthy,
-                    exclude_ifname=o.vip_interface if self.proxier.vips is not None else "")
+                    o.proxy.node_name, o.proxy.nodeport_addresses, self.health.healthy,
+                    exclude_ifname=o.proxy.vip_interface if self.proxier.vips is not None else "")
                 await self.service_health.start()
                 self.proxier.attach_service_health(self.service_health)
-        if o.dns:
+        if o.dns_enabled:
             self.dns = self._build_dns()
             await self.dns.start()
             if self.proxier is not None:
@@ -359,8 +310,7 @@ class Daemon:
             log.error("configuration reload failed; keeping the running configuration",
                       reason=str(e))
             return
-        changed = sorted(k for k, v in asdict(new).items()
-                         if k not in ("ignored", "log_level") and getattr(self.opts, k) != v)
+        changed = _changed(self.opts, new)
         if new.log_level != self.opts.log_level:
             logs.setup(new.log_level)
             self.opts.log_level = new.log_level
@@ -384,6 +334,22 @@ class Daemon:
             return self.proxier.last_updated, self.proxier.last_queued
         # Without a proxy, the state is applied as it arrives; healthy while starting.
         return (self._started_mono if self.state.synced else 0.0), None
+
+
+def _changed(old: Options, new: Options) -> list[str]:
+    """The settings that differ ("udp_timeout" of the proxy as "proxy.udp_timeout"), but for
+    those applied at once or only reported."""
+    out = []
+    for f in fields(old):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if f.name in ("ignored", "log_level") or a == b:
+            continue
+        if is_dataclass(a):
+            out += [f"{f.name}.{g.name}" for g in fields(a)
+                    if getattr(a, g.name) != getattr(b, g.name)]
+        else:
+            out.append(f.name)
+    return sorted(out)
 
 
 def node_networks() -> list[str]:

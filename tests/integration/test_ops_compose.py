@@ -104,8 +104,8 @@ def test_the_network_fits_together(compose: dict[str, Any]) -> None:
     # kubeshim: a command line its own parser accepts, serving the lab's manifest folder.
     args = build_parser().parse_args(kubeshim["command"])
     opts = options_from_args(args)
-    assert opts.vip_mode == "interface"
-    assert opts.dns_binds == [(str(addresses["kubeshim"]), 53)]
+    assert opts.proxy.vip_mode == "interface"
+    assert opts.dns.binds == [(str(addresses["kubeshim"]), 53)]
     manifests = ROOT / Path(str(opts.manifests)).relative_to("/app")
     assert manifests.is_dir()
 
@@ -134,6 +134,6 @@ def test_the_network_fits_together(compose: dict[str, Any]) -> None:
                 for ep in obj.endpoints or ():  # type: ignore[union-attr]
                     assert ep.addresses[0] in backends, ep.addresses[0]
                     assert backends[ep.addresses[0]] in ports
-                    assert ep.node_name == opts.hostname_override
+                    assert ep.node_name == opts.proxy.node_name
                     seen.add(ep.addresses[0])
     assert seen == set(backends), "every backend replica is an endpoint"

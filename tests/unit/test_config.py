@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,13 @@ def load(tmp_path: Path, body: str, opts: Options | None = None) -> Options:
     return opts
 
 
-# (name, file body, {Options attribute: expected value})
+# (name, file body, {Options attribute, or proxy./dns. and the component's: expected value})
 HONOURED: list[tuple[str, str, dict[str, Any]]] = [
     ("empty file keeps the defaults", "",
      {"healthz_bind_address": "0.0.0.0:10256", "metrics_bind_address": "127.0.0.1:10249",
-      "udp_timeout": 30.0, "tcp_idle_timeout": 86400.0, "ignored": []}),
+      "proxy.udp_timeout": 30.0, "proxy.tcp_idle_timeout": 86400.0, "ignored": []}),
     ("hostnameOverride is trimmed and lower-cased", "hostnameOverride: ' Node-1 '\n",
-     {"hostname_override": "node-1"}),
+     {"proxy.node_name": "node-1"}),
     ("bindAddress is the node's primary IP", "bindAddress: 192.0.2.7\n",
      {"node_ip": "192.0.2.7", "healthz_bind_address": "0.0.0.0:10256"}),
     ("an IPv6 bindAddress moves the default endpoints to IPv6", "bindAddress: '2001:db8::7'\n",
@@ -48,44 +49,46 @@ HONOURED: list[tuple[str, str, dict[str, Any]]] = [
     ("an empty healthzBindAddress means the default, as kube-proxy defaults it",
      "healthzBindAddress: ''\n", {"healthz_bind_address": "0.0.0.0:10256"}),
     ("dual-stack clusterCIDR", "clusterCIDR: 10.244.0.0/16, fd00:10:244::/56\n",
-     {"cluster_cidrs": ["10.244.0.0/16", "fd00:10:244::/56"]}),
+     {"proxy.cluster_cidrs": ["10.244.0.0/16", "fd00:10:244::/56"]}),
     ("nodePortAddresses CIDRs and keywords",
      "nodePortAddresses: [192.0.2.0/24, localhost, primary]\n",
-     {"nodeport_addresses": ["192.0.2.0/24", "127.0.0.0/8", "::1/128", "primary"]}),
+     {"proxy.nodeport_addresses": ["192.0.2.0/24", "127.0.0.0/8", "::1/128", "primary"]}),
     ("'primary' means bindAddress when it is set",
      "bindAddress: 192.0.2.7\nnodePortAddresses: [primary]\n",
-     {"nodeport_addresses": ["192.0.2.7/32"]}),
+     {"proxy.nodeport_addresses": ["192.0.2.7/32"]}),
     ("nodePortAddresses set but empty means every address", "nodePortAddresses: []\n",
-     {"nodeport_addresses": []}),
+     {"proxy.nodeport_addresses": []}),
     ("the kubeconfig of clientConnection", "clientConnection: {kubeconfig: /etc/k/kc.yaml}\n",
      {"kubeconfig": Path("/etc/k/kc.yaml"), "ignored": []}),
     ("conntrack timeouts are the proxy's idle timeouts",
      "conntrack: {tcpEstablishedTimeout: 24h0m0s, udpTimeout: 45s}\n",
-     {"tcp_idle_timeout": 86400.0, "udp_timeout": 45.0, "ignored": []}),
-    ("the user-space mode's udpIdleTimeout", "udpIdleTimeout: 250ms\n", {"udp_timeout": 0.25}),
+     {"proxy.tcp_idle_timeout": 86400.0, "proxy.udp_timeout": 45.0, "ignored": []}),
+    ("the user-space mode's udpIdleTimeout", "udpIdleTimeout: 250ms\n",
+     {"proxy.udp_timeout": 0.25}),
     ("klog verbosity 4 is debug", "logging: {verbosity: 4}\n", {"log_level": "debug"}),
     ("klog verbosity 2 is info", "logging: {verbosity: 2}\n", {"log_level": "info"}),
     ("null fields are not set", "hostnameOverride: null\nconntrack: null\n",
-     {"hostname_override": "", "ignored": []}),
+     {"proxy.node_name": "", "ignored": []}),
     ("the dns section",
      "dns:\n  clusterDomain: Cluster.Example.\n  binds: ['127.0.0.1:5353', '[::1]']\n"
      "  upstreams: [192.0.2.53]\n  ttl: 5\n  negativeTTL: 10\n  podRecords: disabled\n"
      "  cacheSize: 100\n  enabled: true\n",
-     {"cluster_domain": "cluster.example", "dns_binds": [("127.0.0.1", 5353), ("::1", 53)],
-      "upstreams": [("192.0.2.53", 53)], "dns_ttl": 5, "dns_negative_ttl": 10,
-      "pod_records": "disabled", "dns_cache_size": 100, "dns": True}),
+     {"dns.zone": "cluster.example", "dns.binds": [("127.0.0.1", 5353), ("::1", 53)],
+      "dns.upstreams": [("192.0.2.53", 53)], "dns.ttl": 5, "dns.negative_ttl": 10,
+      "dns.pod_records": "disabled", "dns.answer_cache_size": 100, "dns_enabled": True}),
     ("dns upstream cache and reverse zones",
      "dns: {upstreamCacheSize: 50, upstreamMaxTTL: 60, reverseCIDRs: [10.96.0.0/12]}\n",
-     {"dns_upstream_cache_size": 50, "dns_upstream_max_ttl": 60,
-      "dns_reverse_cidrs": ["10.96.0.0/12"]}),
-    ("dns can be switched off", "dns: {enabled: false}\n", {"dns": False}),
+     {"dns.upstream_cache_size": 50, "dns.upstream_max_ttl": 60,
+      "dns.reverse_cidrs": ["10.96.0.0/12"]}),
+    ("dns can be switched off", "dns: {enabled: false}\n", {"dns_enabled": False}),
     ("dns serve-stale timers (RFC 8767 section 5)",
      "dns: {serveStaleMax: 72h0m0s, serveStaleClientTimeout: 1500ms, serveStaleRecheck: 1m}\n",
-     {"dns_serve_stale_max": 259200.0, "dns_serve_stale_client_timeout": 1.5,
-      "dns_serve_stale_recheck": 60.0}),
+     {"dns.serve_stale_max": 259200.0, "dns.serve_stale_client_timeout": 1.5,
+      "dns.serve_stale_recheck": 60.0}),
     ("dns response rate limits", "dns: {responsesPerSecond: 50, allPerSecond: 500, slip: 3}\n",
-     {"dns_rrl": 50.0, "dns_rrl_all": 500.0, "dns_rrl_slip": 3}),
-    ("serve-stale off", "dns: {serveStaleMax: 0s}\n", {"dns_serve_stale_max": 0.0}),
+     {"dns.rrl_responses_per_second": 50.0, "dns.rrl_all_per_second": 500.0,
+      "dns.rrl_slip": 3}),
+    ("serve-stale off", "dns: {serveStaleMax: 0s}\n", {"dns.serve_stale_max": 0.0}),
 ]
 
 
@@ -94,7 +97,7 @@ HONOURED: list[tuple[str, str, dict[str, Any]]] = [
 def test_honoured_fields(tmp_path: Path, body: str, expected: dict[str, Any]) -> None:
     opts = load(tmp_path, body)
     for attr, value in expected.items():
-        assert getattr(opts, attr) == value, attr
+        assert attrgetter(attr)(opts) == value, attr
 
 
 # (name, file body, the ignored lines expected, in order)
@@ -232,9 +235,9 @@ def test_a_file_written_by_kube_proxy_loads(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(doc))
     opts = Options()
     load_config_file(path, opts)
-    assert opts.tcp_idle_timeout == 86400.0
-    assert opts.udp_timeout == 30.0  # "0s" is kube-proxy's "leave as is"
-    assert opts.nodeport_addresses == []
+    assert opts.proxy.tcp_idle_timeout == 86400.0
+    assert opts.proxy.udp_timeout == 30.0  # "0s" is kube-proxy's "leave as is"
+    assert opts.proxy.nodeport_addresses == []
     assert [line.split(":")[0] for line in opts.ignored] == [
         "clientConnection", "configSyncPeriod", "conntrack", "iptables", "ipvs", "nftables",
         "oomScoreAdj"]
@@ -245,22 +248,39 @@ FLAGS: list[tuple[str, list[str], dict[str, Any]]] = [
     ("flags win over the file",
      ["--hostname-override", "flag-node", "--healthz-bind-address", "127.0.0.1:1",
       "--udp-timeout", "7"],
-     {"hostname_override": "flag-node", "healthz_bind_address": "127.0.0.1:1",
-      "udp_timeout": 7.0, "metrics_bind_address": "127.0.0.1:20249"}),
+     {"proxy.node_name": "flag-node", "healthz_bind_address": "127.0.0.1:1",
+      "proxy.udp_timeout": 7.0, "metrics_bind_address": "127.0.0.1:20249"}),
     ("the file's values stay where no flag is given", [],
-     {"hostname_override": "file-node", "healthz_bind_address": "127.0.0.1:20256",
-      "udp_timeout": 45.0, "cluster_domain": "file.local", "upstreams": [("192.0.2.53", 53)]}),
+     {"proxy.node_name": "file-node", "healthz_bind_address": "127.0.0.1:20256",
+      "proxy.udp_timeout": 45.0, "dns.zone": "file.local", "dns.upstreams": [("192.0.2.53", 53)]}),
     ("an empty flag disables an endpoint", ["--metrics-bind-address", ""],
      {"metrics_bind_address": ""}),
     ("repeated DNS flags replace the file's lists",
      ["--upstream", "127.0.0.1:5300", "--upstream", "[::1]", "--cluster-domain", "flag.local"],
-     {"upstreams": [("127.0.0.1", 5300), ("::1", 53)], "cluster_domain": "flag.local"}),
+     {"dns.upstreams": [("127.0.0.1", 5300), ("::1", 53)], "dns.zone": "flag.local"}),
     ("-v is debug", ["-v"], {"log_level": "debug"}),
     ("kube-proxy's conntrack flag names and Go durations",
      ["--conntrack-udp-timeout", "1m", "--conntrack-tcp-timeout-established", "24h"],
-     {"udp_timeout": 60.0, "tcp_idle_timeout": 86400.0}),
+     {"proxy.udp_timeout": 60.0, "proxy.tcp_idle_timeout": 86400.0}),
     ("nodePort keywords on the command line", ["--nodeport-addresses", "localhost,10.1.0.0/16"],
-     {"nodeport_addresses": ["127.0.0.0/8", "::1/128", "10.1.0.0/16"]}),
+     {"proxy.nodeport_addresses": ["127.0.0.0/8", "::1/128", "10.1.0.0/16"]}),
+    ("the DNS default bind follows the chosen --vip-mode: loopback has no port 53",
+     ["--vip-mode", "loopback"],
+     {"proxy.vip_mode": "loopback", "dns.binds": [("127.0.0.1", 5353)]}),
+    ("the DNS default bind of a privileged mode", ["--vip-mode", "interface"],
+     {"dns.binds": [("127.0.0.1", 53)]}),
+    ("transparent binds are served like binds and captured by the proxy",
+     ["--vip-mode", "tproxy", "--dns-transparent-bind", "10.96.0.10", "--dns-bind", "[::1]:53"],
+     {"dns.binds": [("::1", 53), ("10.96.0.10", 53)],
+      "dns.transparent_binds": [("10.96.0.10", 53)], "proxy.dns_capture": [("10.96.0.10", 53)]}),
+    ("only transparent binds: no default bind", ["--dns-transparent-bind", "10.96.0.10"],
+     {"dns.binds": [("10.96.0.10", 53)]}),
+    ("without DNS nothing is captured for it", ["--no-dns", "--dns-transparent-bind", "10.96.0.10"],
+     {"dns_enabled": False, "proxy.dns_capture": []}),
+    ("allowed DNS clients: the node's default until listed", [],
+     {"dns_allowed_clients_default": True, "dns.allowed_clients": []}),
+    ("allowed DNS clients listed", ["--dns-allowed-client", "10.0.0.0/8"],
+     {"dns_allowed_clients_default": False, "dns.allowed_clients": ["10.0.0.0/8"]}),
 ]
 
 FLAG_FILE = ("hostnameOverride: file-node\nhealthzBindAddress: 127.0.0.1:20256\n"
@@ -276,7 +296,7 @@ def test_flags_override_the_file(tmp_path: Path, argv: list[str],
     args = build_parser().parse_args(["run", "--config", str(path), "--manifests", "x", *argv])
     opts = options_from_args(args)
     for attr, value in expected.items():
-        assert getattr(opts, attr) == value, attr
+        assert attrgetter(attr)(opts) == value, attr
 
 
 @pytest.mark.parametrize(("text", "default", "expected"), [
@@ -308,7 +328,20 @@ def test_tcp_idle_timeout_defaults_to_kube_proxys_24h() -> None:
     from kubeshim.config import Options
     from kubeshim.proxy.config import ProxyConfig
 
-    assert Options().tcp_idle_timeout == 86400.0
+    assert Options().proxy.tcp_idle_timeout == 86400.0
     assert ProxyConfig(vip_mode="loopback").tcp_idle_timeout == 86400.0
     args = build_parser().parse_args(["run", "--manifests", "."])
     assert args.tcp_idle_timeout is None  # unset on the command line: the Options default
+
+
+def test_a_reload_names_the_component_fields_that_changed() -> None:
+    import copy
+
+    from kubeshim.daemon import _changed
+
+    old = Options()
+    new = copy.deepcopy(old)
+    new.proxy.udp_timeout, new.dns.ttl, new.drain_timeout = 5.0, 1, 3.0
+    new.log_level = "debug"  # applied at once, not reported
+    assert _changed(old, new) == ["dns.ttl", "drain_timeout", "proxy.udp_timeout"]
+    assert _changed(old, copy.deepcopy(old)) == []
