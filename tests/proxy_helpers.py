@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from kubeshim.cluster.model import EndpointSlice, Service, decode
+from kubeshim.cluster.state import ClusterState, ServiceInfo
 
 EndpointSpec = tuple[str, dict[str, Any]]  # (ip, extra fields: ready, serving, terminating, node)
 
@@ -63,6 +64,19 @@ def endpoint_slice(
     obj = decode("EndpointSlice", raw)
     assert isinstance(obj, EndpointSlice)
     return obj
+
+
+def one_port_service(protocol: str, port: int, ips: Iterable[str]) -> ServiceInfo:
+    """Service default/web with one port ("http" for TCP, "dns" for UDP) whose ready
+    endpoints `ips` listen on `port`, as a synced ClusterState merges it."""
+    name = "http" if protocol == "TCP" else "dns"
+    svc = service("web", "10.96.0.10", [{"name": name, "port": 80, "protocol": protocol}])
+    eps = endpoint_slice("web", [endpoint(ip) for ip in ips],
+                         [{"name": name, "port": port, "protocol": protocol}])
+    state = ClusterState()
+    state.replace("Service", [svc])
+    state.replace("EndpointSlice", [eps])
+    return state.services[svc.key]
 
 
 # --- tiny backends -----------------------------------------------------------------------------

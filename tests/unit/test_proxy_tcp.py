@@ -18,9 +18,8 @@ from kubeshim.proxy.config import ProxyConfig
 from kubeshim.proxy.metrics import CONNECT_FAILED, NO_ENDPOINTS
 from kubeshim.proxy.table import PortTable
 from kubeshim.proxy.tcp import IDLE_TIMEOUT, ClientSide, TcpFrontend, listen_socket
-from tests.objects import synced_state
 from tests.ports import free_port
-from tests.proxy_helpers import endpoint, endpoint_slice, service
+from tests.proxy_helpers import one_port_service
 
 NODE = "node-a"
 ENDPOINTS = {"127.0.0.2": b"a", "127.0.0.3": b"b"}
@@ -52,9 +51,7 @@ class Endpoint(asyncio.Protocol):
 
 
 def service_info(port: int, ips: list[str]) -> ServiceInfo:
-    svc = service("web", "10.96.0.10", [{"name": "http", "port": 80}])
-    eps = endpoint_slice("web", [endpoint(ip) for ip in ips], [{"name": "http", "port": port}])
-    return synced_state(svc, eps).services[svc.key]
+    return one_port_service("TCP", port, ips)
 
 
 @dataclass

@@ -23,33 +23,16 @@ from kubeshim.proxy.metrics import UDP_FLOW_EVICTED
 from kubeshim.proxy.table import PortTable
 from kubeshim.proxy.transparent import Capture, CaptureUdp, Target, transparent_listener
 from kubeshim.proxy.udp import FlowTable, UdpFrontend, bind_socket
-from tests.objects import synced_state
 from tests.ports import free_port
-from tests.proxy_helpers import endpoint, endpoint_slice, service
+from tests.proxy_helpers import one_port_service, udp_name_server
 
 NODE = "node-a"
 ENDPOINTS = {"127.0.0.2": b"a", "127.0.0.3": b"b"}
 TIMEOUT = 0.2  # udp_timeout: an idle flow ends between 1x and 2x this
 
 
-class Echo(asyncio.DatagramProtocol):
-    """An endpoint: answers every datagram with its name and the datagram."""
-
-    def __init__(self, name: bytes) -> None:
-        self.name = name
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.transport.sendto(self.name + b":" + data, addr)
-
-
 def service_info(port: int, ips: list[str]) -> ServiceInfo:
-    svc = service("dns", "10.96.0.10", [{"name": "dns", "port": 53, "protocol": "UDP"}])
-    eps = endpoint_slice("dns", [endpoint(ip) for ip in ips],
-                         [{"name": "dns", "port": port, "protocol": "UDP"}])
-    return synced_state(svc, eps).services[svc.key]
+    return one_port_service("UDP", port, ips)
 
 
 @dataclass
@@ -109,15 +92,12 @@ async def open_listener(kind: str, table: PortTable, config: ProxyConfig,
 
 @pytest.fixture(params=["listener", "transparent"])
 async def make_lab(request: pytest.FixtureRequest) -> Any:
-    loop = asyncio.get_running_loop()
     opened: list[Any] = []
 
     async def make(per_client: int = 8, max_flows: int = 65536) -> Lab:
         port = free_port("127.0.0.2", kind=socket.SOCK_DGRAM)
         for ip, name in ENDPOINTS.items():
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda name=name: Echo(name), local_addr=(ip, port))
-            opened.append(transport)
+            opened.append(await udp_name_server(ip, port, name.decode()))
         info = service_info(port, list(ENDPOINTS))
         spi = info.ports[0]
         table = PortTable(spi, 4, "round-robin", time.monotonic)
