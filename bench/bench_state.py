@@ -39,8 +39,9 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from kubeshim.cluster.bulk import gc_paused  # noqa: E402
 from kubeshim.cluster.model import EndpointSlice, decode  # noqa: E402
-from kubeshim.cluster.sources.api import APISource, decode_list, gc_paused  # noqa: E402
+from kubeshim.cluster.sources.api import APISource, decode_list  # noqa: E402
 from kubeshim.cluster.sources.kubeconfig import ClientConfig, ssl_context  # noqa: E402
 from kubeshim.cluster.state import ClusterState, EventType, ServiceChange, WatchEvent  # noqa: E402
 

@@ -41,7 +41,7 @@ if ((${#missing[@]})); then
 fi
 
 PYTHON="${PYTHON:-python3}"
-if ! "$PYTHON" -c "import kubeshim, uvloop, dnslib, asyncio_dgram, scapy, pytest_asyncio, nftables" 2>/dev/null \
+if ! "$PYTHON" -c "import kubeshim, uvloop, dnslib, asyncio_dgram, scapy, pytest_asyncio, nftables, yaml_rs" 2>/dev/null \
    || [ pyproject.toml -nt .setup-stamp ]; then
   echo "setup: installing the kubeshim Python package and its extras"
   "$PYTHON" -m pip install -q --disable-pip-version-check -e ".[test,bench]" 2>&1 | grep -v "Running pip as the 'root' user" || true

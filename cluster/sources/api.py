@@ -24,16 +24,15 @@ not read Nodes gets one clear error and Services and EndpointSlices are served a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import msgspec
 
+from kubeshim.cluster.bulk import gc_paused
 from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.model import (
     EndpointSlice,
@@ -480,22 +479,6 @@ class APISource:
                     self.state.apply(events)
             finally:
                 self.resource_versions[kind] = rv
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC over a bulk decode/merge. Those allocate hundreds of thousands of
-    container objects and no cycles; with the collector on, each young-generation threshold
-    crossing rescans them and a 10k-Service list takes about twice as long
-    (bench/bench_state.py). Reference counting still frees everything as usual."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def decode_list(kind: Kind, body: bytes, into: list[KubeObject]) -> _ListMeta:

@@ -253,10 +253,15 @@ async def test_folder_vanishing_keeps_everything(tmp_path: Path, caplog) -> None
 
 
 async def test_large_valid_file_is_parsed_off_the_loop(tmp_path: Path, harness) -> None:
-    # 6000 Services in one file: parsing takes seconds; the loop is held only while the
-    # result is applied to the state, a fraction of the parse.
-    docs = [manifest(f"s{i}", f"10.96.{i // 250}.{i % 250 + 1}") for i in range(6000)]
+    # 6000 Services in one file, each with the annotation `kubectl apply` leaves (the whole
+    # object again, here a long text; 12 MiB in all): parsing takes a while; the loop is held
+    # only while the result is applied to the state, a fraction of the parse.
+    note = "  annotations:\n    kubectl.kubernetes.io/last-applied-configuration: |\n" + "".join(
+        f"      {{\"line\": {n}, \"text\": \"{'x' * 60}\"}}\n" for n in range(20))
+    docs = [manifest(f"s{i}", f"10.96.{i // 250}.{i % 250 + 1}").replace(
+        "  namespace: default\n", "  namespace: default\n" + note, 1) for i in range(6000)]
     data = "---\n".join(docs).encode()
+    assert b"last-applied-configuration" in data
     start = time.perf_counter()
     load_file(tmp_path / "big.yaml", data)
     parse_seconds = time.perf_counter() - start
