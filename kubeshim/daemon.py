@@ -326,8 +326,8 @@ class Daemon:
         """
         if self.state.synced and not self._frozen:
             self._frozen = True
-            gc.collect()
-            gc.freeze()
+            # After the callbacks of this change: the proxy's sync of it goes first.
+            asyncio.get_running_loop().call_soon(_collect_and_freeze)
 
     def _health_probe(self) -> tuple[float, float | None]:
         if self.proxier is not None:
@@ -350,6 +350,11 @@ def _changed(old: Options, new: Options) -> list[str]:
         else:
             out.append(f.name)
     return sorted(out)
+
+
+def _collect_and_freeze() -> None:
+    gc.collect()
+    gc.freeze()
 
 
 def node_networks() -> list[str]:

@@ -107,6 +107,7 @@ class WorkerPool:
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._sent_synced = False
+        self._outbox: list[tuple[Any, ...]] = []  # messages not pickled yet, in order
 
     async def start(self) -> None:
         self.state.subscribe(self._on_changes)
@@ -130,15 +131,28 @@ class WorkerPool:
 
     # --- changes out ---
 
-    def _message(self, changes: Sequence[ServiceChange]) -> bytes:
+    def _message(self, changes: Sequence[ServiceChange]) -> tuple[Any, ...]:
         self._sent_synced = self.state.synced
-        return frame(("changes", list(changes), self.state.node, self.state.node_deleted,
-                      self.state.synced))
+        return ("changes", list(changes), self.state.node, self.state.node_deleted,
+                self.state.synced)
 
     def _on_changes(self, changes: Sequence[ServiceChange]) -> None:
-        data = self._message(changes)
-        for w in self.workers:
-            w.send(data)
+        # Pickled once the current callbacks are done: the state's other subscribers (this
+        # process's own sync of the same changes) go first. 10k Services pickle for about half
+        # a second, which would otherwise come before the first connection is served. A
+        # worker that connects meanwhile gets the whole state first; the changes then repeat
+        # what it has, which its mirror publishes as nothing.
+        self._outbox.append(self._message(changes))
+        if len(self._outbox) == 1:
+            asyncio.get_running_loop().call_soon(self._send)
+
+    def _send(self) -> None:
+        messages, self._outbox = self._outbox, []
+        connected = [w for w in self.workers if w.writer is not None]
+        for message in messages if connected else ():
+            data = frame(message)
+            for w in connected:
+                w.send(data)
 
     def _on_node(self, before: Node | None, after: Node | None) -> None:
         self._on_changes(())
@@ -183,7 +197,7 @@ class WorkerPool:
         reader, w.writer = await asyncio.open_connection(sock=ours)
         # The whole current state first, then every change as it comes.
         full = [ServiceChange(k, None, v) for k, v in self.state.services.items()]
-        w.send(self._message(full))
+        w.send(frame(self._message(full)))
         pid = w.proc.pid
         try:
             while (message := await read_frame(reader)) is not None:

@@ -12,6 +12,7 @@ socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import resource
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from kubeshim.cluster.bulk import BULK_SERVICES, gc_paused
 from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.model import NamespacedName, Node, ServicePortName
 from kubeshim.cluster.netaddr import ip_family
@@ -27,7 +29,7 @@ from kubeshim.cluster.state import ClusterState, ServiceChange, ServiceInfo
 from kubeshim.proxy.balancer import Clock, EndpointKey
 from kubeshim.proxy.budget import Budget, caps_for_limit
 from kubeshim.proxy.capture import CaptureEntry, PortEndpoints, Verdict, capture_entries
-from kubeshim.proxy.changes import ServiceChangeTracker
+from kubeshim.proxy.changes import PendingChange, ServiceChangeTracker
 from kubeshim.proxy.config import ProxyConfig
 from kubeshim.proxy.healthcheck import ServiceHealthServer
 from kubeshim.proxy.listeners import (
@@ -271,11 +273,19 @@ class Proxier:
     # --- the sync ----------------------------------------------------------------------------
 
     async def sync(self) -> None:
-        """Apply the dirty Services (kube-proxy's syncProxyRules shape)."""
+        """Apply the dirty Services (kube-proxy's syncProxyRules shape); thousands of them
+        (the first sync) with the cyclic GC paused (cluster/bulk.py)."""
         if not self.state.synced:
             return
         start = time.monotonic()
         dirty = self.changes.take()
+        bulk = len(dirty) >= BULK_SERVICES
+        with gc_paused(freeze=True) if bulk else contextlib.nullcontext():
+            await self._apply_changes(dirty, start)
+
+    async def _apply_changes(self, dirty: dict[NamespacedName, PendingChange],
+                             start: float) -> None:
+        """The sync's steps for the drained changes."""
         failed = 0
         for key, pending in dirty.items():
             try:
