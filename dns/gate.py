@@ -31,6 +31,8 @@ import ipaddress
 import time
 from collections.abc import Callable, Iterable
 
+from kubeshim.dns.wire import skip_name
+
 SEND, SLIP, DROP = 0, 1, 2
 _MEMO = 65536  # remembered allow decisions / buckets before the store is trimmed
 _SOA = b"\x00\x06"
@@ -169,23 +171,13 @@ def _soa_owner(reply: bytes, i: int) -> bytes | None:
         ns = reply[8] << 8 | reply[9]
         for n in range(an + ns):
             at = i
-            i = _skip_name(reply, i)
+            i = skip_name(reply, i)
             if n >= an and reply[i : i + 2] == _SOA:
                 return _read_name(reply, at)
             i += 10 + (reply[i + 8] << 8 | reply[i + 9])
     except IndexError:
         return None
     return None
-
-
-def _skip_name(packet: bytes, i: int) -> int:
-    while True:
-        length = packet[i]
-        if length == 0:
-            return i + 1
-        if length & 0xC0 == 0xC0:
-            return i + 2
-        i += length + 1
 
 
 def _read_name(packet: bytes, i: int) -> bytes:

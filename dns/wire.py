@@ -142,26 +142,28 @@ def ttl_offsets(packet: bytes) -> list[int]:
     """
     _id, _flags, qd, an, ns, ar = HEADER.unpack_from(packet)
     i = HEADER.size
-
-    def skip_name(i: int) -> int:
-        while True:
-            length = packet[i]
-            if length == 0:
-                return i + 1
-            if length & 0xC0 == 0xC0:
-                return i + 2
-            i += length + 1
-
     for _ in range(qd):
-        i = skip_name(i) + 4
+        i = skip_name(packet, i) + 4
     offsets = []
     for _ in range(an + ns + ar):
-        i = skip_name(i)
+        i = skip_name(packet, i)
         rtype = packet[i] << 8 | packet[i + 1]
         if rtype != QTYPE.OPT:
             offsets.append(i + 4)
         i += 10 + (packet[i + 8] << 8 | packet[i + 9])
     return offsets
+
+
+def skip_name(packet: bytes, i: int) -> int:
+    """Where the name starting at `i` ends: a label run ends at a zero byte or at a
+    compression pointer (two bytes, RFC 1035 4.1.4). IndexError past the packet's end."""
+    while True:
+        length = packet[i]
+        if length == 0:
+            return i + 1
+        if length & 0xC0 == 0xC0:
+            return i + 2
+        i += length + 1
 
 
 def error_reply(qid: int, flags: int, rcode: int) -> bytes:
