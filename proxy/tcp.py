@@ -70,7 +70,7 @@ class ClientSide(asyncio.Protocol):
     """The accepted connection; owns the connection's lifecycle and accounting."""
 
     __slots__ = ("fe", "table", "counters", "external", "transport", "upstream", "endpoint",
-                 "client_ip", "_eofs", "_client_eof", "_active", "_idle", "_closed", "_early",
+                 "client_ip", "_eofs", "_client_eof", "_active", "_closed", "_early",
                  "_sock", "_timer", "_tried")
 
     def __init__(self, fe: TcpFrontend) -> None:
@@ -84,8 +84,7 @@ class ClientSide(asyncio.Protocol):
         self.client_ip = ""
         self._eofs = 0
         self._client_eof = False
-        self._active = False
-        self._idle: asyncio.TimerHandle | None = None
+        self._active = False  # data either way since the proxy's last idle sweep
         self._closed = False
         self._early: list[bytes] = []
         # The connect in progress: its socket, its timeout, the endpoints that failed.
@@ -157,8 +156,6 @@ class ClientSide(asyncio.Protocol):
         self._closed = True
         if self._sock is not None:
             self._abandon_connect()
-        if self._idle is not None:
-            self._idle.cancel()
         up = self.upstream
         if up is not None and not up.is_closing():
             if exc is None:
@@ -273,9 +270,7 @@ class ClientSide(asyncio.Protocol):
             self._half_closed()
         else:
             self.transport.resume_reading()
-        timeout = self.fe.config.tcp_idle_timeout
-        if timeout > 0:
-            self._idle = self.fe.loop.call_later(timeout, self._idle_check)
+        self._active = True  # the idle time counts from here
 
     def upstream_eof(self) -> None:
         if not self.transport.is_closing():
@@ -298,14 +293,15 @@ class ClientSide(asyncio.Protocol):
             self.transport.close()
             self.upstream.close()
 
-    def _idle_check(self) -> None:
-        # One timer per connection re-armed only when it fires: the data path just sets a flag,
-        # so an idle connection closes between 1x and 2x the idle timeout.
-        if self._closed:
+    def idle_sweep(self) -> None:
+        """The proxy's idle sweep (every tcp_idle_timeout) looks at each connection: one with no
+        data either way since the previous look is closed. The data path only sets a flag and
+        no connection holds a timer of its own, so an idle connection closes between 1x and 2x
+        the idle timeout. A connect in progress has its own timeout."""
+        if self._closed or self.upstream is None:
             return
         if self._active:
             self._active = False
-            self._idle = self.fe.loop.call_later(self.fe.config.tcp_idle_timeout, self._idle_check)
             return
         self.counters.error(IDLE_TIMEOUT)
         self.transport.close()

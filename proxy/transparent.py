@@ -206,33 +206,57 @@ class SourcePolicy:
     cluster CIDRs) to a ClusterIP and for external traffic under a Local policy; it
     masquerades node-originated traffic, external traffic under a Cluster policy and hairpin
     traffic (the endpoint is the client). A client and an endpoint on one link of the node
-    would talk directly, past kubeshim, so they get the node's address too."""
+    would talk directly, past kubeshim, so they get the node's address too.
+
+    Asked once per new connection or flow: the address tests (parsing, network membership)
+    are remembered per client and per client and endpoint, up to CACHE_SIZE entries each."""
+
+    CACHE_SIZE = 4096
 
     def __init__(self, cluster_cidrs: Sequence[str]) -> None:
         self.cluster = [ipaddress.ip_network(c, strict=False) for c in cluster_cidrs]
         self.node_addresses: Collection[str] = ()
-        self.links: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self._links: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self._local_pod: dict[str, bool] = {}
+        self._same_link: dict[tuple[str, str], bool] = {}
+
+    @property
+    def links(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return self._links
+
+    @links.setter
+    def links(self, links: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+        self._links = links
+        self._same_link.clear()
 
     def source(self, client: str, endpoint: str, external: bool, table: PortTable) -> str | None:
         if not client or client == endpoint or client in self.node_addresses:
             return None
-        addr = ipaddress.ip_address(client)
-        local_pod = any(addr in net for net in self.cluster)
         if external:
             if not table.external_local:
                 return None
-        elif not local_pod:
+        elif not self.local_pod(client):
             return None
-        ep = ipaddress.ip_address(endpoint)
-        if any(addr in net and ep in net for net in self.links):
-            return None
-        return client
+        same = self._same_link.get((client, endpoint))
+        if same is None:
+            addr, ep = ipaddress.ip_address(client), ipaddress.ip_address(endpoint)
+            same = any(addr in net and ep in net for net in self._links)
+            if len(self._same_link) >= self.CACHE_SIZE:
+                self._same_link.clear()
+            self._same_link[(client, endpoint)] = same
+        return None if same else client
 
     def local_pod(self, client: str) -> bool:
         if not self.cluster:
             return False
-        addr = ipaddress.ip_address(client)
-        return any(addr in net for net in self.cluster)
+        local = self._local_pod.get(client)
+        if local is None:
+            addr = ipaddress.ip_address(client)
+            local = any(addr in net for net in self.cluster)
+            if len(self._local_pod) >= self.CACHE_SIZE:
+                self._local_pod.clear()
+            self._local_pod[client] = local
+        return local
 
 
 def _unmatched_table() -> PortTable:

@@ -410,6 +410,16 @@ async def test_idle_tcp_connection_is_closed() -> None:
         assert await asyncio.wait_for(reader.read(), 2) == b""  # closed by the proxy
         assert 0.15 < asyncio.get_running_loop().time() - start < 0.8
         writer.close()
+        # A connection with data every half timeout outlives many sweeps; idle, it goes too.
+        reader, writer = await asyncio.open_connection(proxier.vip_address(CLUSTER_IP), 8080)
+        assert await reader.readline() == b"pod-0\n"
+        for i in range(12):  # 1.2 s: six idle timeouts
+            writer.write(b"%d\n" % i)
+            assert await asyncio.wait_for(reader.readline(), 1) == b"%d\n" % i
+            await asyncio.sleep(0.1)
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+        assert proxier.status()["services"][0]["ports"][0]["errors"] == {"idle_timeout": 2}
+        writer.close()
     finally:
         await proxier.stop(0.1)
         server.close()
