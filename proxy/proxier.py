@@ -106,7 +106,6 @@ class Proxier:
         self._sync_task: asyncio.Task[None] | None = None
         self._retry_handles: dict[NamespacedName, asyncio.TimerHandle] = {}
         self._housekeeping: asyncio.TimerHandle | None = None
-        self._idle_sweep: asyncio.TimerHandle | None = None
         self._reported: set[tuple[ServicePortName, str]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -167,8 +166,6 @@ class Proxier:
         self.last_queued = now if self.changes else None
         self._schedule()
         self._housekeeping = self._loop.call_later(HOUSEKEEPING_PERIOD, self._housekeep)
-        if cfg.tcp_idle_timeout > 0:
-            self._idle_sweep = self._loop.call_later(cfg.tcp_idle_timeout, self._sweep_idle)
 
     async def stop(self, drain_timeout: float, keep_addresses: bool = False,
                    before_cleanup: asyncio.Event | None = None) -> None:
@@ -183,8 +180,6 @@ class Proxier:
             handle.cancel()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
-        if self._idle_sweep is not None:
-            self._idle_sweep.cancel()
         for rt in self.services.values():
             for listener in rt.listeners.values():
                 listener.close()
@@ -604,15 +599,6 @@ class Proxier:
         for listener in rt.listeners.values():
             if listener.udp is not None and listener.spec.port_name == name:
                 listener.udp.drop_endpoints(stale)
-
-    def _sweep_idle(self) -> None:
-        """Close the TCP connections idle since the previous sweep (ClientSide.idle_sweep): one
-        timer for all of them instead of one per connection."""
-        for conn in list(self.connections):
-            conn.idle_sweep()
-        if self._loop is not None and not self._stopping:
-            self._idle_sweep = self._loop.call_later(self.config.tcp_idle_timeout,
-                                                     self._sweep_idle)
 
     def _housekeep(self) -> None:
         for table in self.tables.values():

@@ -57,9 +57,26 @@ class TcpFrontend:
         # Shared by every listener: connections in total and per client address.
         self.budget = budget or Budget("connections", 1 << 62, 1 << 62)
         self.loop = asyncio.get_running_loop()
+        # This listener's open connections and their idle sweep: one timer for all of them,
+        # running while there are any (ClientSide.idle_sweep).
+        self.live: set[ClientSide] = set()
+        self._sweep: asyncio.TimerHandle | None = None
 
     def __call__(self) -> ClientSide:
         return ClientSide(self)
+
+    def opened(self, conn: ClientSide) -> None:
+        self.connections.add(conn)
+        self.live.add(conn)
+        if self._sweep is None and self.config.tcp_idle_timeout > 0:
+            self._sweep = self.loop.call_later(self.config.tcp_idle_timeout, self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        self._sweep = None
+        for conn in list(self.live):
+            conn.idle_sweep()
+        if self.live:
+            self._sweep = self.loop.call_later(self.config.tcp_idle_timeout, self._sweep_idle)
 
     def open(self, client: ClientSide, ep: EndpointInfo) -> socket.socket:
         """A non-blocking, not yet connected socket to `ep`."""
@@ -84,7 +101,7 @@ class ClientSide(asyncio.Protocol):
         self.client_ip = ""
         self._eofs = 0
         self._client_eof = False
-        self._active = False  # data either way since the proxy's last idle sweep
+        self._active = False  # data either way since the listener's last idle sweep
         self._closed = False
         self._early: list[bytes] = []
         # The connect in progress: its socket, its timeout, the endpoints that failed.
@@ -115,7 +132,7 @@ class ClientSide(asyncio.Protocol):
             reset(transport)
             return
         counters.connections_active += 1
-        fe.connections.add(self)
+        fe.opened(self)
         transport.pause_reading()  # until the endpoint answers; the kernel buffers meanwhile
         # TCP_NODELAY: uvloop and asyncio both set it on every TCP transport already.
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
@@ -167,6 +184,7 @@ class ClientSide(asyncio.Protocol):
         if self.endpoint is not None:
             self.table.closed(self.endpoint)
         self.fe.connections.discard(self)
+        self.fe.live.discard(self)
 
     # --- the endpoint side -------------------------------------------------------------------
 
@@ -294,7 +312,7 @@ class ClientSide(asyncio.Protocol):
             self.upstream.close()
 
     def idle_sweep(self) -> None:
-        """The proxy's idle sweep (every tcp_idle_timeout) looks at each connection: one with no
+        """The listener's idle sweep (every tcp_idle_timeout) looks at each connection: one with no
         data either way since the previous look is closed. The data path only sets a flag and
         no connection holds a timer of its own, so an idle connection closes between 1x and 2x
         the idle timeout. A connect in progress has its own timeout."""
