@@ -190,9 +190,15 @@ class Daemon:
                     exclude_ifname=o.proxy.vip_interface if self.proxier.vips is not None else "")
                 await self.service_health.start()
                 self.proxier.attach_service_health(self.service_health)
+        dns_start: asyncio.Task[None] | None = None
         if o.dns_enabled:
             self.dns = self._build_dns()
-            await self.dns.start()
+            if worker:
+                # A worker joins the DNS sockets' SO_REUSEPORT group once it holds the control
+                # process's state: before that, its share of the queries would get SERVFAIL.
+                dns_start = asyncio.create_task(self._start_dns_when_synced(), name="dns-start")
+            else:
+                await self.dns.start()
             if self.proxier is not None:
                 answers = self.dns.handler.answers
                 # A Service whose served addresses change (a loopback collision resolved)
@@ -249,6 +255,10 @@ class Daemon:
         elif self.proxier is not None:
             # After a handover the new process serves the addresses: leave them in place.
             await self.proxier.stop(o.drain_timeout, keep_addresses=self._handing_over)
+        if dns_start is not None:
+            dns_start.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dns_start
         if self.dns is not None:
             await self.dns.stop()
             REGISTRY.unregister(dns_metrics)
@@ -256,6 +266,15 @@ class Daemon:
             await server.cleanup()
         log.info("stopped")
         return code
+
+    async def _start_dns_when_synced(self) -> None:
+        while not self.state.synced:
+            await asyncio.sleep(0.01)
+        try:
+            await self.dns.start()
+        except OSError as e:
+            log.error("dns cannot serve", reason=str(e))
+            self._stop.set()  # the control process starts the worker again
 
     # --- restart without a gap (kubeshim/takeover.py) -------------------------------------
 

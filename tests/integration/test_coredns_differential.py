@@ -365,16 +365,20 @@ def servers(control_plane: ControlPlane, kube_peers: Peers,
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         coredns.start()
-        last = f"zz-last.{NS}.svc.{ZONE}"
+        # Both have listed everything: the last Service exists, and a name in a namespace
+        # that does not exist is NXDOMAIN (CoreDNS learns Namespaces separately, and answers
+        # SERVFAIL until it has).
+        ready = ((f"zz-last.{NS}.svc.{ZONE}", "NOERROR"), (f"web.nosuchns.svc.{ZONE}", "NXDOMAIN"))
         deadline = time.monotonic() + 60
         while True:
             try:
-                if all(ask(p, last, "A").rcode == "NOERROR" for p in (ks_port, coredns.port)):
+                if all(ask(p, name, "A").rcode == rcode
+                       for p in (ks_port, coredns.port) for name, rcode in ready):
                     break
             except (OSError, TimeoutError):
                 pass
             assert kubeshim.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, f"not serving {last}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"not serving {ready}:\n{log.read_text()}"
             time.sleep(0.1)
         yield Servers(ks_port, coredns.port, cluster_ips)
     finally:
