@@ -43,6 +43,7 @@ MAX_WORKERS = 4  # the default's cap: beyond it the node's other work needs the 
 REPORT_PERIOD = 1.0
 RESTART_BACKOFF = (0.2, 10.0)  # first delay after a crash, and the most
 _HEADER = struct.Struct("!I")
+SEND_CHUNK = 1000  # Services pickled per loop iteration
 PR_SET_PDEATHSIG = 1
 
 
@@ -108,6 +109,7 @@ class WorkerPool:
         self._tasks: list[asyncio.Task[None]] = []
         self._sent_synced = False
         self._outbox: list[tuple[Any, ...]] = []  # messages not pickled yet, in order
+        self._told_synced = False  # the sync status of the last chunk sent
 
     async def start(self) -> None:
         self.state.subscribe(self._on_changes)
@@ -137,9 +139,10 @@ class WorkerPool:
                 self.state.synced)
 
     def _on_changes(self, changes: Sequence[ServiceChange]) -> None:
-        # Pickled once the current callbacks are done: the state's other subscribers (this
-        # process's own sync of the same changes) go first. 10k Services pickle for about half
-        # a second, which would otherwise come before the first connection is served. A
+        # Pickled once the current callbacks are done, SEND_CHUNK Services per loop iteration:
+        # the state's other subscribers (this process's own sync of the same changes) go
+        # first, and connections are served between the chunks. 10k Services pickle for about
+        # half a second, which would otherwise hold the loop before the first connection. A
         # worker that connects meanwhile gets the whole state first; the changes then repeat
         # what it has, which its mirror publishes as nothing.
         self._outbox.append(self._message(changes))
@@ -147,12 +150,23 @@ class WorkerPool:
             asyncio.get_running_loop().call_soon(self._send)
 
     def _send(self) -> None:
-        messages, self._outbox = self._outbox, []
+        """The next chunk of the oldest message to every connected worker. A message's sync
+        status goes with its last chunk: a worker that is not synced yet opens its listeners
+        only with every Service of the first full state in its index."""
+        kind, changes, node, node_deleted, synced = self._outbox[0]
+        if len(changes) > SEND_CHUNK:
+            self._outbox[0] = (kind, changes[SEND_CHUNK:], node, node_deleted, synced)
+            changes, synced = changes[:SEND_CHUNK], self._told_synced
+        else:
+            self._outbox.pop(0)
+        self._told_synced = synced
         connected = [w for w in self.workers if w.writer is not None]
-        for message in messages if connected else ():
-            data = frame(message)
+        if connected:
+            data = frame((kind, changes, node, node_deleted, synced))
             for w in connected:
                 w.send(data)
+        if self._outbox:
+            asyncio.get_running_loop().call_soon(self._send)
 
     def _on_node(self, before: Node | None, after: Node | None) -> None:
         self._on_changes(())
