@@ -377,7 +377,7 @@ class Proxier:
                 h.cancel()
             return True
         # A Service that can never be served (e.g. SCTP only) does not retry.
-        return all(k in rt.listeners for k in desired)
+        return all(k in rt.listeners for k in rt.desired)
 
     def _update_tables(self, rt: ServiceRuntime, info: ServiceInfo | None,
                        errors: dict[str, str]
@@ -427,6 +427,13 @@ class Proxier:
         release the unused ones after closing. `dns_vips` are addresses wanted for the DNS
         server's own sockets only."""
         key = rt.key
+        wanted_vips = vips_of(desired) | dns_vips
+        # A port without any endpoint gets no socket, while its address stays claimed: the
+        # kernel then refuses connections to it (TCP reset to the SYN, ICMP port unreachable),
+        # as kube-proxy's reject rule for a Service without endpoints does
+        # (pkg/proxy/nftables/proxier.go, "has no endpoints").
+        desired = {k: spec for k, spec in desired.items()
+                   if self._port_endpoints(spec.port_name, spec.family).any}
         close, open_ = diff_listeners({k: li.spec for k, li in rt.listeners.items()}, desired)
         for k in close:
             if k in desired and (table := self.tables.get(
@@ -437,7 +444,6 @@ class Proxier:
             if self._owners.get(k) == key:
                 del self._owners[k]
             log.info("listener closed", service=str(key), address=str(k))
-        wanted_vips = vips_of(desired) | dns_vips
         for ip in rt.vips - wanted_vips:
             await self._release_vip(ip, key)
         for ip in wanted_vips - rt.vips:
