@@ -9,9 +9,7 @@ tests/peers/build.sh with the sig-network tests; it runs every `[sig-network] ..
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import pytest
 
 from tests.netns import require_root
 from tests.peers.cluster import Peers, PeersMissing
+from tests.peers.e2e import e2e_binary, run_e2e, spec_name
 from tests.peers.node import Cluster, install_kubeshim
 
 pytestmark = [pytest.mark.e2e, pytest.mark.peers, pytest.mark.timeout(3600)]
@@ -35,7 +34,7 @@ def _missing(message: str) -> None:
 
 @pytest.fixture(scope="module")
 def e2e_test() -> Path:
-    binary = Peers.find().kube_proxy.parent / "e2e.test"
+    binary = e2e_binary()
     if not os.access(binary, os.X_OK):
         _missing(f"{binary} missing: run tests/peers/build.sh")
     return binary
@@ -59,46 +58,17 @@ def kubeshim_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
         assert cluster.stop() == []
 
 
-def _specs(report: Path) -> list[dict[str, Any]]:
-    suites = json.loads(report.read_text())
-    return [s for suite in suites for s in suite.get("SpecReports") or []
-            if s.get("LeafNodeType") == "It"]
-
-
-def _name(spec: dict[str, Any]) -> str:
-    return " ".join([*spec.get("ContainerHierarchyTexts", []), spec.get("LeafNodeText", "")])
-
-
-def run_e2e(e2e_test: Path, node: Cluster, workdir: Path, focus: str,
-            dry_run: bool = False) -> list[dict[str, Any]]:
-    """Run e2e.test against the node; returns its ginkgo spec reports."""
-    report = workdir / ("dry-run.json" if dry_run else "report.json")
-    kubectl = node.peers.kubectl
-    argv = [
-        str(e2e_test), f"--kubeconfig={node.kubeconfig}", "--provider=skeleton",
-        f"--kubectl-path={kubectl}", f"--report-dir={workdir}",
-        f"--ginkgo.focus={focus}", f"--ginkgo.json-report={report}", "--ginkgo.no-color",
-        "--ginkgo.timeout=55m", "--ginkgo.v",
-    ]
-    if dry_run:
-        argv.append("--ginkgo.dry-run")
-    env = {**os.environ, "PATH": f"{kubectl.parent}:{os.environ.get('PATH', '')}"}
-    with open(workdir / ("dry-run.log" if dry_run else "e2e.log"), "wb") as log:
-        subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=3500,
-                       check=False)
-    assert report.exists(), (workdir / "e2e.log").read_text(errors="replace")[-3000:]
-    return _specs(report)
-
-
 def test_sig_network_conformance(e2e_test: Path, kubeshim_node: Cluster,
                                  tmp_path: Path) -> None:
-    planned = [s for s in run_e2e(e2e_test, kubeshim_node, tmp_path, FOCUS, dry_run=True)
-               if s["State"] != "skipped"]
+    def run(dry_run: bool = False) -> list[dict[str, Any]]:
+        return run_e2e(e2e_test, kubeshim_node.kubeconfig, kubeshim_node.peers.kubectl,
+                       tmp_path, FOCUS, dry_run=dry_run)
+
+    planned = [s for s in run(dry_run=True) if s["State"] != "skipped"]
     assert len(planned) >= 40, f"the focus selects only {len(planned)} tests"
-    names = {_name(s) for s in planned}
+    names = {spec_name(s) for s in planned}
     # Specs the focus leaves out are reported as skipped too: keep the planned ones.
-    states = {_name(s): s["State"] for s in run_e2e(e2e_test, kubeshim_node, tmp_path, FOCUS)
-              if _name(s) in names}
+    states = {spec_name(s): s["State"] for s in run() if spec_name(s) in names}
     failed = {name: state for name, state in states.items() if state != "passed"}
     print(f"sig-network conformance: {len(states) - len(failed)} of {len(names)} passed")
     assert failed == {}, "\n".join(f"{state}: {name}" for name, state in failed.items())
