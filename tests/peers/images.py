@@ -228,13 +228,16 @@ class Builder:
 
     def agnhost_layer(self, rootfs: Path) -> Path:
         """What agnhost's own Dockerfile adds to its base: the binary (also as agnhost-2),
-        porter's serving certificate, /uploads, and the user and group the image defines."""
-        if not os.access(self.agnhost, os.X_OK):
-            raise RuntimeError(f"{self.agnhost} missing: run tests/peers/build.sh")
+        CoreDNS as /coredns (the DNS tests' own name server pods run it), porter's serving
+        certificate, /uploads, and the user and group the image defines."""
+        coredns = self.peers.coredns
+        for binary in (self.agnhost, coredns):
+            if not os.access(binary, os.X_OK):
+                raise RuntimeError(f"{binary} missing: run tests/peers/build.sh")
         certs = {n: self.agnhost.parent / f"agnhost-{n}"
                  for n in ("localhost.crt", "localhost.key")}
-        key = _digest(_sha256(self.agnhost).encode(), rootfs.parent.name.encode(),
-                      *(p.read_bytes() for p in certs.values()))
+        key = _digest(_sha256(self.agnhost).encode(), _sha256(coredns).encode(),
+                      rootfs.parent.name.encode(), *(p.read_bytes() for p in certs.values()))
         layer = self.cache / f"agnhost-{key}.tar"
         if layer.exists():
             return layer
@@ -261,10 +264,11 @@ class Builder:
                 with open(path, "rb") as f:
                     tar.addfile(info, f)
             tar.addfile(entry("uploads", tarfile.DIRTYPE, 0o755))
-            info = entry("agnhost", mode=0o755)
-            info.size = self.agnhost.stat().st_size
-            with open(self.agnhost, "rb") as f:
-                tar.addfile(info, f)
+            for name, binary in (("agnhost", self.agnhost), ("coredns", coredns)):
+                info = entry(name, mode=0o755)
+                info.size = binary.stat().st_size
+                with open(binary, "rb") as f:
+                    tar.addfile(info, f)
             link = entry("agnhost-2", tarfile.SYMTYPE, 0o777)
             link.linkname = "agnhost"
             tar.addfile(link)
