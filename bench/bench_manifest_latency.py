@@ -8,7 +8,8 @@ Services, one file each (a Service and its EndpointSlice), in front of two loopb
 that answer their name. Then, repeatedly, one Service's file is rewritten the way editors and
 `kubectl get -o yaml > f` pipelines do (written beside it, renamed into place) to point at the
 other backend, and the time from the rename to the first new connection answered by the new
-backend is measured (the client connects in a tight loop). Prints p50/p99/max per size, and
+backend is measured (the client connects in a tight loop), once the daemon is idle after
+start-up (its CPU time stands still for a second). Prints p50/p99/max per size, and
 with --poll the same with the folder polled (inotify disabled) for a side-by-side ratio.
 
 With --baseline CHECKOUT a second daemon runs the code of another checkout of kubeshim (say
@@ -38,6 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_dns import cpu_seconds  # noqa: E402
 from kubeshim.proxy.vip import LoopbackMapper  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 from tests.proxy_helpers import name_server  # noqa: E402
@@ -138,6 +140,19 @@ class Daemon:
         self.times.append((time.perf_counter() - t0, n))
         self.current[i] = target
 
+    async def settled(self, timeout: float = 60.0) -> float:
+        """Wait until the daemon is idle (start-up work such as the first collection of the
+        whole state can outlast the first answer); returns the seconds waited."""
+        assert self.proc is not None
+        start, last_cpu = time.monotonic(), cpu_seconds(self.proc.pid)
+        quiet = 0
+        while quiet < 4 and time.monotonic() - start < timeout:
+            await asyncio.sleep(0.25)
+            now_cpu = cpu_seconds(self.proc.pid)
+            quiet = quiet + 1 if now_cpu - last_cpu < 0.01 else 0  # < 4% of a CPU
+            last_cpu = now_cpu
+        return time.monotonic() - start
+
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGTERM)
@@ -155,7 +170,8 @@ async def run_size(services: int, changes: int, poll: bool,
                 d.start()
             for name, d in daemons:
                 print(f"  {services} services served after {await d.served():.1f} s ({name})")
-            await asyncio.sleep(1.0)
+            for name, d in daemons:
+                print(f"  {name} idle {await d.settled():.1f} s later")
             for n in range(changes):
                 # Alternate which daemon goes first, so neither always follows the other.
                 for _, d in daemons if n % 2 == 0 else daemons[::-1]:
