@@ -26,6 +26,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +57,23 @@ def node(zone: str) -> Node:
 
 def zoned(ep: dict[str, object]) -> dict[str, object]:
     return {**ep, "zone": "zone-0", "hints": {"forZones": [{"name": "zone-0"}]}}
+
+
+PORTS = [{"name": "http", "port": 8080}]
+EPORTS = [{"name": "http", "port": BACKEND_PORT}]
+
+
+def load(state: ClusterState, services: int,
+         endpoints: Callable[[int], list[dict[str, object]]]) -> tuple[list[str], list[str]]:
+    """N ClusterIP Services (10.100.0.1 up) with the endpoints `endpoints(i)` gives Service i;
+    returns their names and ClusterIPs."""
+    base = int(ipaddress.IPv4Address("10.100.0.0"))
+    names = [f"svc-{i}" for i in range(services)]
+    ips = [str(ipaddress.IPv4Address(base + 1 + i)) for i in range(services)]
+    state.replace("Service", [service(n, ip, PORTS) for n, ip in zip(names, ips, strict=True)])
+    state.replace("EndpointSlice", [endpoint_slice(n, endpoints(i), EPORTS)
+                                    for i, n in enumerate(names)])
+    return names, ips
 
 
 async def settled(proxier: Proxier, poll: float = 0.05) -> None:
@@ -89,17 +107,9 @@ async def main(argv: list[str] | None = None) -> None:
                                          node_name=NODE),
                       registry=CollectorRegistry())
     await proxier.start()
-    base = int(ipaddress.IPv4Address("10.100.0.0"))
-    ports = [{"name": "http", "port": 8080}]
-    eports = [{"name": "http", "port": BACKEND_PORT}]
-    names = [f"svc-{i}" for i in range(a.services)]
-    ips = [str(ipaddress.IPv4Address(base + 1 + i)) for i in range(a.services)]
     t0 = time.monotonic()
-    state.replace("Service", [service(n, ip, ports) for n, ip in zip(names, ips, strict=True)])
-    state.replace("EndpointSlice", [
-        endpoint_slice(n, [zoned(endpoint(BACKENDS[0])) if i % a.hinted_every == 0
-                           else endpoint(BACKENDS[0])], eports)
-        for i, n in enumerate(names)])
+    names, ips = load(state, a.services, lambda i: [
+        zoned(endpoint(BACKENDS[0])) if i % a.hinted_every == 0 else endpoint(BACKENDS[0])])
     await settled(proxier)
     initial = time.monotonic() - t0
     print(f"initial sync of {a.services} services: {initial:.2f}s "
@@ -117,7 +127,7 @@ async def main(argv: list[str] | None = None) -> None:
         target = BACKENDS[1] if current.internal[0].ip == BACKENDS[0] else BACKENDS[0]
         start = time.perf_counter()
         state.apply([WatchEvent(EventType.MODIFIED,
-                                endpoint_slice(names[k], [endpoint(target)], eports))])
+                                endpoint_slice(names[k], [endpoint(target)], EPORTS))])
         while current.internal[0].ip != target:
             await asyncio.sleep(0)
         sync_times.append(time.perf_counter() - start)
@@ -157,15 +167,8 @@ async def flips(a: argparse.Namespace) -> None:
     await proxier.start()
     capture = proxier.capture
     assert capture is not None, "tproxy capture unavailable"
-    base = int(ipaddress.IPv4Address("10.100.0.0"))
-    ports = [{"name": "http", "port": 8080}]
-    eports = [{"name": "http", "port": BACKEND_PORT}]
-    names = [f"svc-{i}" for i in range(a.services)]
-    ips = [str(ipaddress.IPv4Address(base + 1 + i)) for i in range(a.services)]
     t0 = time.monotonic()
-    state.replace("Service", [service(n, ip, ports) for n, ip in zip(names, ips, strict=True)])
-    state.replace("EndpointSlice", [endpoint_slice(n, [endpoint(POD_IP)], eports)
-                                    for n in names])
+    names, ips = load(state, a.services, lambda i: [endpoint(POD_IP)])
     await settled(proxier)
     print(f"initial sync of {a.services} services: {time.monotonic() - t0:.2f}s "
           f"({len(capture.store)} table elements, {capture.transactions} transactions)")
@@ -181,7 +184,7 @@ async def flips(a: argparse.Namespace) -> None:
         before = capture.transactions
         start = time.perf_counter()
         state.apply([WatchEvent(EventType.MODIFIED, endpoint_slice(
-            names[k], [endpoint(POD_IP)] if served[names[k]] else [], eports))])
+            names[k], [endpoint(POD_IP)] if served[names[k]] else [], EPORTS))])
         while capture.transactions == before:
             await asyncio.sleep(0)
         sync_times.append(time.perf_counter() - start)
