@@ -239,13 +239,15 @@ class Ruleset:
             np4 = f"ip daddr {{ {', '.join(v4)} }} " if v4 else None  # type: ignore[assignment]
             np6 = f"ip6 daddr {{ {', '.join(v6)} }} " if v6 else None  # type: ignore[assignment]
         nodeports = []
-        # nftables mode serves no NodePort on localhost (its localhostNodePorts is false).
+        # nftables mode serves no NodePort on localhost (its localhostNodePorts is false). The
+        # port is looked up first (the map's keys): the fib lookup, the costliest match here,
+        # runs only for packets to a NodePort, not for every packet that reaches this rule.
         if np4 is not None:
-            nodeports.append(f"fib daddr type local {np4}ip daddr != 127.0.0.0/8 "
-                             "meta l4proto . th dport vmap @nodeports4")
+            nodeports.append(f"meta l4proto . th dport @nodeports4 {np4}ip daddr != 127.0.0.0/8 "
+                             "fib daddr type local meta l4proto . th dport vmap @nodeports4")
         if np6 is not None:
-            nodeports.append(f"fib daddr type local {np6}ip6 daddr != ::1 "
-                             "meta l4proto . th dport vmap @nodeports6")
+            nodeports.append(f"meta l4proto . th dport @nodeports6 {np6}ip6 daddr != ::1 "
+                             "fib daddr type local meta l4proto . th dport vmap @nodeports6")
         return [
             "chain reject-chain {",
             "  meta l4proto tcp reject with tcp reset",

@@ -180,7 +180,10 @@ def test_full_ruleset_replaces_the_table_and_hooks_what_it_must() -> None:
                          "table inet kubeshim {"]
     assert "elements = { 10.244.0.0/16 }" in text and "elements = { 10.96.0.10 }" in text
     assert "tproxy ip to 127.0.0.1:15001" in text and "tproxy ip6 to [::1]:15001" in text
-    assert "fib daddr type local ip daddr { 192.168.50.0/24 } ip daddr != 127.0.0.0/8" in text
+    # The NodePort's port first, the fib lookup last.
+    assert ("meta l4proto . th dport @nodeports4 ip daddr { 192.168.50.0/24 } "
+            "ip daddr != 127.0.0.0/8 fib daddr type local meta l4proto . th dport vmap "
+            "@nodeports4") in text
     # No IPv6 CIDR in --nodeport-addresses: no IPv6 NodePorts.
     assert "vmap @nodeports6" not in text
     assert "reject with tcp reset" in text
