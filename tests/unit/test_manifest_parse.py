@@ -25,6 +25,12 @@ YAML = Path("m.yaml")
     pytest.param("x: |\n  text\n", [{"x": "text\n"}], id="block-scalar-at-the-end"),
     # The API server's JSON has timestamps as strings; so does a file.
     pytest.param("t: 2024-01-01T00:00:00Z\n", [{"t": "2024-01-01T00:00:00Z"}], id="timestamp"),
+    # Documents are parsed one at a time, split where a line starts with `---`; indented in
+    # a block scalar it is content.
+    pytest.param("a: |\n  ---\n  x\n---\nb: 1\n", [{"a": "---\nx\n"}, {"b": 1}],
+                 id="marker-inside-a-block-scalar"),
+    pytest.param("--- |\n  text\n--- # c\nb: 1\n", ["text\n", {"b": 1}], id="content-after-marker"),
+    pytest.param("%YAML 1.2\n---\na: 1\n", [{"a": 1}], id="directive"),
 ])
 def test_documents(text: str, docs: list[Any]) -> None:
     assert parse_documents(YAML, text.encode()) == docs
@@ -35,6 +41,8 @@ def test_documents(text: str, docs: list[Any]) -> None:
     # kubectl refuses a mapping with a key twice, rather than picking one of them.
     pytest.param("metadata:\n  name: a\n  name: b\n", "duplicate", id="duplicate-key"),
     pytest.param("a: \xff\n", "utf-8", id="not-utf-8"),
+    # The error names the line in the file, not in the document.
+    pytest.param("a: 1\n---\nb: [\n", "line 3", id="error-in-a-later-document"),
 ])
 def test_errors(text: str, reason: str) -> None:
     with pytest.raises(ParseError, match=reason):
