@@ -2,11 +2,11 @@
 
 Shaped like kube-proxy's syncProxyRules: state changes only accumulate in the change tracker
 (proxy/changes.py); a sync soon after (coalesced) returns early until the state is synced, then
-drains the tracker and, for those Services only: updates their port tables (endpoints,
-balancing), computes their desired listeners, applies the difference (VIPs, sockets), schedules
-a retry for what failed, and does housekeeping (UDP flows of endpoints that went away, the
-health-check nodePorts of the same changes). An endpoint change touches one port table and no
-socket.
+drains the tracker, hands the same changes to the health-check nodePorts, and, for those
+Services only: updates their port tables (endpoints, balancing), computes their desired
+listeners, applies the difference (VIPs, sockets), schedules a retry for what failed, and does
+housekeeping (UDP flows of endpoints that went away). An endpoint change touches one port table
+and no socket.
 """
 
 from __future__ import annotations
@@ -279,6 +279,10 @@ class Proxier:
             return
         start = time.monotonic()
         dirty = self.changes.take()
+        if self.service_health is not None:
+            # The health-check nodePorts follow the same changes (kube-proxy feeds its
+            # serviceHealthServer from the sync too); first, so no failure below skips them.
+            self.service_health.update((p.key, p.current) for p in dirty.values())
         bulk = len(dirty) >= BULK_SERVICES
         with gc_paused(freeze=True) if bulk else contextlib.nullcontext():
             await self._apply_changes(dirty, start)
@@ -319,9 +323,6 @@ class Proxier:
             now = time.monotonic()
             for pending in dirty.values():
                 self.metrics.network_programming.observe(now - pending.queued)
-        if self.service_health is not None:
-            # Housekeeping: the health-check nodePorts follow the same applied changes.
-            self.service_health.update((p.key, p.current) for p in dirty.values())
         end = time.monotonic()
         self.metrics.sync_duration.observe(end - start)
         self.metrics.last_sync.set(time.time())
