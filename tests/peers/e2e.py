@@ -117,13 +117,22 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cell(spec: dict[str, Any] | None) -> str:
+    """A state; a skip gives the test's own reason (e.g. it needs two nodes)."""
+    if spec is None:
+        return "not run"
+    if spec["state"] == "skipped" and spec["failure"]:
+        return f"skipped: {spec['failure'].splitlines()[0]}"
+    return str(spec["state"])
+
+
 def _table(args: argparse.Namespace) -> int:
     base = json.loads((Path(args.baseline) / "summary.json").read_text())["specs"]
     shim = json.loads((Path(args.kubeshim) / "summary.json").read_text())["specs"]
     print("| test | kube-proxy + CoreDNS | kubeshim |")
     print("| --- | --- | --- |")
     for name in sorted(set(base) | set(shim)):
-        cells = [(d.get(name) or {}).get("state", "not run") for d in (base, shim)]
+        cells = [_cell(d.get(name)) for d in (base, shim)]
         print(f"| {name.removeprefix('[sig-network] ')} | {cells[0]} | {cells[1]} |")
     return 0
 
