@@ -35,6 +35,15 @@ table ip dnscapture {{
 """
 
 
+def wait_resolving(pod: Netns, log_path: Path, timeout: float = 20) -> None:
+    """Until the pod's resolver (glibc, its resolv.conf) gets the web Service; the daemon's log
+    on failure."""
+    deadline = time.monotonic() + timeout
+    while pod.run(["getent", "hosts", "web"], check=False).returncode != 0:
+        assert time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Netns]]:
     for tool in ("nft", "getent", "dig"):
@@ -69,15 +78,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Netns]]
                  "--metrics-bind-address", ""],
                 cwd=ROOT, stderr=log_file,
             )
-        try:
-            node.wait_port(KUBE_DNS, 53, "udp", timeout=20)
-            deadline = time.monotonic() + 15
-            while pod.run(["getent", "hosts", "web"], check=False).returncode != 0:
-                assert time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.2)
-        except (TimeoutError, AssertionError):
-            print(log_path.read_text())
-            raise
+        node.wait_port(KUBE_DNS, 53, "udp", timeout=20)
+        wait_resolving(pod, log_path)
         yield lab, pod
         daemon.terminate()
         daemon.wait(15)
@@ -146,14 +148,7 @@ def interface_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[La
                  "--upstream", "127.0.0.1:9", "--healthz-bind-address", "",
                  "--metrics-bind-address", ""],
                 cwd=ROOT, stderr=log_file)
-        try:
-            deadline = time.monotonic() + 20
-            while pod.run(["getent", "hosts", "web"], check=False).returncode != 0:
-                assert time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.2)
-        except AssertionError:
-            print(log_path.read_text())
-            raise
+        wait_resolving(pod, log_path)
         yield lab, outsider
         daemon.terminate()
         daemon.wait(15)
