@@ -57,8 +57,6 @@ from kubeshim.proxy.udp import (
     READ_BATCH,
     Flow,
     FlowTable,
-    have_sockets,
-    no_socket,
 )
 
 log = get_logger("proxy")
@@ -380,9 +378,9 @@ class CaptureUdp(FlowTable):
         try:
             down = socket.socket(family, socket.SOCK_DGRAM)
         except OSError as e:
-            no_socket(table, self.budget, client[0], e)
+            self.no_socket(table, client[0], e)
             return None
-        have_sockets(table)
+        self.have_sockets(table)
         up: socket.socket | None = None
         try:
             down.setblocking(False)
@@ -394,11 +392,7 @@ class CaptureUdp(FlowTable):
             up = self.capture.outbound(socket.SOCK_DGRAM, client[0], ep, target.external, table)
             up.connect((ep.ip, ep.port))
         except OSError:
-            for sock in (down, up):
-                if sock is not None:
-                    sock.close()
-            self.budget.release(client[0])
-            table.counters.error(UDP_SEND_FAILED)
+            self.not_connected(table, client[0], down, up)
             return None
         flow = CapturedFlow(self, key, table, ep, down, up)
         self.start(flow)

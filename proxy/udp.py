@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from typing import Any
 
 from kubeshim.cluster import handover
@@ -47,46 +47,6 @@ class _Episode:
 
 
 _no_socket = _Episode()
-
-
-# --- the steps every new UDP flow takes, here and in tproxy mode (proxy/transparent.py) ----
-
-
-def admit_flow(table: PortTable, client_ip: str, external: bool, flows: Mapping[Any, Any],
-               config: ProxyConfig, budget: Budget, drop: Callable[[Any], None]
-               ) -> EndpointInfo | None:
-    """An endpoint for a new flow from `client_ip`, room in the flow table (the oldest flow is
-    dropped) and the budget's admission; None drops the datagram, counted on the table."""
-    ep = table.pick(client_ip, external)
-    if ep is None:
-        # kube-proxy answers ICMP port unreachable; a user-space socket can only drop.
-        table.counters.error(NO_ENDPOINTS)
-        return None
-    if len(flows) >= config.udp_max_flows:
-        table.counters.error(UDP_FLOW_EVICTED)
-        drop(next(iter(flows.values())))
-    refused = budget.admit(client_ip)
-    if refused is not None:
-        table.counters.error(refused)  # dropped, counted; the client retries or times out
-        return None
-    return ep
-
-
-def no_socket(table: PortTable, budget: Budget, client_ip: str, e: OSError) -> None:
-    """A flow that cannot get a socket (out of descriptors or buffers): dropped and counted,
-    said once per episode."""
-    budget.release(client_ip)
-    table.counters.error(UDP_NO_SOCKET)
-    if not _no_socket.reported:
-        _no_socket.reported = True
-        log.error("cannot open a socket for a UDP flow; dropping new flows",
-                  service=str(table.name), reason=e.strerror or str(e), flows=budget.active)
-
-
-def have_sockets(table: PortTable) -> None:
-    if _no_socket.reported:
-        _no_socket.reported = False
-        log.info("UDP flows get sockets again", service=str(table.name))
 
 
 class Flow:
@@ -168,8 +128,46 @@ class FlowTable:
         self.flows: dict[Any, Flow] = {}  # insertion order = age, for eviction
 
     def admit(self, table: PortTable, client_ip: str, external: bool) -> EndpointInfo | None:
-        return admit_flow(table, client_ip, external, self.flows, self.config, self.budget,
-                          self.drop)
+        """An endpoint for a new flow from `client_ip`, room in the table (the oldest flow is
+        dropped) and the budget's admission; None drops the datagram, counted on the table."""
+        ep = table.pick(client_ip, external)
+        if ep is None:
+            # kube-proxy answers ICMP port unreachable; a user-space socket can only drop.
+            table.counters.error(NO_ENDPOINTS)
+            return None
+        if len(self.flows) >= self.config.udp_max_flows:
+            table.counters.error(UDP_FLOW_EVICTED)
+            self.drop(next(iter(self.flows.values())))
+        refused = self.budget.admit(client_ip)
+        if refused is not None:
+            table.counters.error(refused)  # dropped, counted; the client retries or times out
+            return None
+        return ep
+
+    def no_socket(self, table: PortTable, client_ip: str, e: OSError) -> None:
+        """An admitted flow that cannot get a socket (out of descriptors or buffers): dropped
+        and counted, said once per episode (for every listener)."""
+        self.budget.release(client_ip)
+        table.counters.error(UDP_NO_SOCKET)
+        if not _no_socket.reported:
+            _no_socket.reported = True
+            log.error("cannot open a socket for a UDP flow; dropping new flows",
+                      service=str(table.name), reason=e.strerror or str(e),
+                      flows=self.budget.active)
+
+    def have_sockets(self, table: PortTable) -> None:
+        if _no_socket.reported:
+            _no_socket.reported = False
+            log.info("UDP flows get sockets again", service=str(table.name))
+
+    def not_connected(self, table: PortTable, client_ip: str,
+                      *socks: socket.socket | None) -> None:
+        """An admitted flow whose sockets could not be set up: closed, released, counted."""
+        for sock in socks:
+            if sock is not None:
+                sock.close()
+        self.budget.release(client_ip)
+        table.counters.error(UDP_SEND_FAILED)
 
     def start(self, flow: Flow) -> None:
         """An admitted flow with its sockets ready: watch them and start its idle timer."""
@@ -257,16 +255,14 @@ class UdpFrontend(FlowTable, asyncio.DatagramProtocol):
         try:
             sock = socket.socket(socket_family(ep.ip), socket.SOCK_DGRAM)
         except OSError as e:
-            no_socket(table, self.budget, addr[0], e)
+            self.no_socket(table, addr[0], e)
             return None
-        have_sockets(table)
+        self.have_sockets(table)
         sock.setblocking(False)
         try:
             sock.connect((ep.ip, ep.port))
         except OSError:
-            sock.close()
-            self.budget.release(addr[0])
-            table.counters.error(UDP_SEND_FAILED)
+            self.not_connected(table, addr[0], sock)
             return None
         flow = UdpFlow(self, addr, ep, sock)
         self.start(flow)
