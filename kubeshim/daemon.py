@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import os
 import signal
 import socket
@@ -29,7 +30,6 @@ from kubeshim.cluster import handover
 from kubeshim.cluster import log as logs
 from kubeshim.cluster.errors import ConfigError
 from kubeshim.cluster.log import get_logger
-from kubeshim.cluster.netaddr import ip_family
 from kubeshim.cluster.state import ClusterState
 from kubeshim.config import Options
 from kubeshim.limits import raise_nofile
@@ -88,7 +88,7 @@ class Daemon:
         if o.dns_allowed_clients_default:
             # The node itself asking a Service address that is local (interface mode) comes
             # from that very address.
-            own = [f"{h}/{32 if ip_family(h) == 4 else 128}" for h, _ in o.dns.transparent_binds]
+            own = [str(ipaddress.ip_network(h)) for h, _ in o.dns.transparent_binds]
             allowed = ["127.0.0.0/8", "::1/128", *o.proxy.cluster_cidrs, *node_networks(), *own]
         # A copy with what start found (validated again, as DNSConfig checks itself).
         config = replace(o.dns, allowed_clients=allowed,
@@ -380,7 +380,6 @@ def node_networks() -> list[str]:
     """The networks of this node's own addresses (`ip -j address`), e.g. 10.244.0.0/24 for
     10.244.0.1/24 on a bridge: clients there are the node and its neighbours. Loopback and
     link-local IPv6 are left out; empty when `ip` cannot be run."""
-    import ipaddress
     import json
     import subprocess
 
