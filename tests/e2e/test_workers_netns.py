@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -106,34 +107,43 @@ def test_dns_is_served_by_every_process(cluster: Cluster) -> None:
     assert workers(c)[0]["restarts"] == 0
 
 
+class Holder:
+    """The client holding `count` keep-alive connections to the web Service open (HOLDER):
+    `ask()` sends one request on each and returns each one's answer."""
+
+    def __init__(self, c: Cluster, count: int) -> None:
+        self.proc = c.client.popen([sys.executable, "-c", HOLDER, VIP, str(count)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(self) -> list[str]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())  # type: ignore[no-any-return]
+
+    def __enter__(self) -> Holder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
 def test_open_connections_are_summed_across_processes(cluster: Cluster) -> None:
     c = cluster
-    holder = c.client.popen([sys.executable, "-c", HOLDER, VIP, "24"], stdin=-1, stdout=-1,
-                            text=True)
-    try:
-        assert holder.stdin is not None and holder.stdout is not None
-        holder.stdin.write("go\n")
-        holder.stdin.flush()
-        assert set(json.loads(holder.stdout.readline())) <= {"pod-a", "pod-b"}
+    with Holder(c, 24) as holder:
+        assert set(holder.ask()) <= {"pod-a", "pod-b"}
         c.wait(lambda: c.status()["connections"] == 24 and
                sum(e["active"] for e in c.port_status("web")["endpoints"]) == 24,
                "24 open connections in status", 5)
-    finally:
-        holder.kill()
-        holder.wait()
     c.wait(lambda: c.status()["connections"] == 0, "the connections closed in status", 5)
 
 
 def test_a_killed_worker_restarts_and_the_other_process_keeps_its_connections(
         cluster: Cluster) -> None:
     c = cluster
-    holder = c.client.popen([sys.executable, "-c", HOLDER, VIP, "32"], stdin=-1, stdout=-1,
-                            text=True)
-    try:
-        assert holder.stdin is not None and holder.stdout is not None
-        holder.stdin.write("go\n")
-        holder.stdin.flush()
-        first = json.loads(holder.stdout.readline())
+    with Holder(c, 32) as holder:
+        first = holder.ask()
         assert set(first) <= {"pod-a", "pod-b"}, first
         c.wait(lambda: workers(c)[0]["connections"] is not None and
                c.status()["connections"] == 32, "32 connections reported", 5)
@@ -142,15 +152,10 @@ def test_a_killed_worker_restarts_and_the_other_process_keeps_its_connections(
         os.kill(old_pid, signal.SIGKILL)
         # The worker's connections die with it; the control process's carry on.
         time.sleep(0.5)
-        holder.stdin.write("again\n")
-        holder.stdin.flush()
-        second = json.loads(holder.stdout.readline())
+        second = holder.ask()
         alive = [a for a in second if a in ("pod-a", "pod-b")]
         assert len(alive) == 32 - in_worker, (in_worker, second)
         assert alive, "every connection was on the killed worker (2^-32)"
-    finally:
-        holder.kill()
-        holder.wait()
     wait_until(lambda: workers(c)[0]["pid"] not in (None, old_pid) and
                workers(c)[0]["served"] is not None, "the worker restarted", 15, (KeyError,))
     assert workers(c)[0]["restarts"] == 1
