@@ -225,7 +225,7 @@ class DNSServer:
             self.metrics.rcodes[RCODE.REFUSED] += 1
             return error_reply(data[0] << 8 | data[1], data[2] << 8 | data[3], RCODE.REFUSED)
         out = self.handler.answer(data, tcp)
-        if tcp or type(out) is not bytes:
+        if tcp or type(out) is not bytes or not gate.limiting:
             return out
         return self._limited(data, out, client)
 
