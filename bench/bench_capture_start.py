@@ -1,19 +1,25 @@
 """Time from start to the first proxied connection with many Services, per root VIP mode.
 
     python -m bench.bench_capture_start [--services 10000] [--modes tproxy,interface]
+        [--workers 1,2] [--baseline OTHER_CHECKOUT] [--rounds N] [--manifests DIR]
 
 As root, in a network namespace of its own (bench/lab.py): N ClusterIP Services with 10
 endpoints each from a manifest folder, plus one probe Service whose endpoint is a local
-backend. For each mode, kubeshim starts on that folder and the clock runs until an HTTP
-request through the probe's ClusterIP is answered (the probe is listed last, so it is among the
-last to be served). Prints seconds per mode, and the CPU seconds kubeshim used until then; both
-run in the same namespace one after the other.
+backend. For each mode and worker count, kubeshim starts on that folder and the clock runs
+until an HTTP request through the probe's ClusterIP is answered (the probe is listed last, so
+it is among the last to be served). Prints seconds per run, and the CPU seconds kubeshim used
+until then (its processes, live and ended); all run in the same namespace one after the other.
+With --baseline, the kubeshim of another checkout runs too, alternating with this one in each
+round, so both see the same machine. --manifests keeps the generated folder there and reuses
+it on the next run with the same --services (writing it takes about a minute at 10k).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -35,49 +41,86 @@ def answered(ip: str, port: int) -> bool:
     return False
 
 
+def write_folder(folder: Path, services: int) -> None:
+    """The N Services and the probe, in files of 2,000 objects (the manifest source caps the
+    size of one file); kept as is when a previous run wrote the same count there."""
+    stamp = folder / ".services"
+    if stamp.exists() and stamp.read_text() == str(services):
+        return
+    if folder.exists():
+        shutil.rmtree(folder)
+    objects = scale_objects(services)
+    objects += [service("probe", PROBE_IP, [("http", 80, "TCP")]),
+                endpoint_slice("probe", [POD_IP], [("http", BACKEND_PORT, "TCP")])]
+    for n in range(0, len(objects), 2000):
+        write_manifests(folder / f"part-{n // 2000:03d}", objects[n:n + 2000])
+    for part in sorted(folder.glob("part-*")):
+        (part / "bench.yaml").rename(folder / f"{part.name}.yaml")
+        part.rmdir()
+    stamp.write_text(str(services))  # a dotfile: the manifest source skips it
+
+
+def first_connection(lab: Lab, tree: Path, folder: Path, mode: str, workers: int,
+                     name: str) -> tuple[float, float] | None:
+    """(seconds, CPU seconds) from the start of `tree`'s kubeshim to the probe's answer."""
+    start = time.monotonic()
+    proc = lab.start(name, [
+        PYTHON, "-m", "kubeshim", "run", "--manifests", str(folder), "--vip-mode", mode,
+        "--workers", str(workers), "--no-dns", "--hostname-override", "bench-node",
+        "--healthz-bind-address", "", "--metrics-bind-address", "", "--log-level", "info"],
+        "1", cwd=tree, env={"PYTHONPATH": str(tree)})
+    try:
+        while not answered(PROBE_IP, 80):
+            if not proc.alive():
+                print(f"{name}: kubeshim exited:\n{proc.tail()}")
+                return None
+            if time.monotonic() - start > 120:
+                print(f"{name}: no answer within 120 s")
+                return None
+            time.sleep(0.02)
+        return time.monotonic() - start, proc.cpu_seconds(ended_children=True)
+    finally:
+        lab.stop(proc, timeout=30)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--services", type=int, default=10000)
     p.add_argument("--modes", default="tproxy,interface")
+    p.add_argument("--workers", default="1", help="worker counts to run, e.g. 1,2")
+    p.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                   help="another checkout of kubeshim to run alternately, e.g. /work/main")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--manifests", type=Path, metavar="DIR",
+                   help="where to write the manifest folder (kept and reused)")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="ks-capture-start-"))
+    trees = {"this": REPO, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+    folder = args.manifests.resolve() if args.manifests else work / "manifests"
     lab = Lab(work)
     try:
         lab.enter()
-        objects = scale_objects(args.services)
-        objects += [service("probe", PROBE_IP, [("http", 80, "TCP")]),
-                    endpoint_slice("probe", [POD_IP], [("http", BACKEND_PORT, "TCP")])]
-        # Files of 2,000 objects: the manifest source caps the size of one file.
-        for n in range(0, len(objects), 2000):
-            write_manifests(work / "manifests" / f"part-{n // 2000:03d}", objects[n:n + 2000])
-        for part in sorted((work / "manifests").glob("part-*")):
-            (part / "bench.yaml").rename(work / "manifests" / f"{part.name}.yaml")
-            part.rmdir()
+        write_folder(folder, args.services)
         lab.sh("ip route add 10.96.0.0/12 dev lo")  # a node's route towards the Service range
         backend = lab.start("backend", [PYTHON, "-m", "http.server", "--bind", POD_IP,
                                         str(BACKEND_PORT)], "0", cwd=work)
         while not answered(POD_IP, BACKEND_PORT):
             time.sleep(0.05)
-        for mode in args.modes.split(","):
-            start = time.monotonic()
-            proc = lab.start(f"kubeshim-{mode}", [
-                PYTHON, "-m", "kubeshim", "run", "--manifests", str(work / "manifests"),
-                "--vip-mode", mode, "--no-dns", "--hostname-override", "bench-node",
-                "--healthz-bind-address", "", "--metrics-bind-address", "",
-                "--log-level", "info"], "1", cwd=REPO)
-            while not answered(PROBE_IP, 80):
-                if not proc.alive():
-                    print(f"{mode}: kubeshim exited:\n{proc.tail()}")
-                    return 1
-                if time.monotonic() - start > 120:
-                    print(f"{mode}: no answer within 120 s")
-                    break
-                time.sleep(0.02)
-            # Its CPU time too: on a busy machine the wall time mostly measures the others.
-            print(f"{mode}: first connection {time.monotonic() - start:.2f} s after start, "
-                  f"kubeshim CPU {proc.cpu_seconds():.2f} s ({args.services} Services, "
-                  f"{args.services * 10} endpoints)", flush=True)
-            lab.stop(proc, timeout=30)
+        print(f"{args.services} Services, {args.services * 10} endpoints; load average "
+              f"{os.getloadavg()[0]:.2f}", flush=True)
+        for r in range(args.rounds):
+            for mode in args.modes.split(","):
+                for workers in (int(w) for w in args.workers.split(",")):
+                    for label, tree in trees.items():
+                        name = f"{label}-{mode}-w{workers}"
+                        got = first_connection(lab, tree, folder, mode, workers, f"{name}-{r}")
+                        if got is None:
+                            return 1
+                        # Its CPU time too: on a busy machine the wall time mostly measures
+                        # the others.
+                        print(f"round {r + 1} {name}: first connection {got[0]:.2f} s after "
+                              f"start, kubeshim CPU {got[1]:.2f} s (load average "
+                              f"{os.getloadavg()[0]:.2f})", flush=True)
         lab.stop(backend)
     finally:
         lab.close()

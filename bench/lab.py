@@ -66,8 +66,10 @@ class Proc:
             todo.extend(children.get(pid, []))
         return out
 
-    def cpu_seconds(self) -> float:
-        """utime + stime of the process tree, from /proc/<pid>/stat (fields 14 and 15)."""
+    def cpu_seconds(self, ended_children: bool = False) -> float:
+        """utime + stime of the process tree, from /proc/<pid>/stat (fields 14 and 15); with
+        `ended_children`, plus what its children that have ended and were waited for used
+        (cutime + cstime, fields 16 and 17)."""
         total = 0
         for pid in self.tree():
             try:
@@ -75,6 +77,8 @@ class Proc:
             except OSError:
                 continue
             total += int(fields[11]) + int(fields[12])
+            if ended_children:
+                total += int(fields[13]) + int(fields[14])
         return total / CLK_TCK
 
     def rss_bytes(self) -> int:
