@@ -23,6 +23,7 @@ Every failure names the object and the field, like the API server's field errors
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -44,23 +45,39 @@ def _fail(obj: KubeObject, field: str, value: object, reason: str) -> None:
     raise InvalidObject(obj.kind, str(obj.key), f"field {field}: {value!r} {reason}")
 
 
-def _label(obj: KubeObject, field: str, value: str, rfc1035: bool = False) -> None:
-    pattern, what = ((_DNS1035_LABEL, "a DNS-1035 label (lower case letters, digits and '-', "
-                      "starting with a letter)") if rfc1035 else
-                     (_DNS1123_LABEL, "a DNS-1123 label (lower case letters, digits and '-', "
-                      "starting and ending with a letter or digit)"))
+@functools.lru_cache(maxsize=4096)
+def _label_problem(value: str, rfc1035: bool = False) -> str:
+    """Why `value` is no DNS label, or ''. Cached: the same namespaces, port names and node
+    names recur in every object of a folder."""
     if len(value) > LABEL_MAX:
-        _fail(obj, field, value, f"must be no more than {LABEL_MAX} characters")
-    if not pattern.fullmatch(value):
-        _fail(obj, field, value, f"must be {what}")
+        return f"must be no more than {LABEL_MAX} characters"
+    if rfc1035 and not _DNS1035_LABEL.fullmatch(value):
+        return ("must be a DNS-1035 label (lower case letters, digits and '-', starting with a "
+                "letter)")
+    if not rfc1035 and not _DNS1123_LABEL.fullmatch(value):
+        return ("must be a DNS-1123 label (lower case letters, digits and '-', starting and "
+                "ending with a letter or digit)")
+    return ""
+
+
+@functools.lru_cache(maxsize=4096)
+def _subdomain_problem(value: str) -> str:
+    if len(value) > SUBDOMAIN_MAX:
+        return f"must be no more than {SUBDOMAIN_MAX} characters"
+    if not _DNS1123_SUBDOMAIN.fullmatch(value):
+        return ("must be a DNS-1123 subdomain (lower case labels of letters, digits and '-', "
+                "joined by '.')")
+    return ""
+
+
+def _label(obj: KubeObject, field: str, value: str, rfc1035: bool = False) -> None:
+    if reason := _label_problem(value, rfc1035):
+        _fail(obj, field, value, reason)
 
 
 def _subdomain(obj: KubeObject, field: str, value: str) -> None:
-    if len(value) > SUBDOMAIN_MAX:
-        _fail(obj, field, value, f"must be no more than {SUBDOMAIN_MAX} characters")
-    if not _DNS1123_SUBDOMAIN.fullmatch(value):
-        _fail(obj, field, value, "must be a DNS-1123 subdomain (lower case labels of letters, "
-              "digits and '-', joined by '.')")
+    if reason := _subdomain_problem(value):
+        _fail(obj, field, value, reason)
 
 
 def _special(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
@@ -95,6 +112,10 @@ def _special_v4(packed: bytes) -> str:
     return ""
 
 
+# The first bytes of the IPv4 classes _special_v4 refuses.
+_V4_SPECIAL_FIRST = frozenset((0, 127, 169, 224))
+
+
 def _address(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """An address model.validate accepted, parsed by inet_pton (C) rather than ipaddress's
     text parser."""
@@ -102,18 +123,35 @@ def _address(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         socket.AF_INET6 if ":" in value else socket.AF_INET, value))
 
 
-def _non_special(obj: KubeObject, field: str, value: str, loopback: bool = False) -> None:
+def _special_address(value: str, loopback: bool = False) -> str:
+    """Why `value` may not be used (ValidateNonSpecialIP), or ''; loopback allowed on request."""
     if ":" not in value:
         packed = socket.inet_pton(socket.AF_INET, value)
         if (reason := _special_v4(packed)) and not (loopback and packed[0] == 127):
-            _fail(obj, field, value, reason)
-        return
+            return reason
+        return ""
     ip = ipaddress.ip_address(value)
     if (reason := _special(ip)) and not (loopback and ip.is_loopback):
+        return reason
+    return ""
+
+
+def _non_special(obj: KubeObject, field: str, value: str, loopback: bool = False) -> None:
+    if reason := _special_address(value, loopback):
         _fail(obj, field, value, reason)
 
 
+def _private_v4(value: str) -> bool:
+    """In 10/8, 172.16/12 or 192.168/16 (RFC 1918): none of the classes refused below."""
+    if ":" in value:
+        return False
+    a, b = socket.inet_pton(socket.AF_INET, value)[:2]
+    return a == 10 or (a == 172 and 16 <= b < 32) or (a == 192 and b == 168)
+
+
 def _cluster_ip(svc: Service, field: str, value: str, cidrs: ServiceCIDRs | None) -> None:
+    if not cidrs and _private_v4(value):
+        return  # the common case, without ipaddress's slower class properties
     ip = _address(value)
     if cidrs:
         if not any(ip in net for net in cidrs if net.version == ip.version):
@@ -153,8 +191,8 @@ def _validate_service(svc: Service, cidrs: ServiceCIDRs | None) -> None:
     for i, ip in enumerate(spec.external_ips):
         _non_special(svc, f"spec.externalIPs[{i}]", ip)
     for i, port in enumerate(svc.ports):
-        if port.name:
-            _label(svc, f"spec.ports[{i}].name", port.name)
+        if port.name and (reason := _label_problem(port.name)):
+            _fail(svc, f"spec.ports[{i}].name", port.name, reason)
         if isinstance(port.target_port, str):
             _port_name(svc, f"spec.ports[{i}].targetPort", port.target_port)
     if spec.type == "ExternalName":
@@ -173,16 +211,19 @@ def _port_name(obj: KubeObject, field: str, value: str) -> None:
 def _validate_slice(eps: EndpointSlice, loopback: bool) -> None:
     _subdomain(eps, "metadata.name", eps.metadata.name)
     ip_family = eps.address_type in ("IPv4", "IPv6")
+    # The field names only on failure: a folder holds hundreds of thousands of endpoints.
+    v4 = eps.address_type == "IPv4"
     for i, ep in enumerate(eps.endpoints or ()):
         for j, addr in enumerate(ep.addresses):
-            if ip_family:
-                _non_special(eps, f"endpoints[{i}].addresses[{j}]", addr, loopback)
-            else:
-                _subdomain(eps, f"endpoints[{i}].addresses[{j}]", addr)
-        if ep.hostname is not None:
-            _label(eps, f"endpoints[{i}].hostname", ep.hostname)
-        if ep.node_name is not None:
-            _subdomain(eps, f"endpoints[{i}].nodeName", ep.node_name)
+            if v4 and socket.inet_pton(socket.AF_INET, addr)[0] not in _V4_SPECIAL_FIRST:
+                continue  # the common case: no special class starts with this byte
+            if reason := (_special_address(addr, loopback) if ip_family
+                          else _subdomain_problem(addr)):
+                _fail(eps, f"endpoints[{i}].addresses[{j}]", addr, reason)
+        if ep.hostname is not None and (reason := _label_problem(ep.hostname)):
+            _fail(eps, f"endpoints[{i}].hostname", ep.hostname, reason)
+        if ep.node_name is not None and (reason := _subdomain_problem(ep.node_name)):
+            _fail(eps, f"endpoints[{i}].nodeName", ep.node_name, reason)
     for i, port in enumerate(eps.ports or ()):
-        if port.name:
-            _label(eps, f"ports[{i}].name", port.name)
+        if port.name and (reason := _label_problem(port.name)):
+            _fail(eps, f"ports[{i}].name", port.name, reason)
