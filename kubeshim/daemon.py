@@ -169,15 +169,17 @@ class Daemon:
         if o.healthz_bind_default and vip_mode == "loopback":
             # The lab: nothing outside this host probes the node, so do not listen beyond it.
             healthz_address = "127.0.0.1:10256"
-        healthz_app, metrics_app = build_apps(self.health, self.status)
-        for app, address, what in ((healthz_app, healthz_address, "healthz"),
-                                   (metrics_app, o.metrics_bind_address, "metrics")):
-            if address and not worker:  # a worker's control process serves these
-                from kubeshim.config import parse_host_port
+        if (healthz_address or o.metrics_bind_address) and not worker:
+            # A worker's control process serves these.
+            from kubeshim.config import parse_host_port
 
-                host, port = parse_host_port(address)
-                if port and (server := await serve(app, host, port, what)) is not None:
-                    self.ops[what] = server
+            healthz_app, metrics_app = build_apps(self.health, self.status)
+            for app, address, what in ((healthz_app, healthz_address, "healthz"),
+                                       (metrics_app, o.metrics_bind_address, "metrics")):
+                if address:
+                    host, port = parse_host_port(address)
+                    if port and (server := await serve(app, host, port, what)) is not None:
+                        self.ops[what] = server
 
         if o.proxy_enabled:
             self.proxier = self._build_proxier()

@@ -23,14 +23,18 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.exposition import choose_encoder
 
 from kubeshim.cluster import handover
 from kubeshim.cluster.log import get_logger
+
+if TYPE_CHECKING:
+    # Imported where an endpoint is built: aiohttp takes a tenth of a second to import, which
+    # a daemon without ops endpoints (or a worker) need not spend at start.
+    from aiohttp import web
 
 log = get_logger("ops")
 
@@ -40,7 +44,7 @@ HEALTHZ_TOTAL = Counter("kubeproxy_proxy_healthz", "Cumulative proxy healthz HTT
 LIVEZ_TOTAL = Counter("kubeproxy_proxy_livez", "Cumulative proxy livez HTTP status",
                       ["code"], registry=REGISTRY)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[["web.Request"], Awaitable["web.StreamResponse"]]
 
 
 @dataclass
@@ -84,6 +88,8 @@ def go_time(ts: float) -> str:
 
 def health_handler(health: Health, livez: bool) -> Handler:
     """kube-proxy's healthzHandler (livez=False) or livezHandler (livez=True)."""
+    from aiohttp import web
+
     counter = LIVEZ_TOTAL if livez else HEALTHZ_TOTAL
 
     async def handle(_: web.Request) -> web.Response:
@@ -112,12 +118,16 @@ def health_handler(health: Health, livez: bool) -> Handler:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    from aiohttp import web
+
     # The format the scraper asks for (Prometheus text 0.0.4 by default, OpenMetrics on request).
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
     return web.Response(body=encoder(REGISTRY), headers={"Content-Type": content_type})
 
 
 async def _ok(_: web.Request) -> web.Response:
+    from aiohttp import web
+
     return web.Response(text="ok")
 
 
@@ -125,6 +135,8 @@ def build_apps(
     health: Health, status: Callable[[], dict[str, Any]]
 ) -> tuple[web.Application, web.Application]:
     """The healthz app (healthz bind address) and the metrics app (metrics bind address)."""
+    from aiohttp import web
+
     healthz = web.Application()
     healthz.router.add_get("/healthz", health_handler(health, livez=False))
     healthz.router.add_get("/livez", health_handler(health, livez=True))
@@ -249,6 +261,8 @@ class OpsServer:
 
 async def serve(app: web.Application, host: str, port: int, what: str) -> OpsServer | None:
     """Start one HTTP endpoint; a bind failure is logged and the daemon keeps going."""
+    from aiohttp import web
+
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT)
     await runner.setup()
     handler = runner.server

@@ -27,14 +27,17 @@ import json
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-
-from aiohttp import web
-from aiohttp.web_request import BaseRequest
+from typing import TYPE_CHECKING
 
 from kubeshim.cluster import handover
 from kubeshim.cluster.log import get_logger
 from kubeshim.cluster.model import NamespacedName
 from kubeshim.cluster.state import ServiceInfo
+
+if TYPE_CHECKING:
+    # Imported when a health check opens: most nodes start with none to serve.
+    from aiohttp import web
+    from aiohttp.web_request import BaseRequest
 
 log = get_logger("healthcheck")
 
@@ -147,6 +150,8 @@ class ServiceHealthServer:
                 loop.call_later(RETRY_SECONDS, self._reconcile.set)
 
     async def _listen(self, key: NamespacedName, port: int) -> bool:
+        from aiohttp import web
+
         loop = asyncio.get_running_loop()
         server = web.Server(self._handler(key), access_log=None)
         hosts: Sequence[str | None] = self._hosts if self._hosts is not None else [None]
@@ -183,6 +188,8 @@ class ServiceHealthServer:
         return check.local_endpoints if check else 0
 
     def _handler(self, key: NamespacedName) -> Callable[[BaseRequest], Awaitable[web.Response]]:
+        from aiohttp import web
+
         async def handle(_: BaseRequest) -> web.Response:
             count = self._count(key)
             healthy = self.proxy_healthy()
