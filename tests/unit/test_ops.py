@@ -324,3 +324,17 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeo
         assert await request(reader, writer, GET) == 200
         assert await closed_by_server(reader, within=3)
         writer.close()
+
+
+def test_aiohttp_waits_for_an_endpoint() -> None:
+    """The daemon's start-up path imports no HTTP server: without ops endpoints or health-check
+    nodePorts (a worker, --healthz-bind-address "") aiohttp's import is never paid."""
+    import subprocess
+    import sys
+
+    code = ("import sys, kubeshim.daemon, kubeshim.proxy.proxier, "
+            "kubeshim.cluster.sources.manifests; print(sorted({m.split('.')[0] for m in "
+            "sys.modules} & {'aiohttp', 'multidict', 'yarl'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

@@ -53,6 +53,12 @@ def error(kind: str, raw: dict[str, Any], cidrs: Any = None) -> str:
     (endpoint_slice("Web_1"), "metadata.name", "DNS-1123 subdomain"),
     (endpoint_slice("web-1", "0.0.0.0"), "endpoints[0].addresses[0]", "unspecified"),
     (endpoint_slice("web-1", "169.254.1.1"), "endpoints[0].addresses[0]", "link-local"),
+    # The byte-wise checks: the special class is found at any endpoint, not only the first.
+    (endpoint_slice("web-1", "10.244.0.5", "224.0.0.9"), "endpoints[0].addresses[1]",
+     "link-local multicast"),
+    # Just outside RFC 1918's 172.16/12, and shared address space: not private.
+    (service(ip="172.32.0.1"), "spec.clusterIP", "public address"),
+    (service(ip="172.15.255.1"), "spec.clusterIP", "public address"),
     (endpoint_slice("web-1", hostname="a.b"), "endpoints[0].hostname", "DNS-1123 label"),
     (endpoint_slice("web-1", nodeName="Node_1"), "endpoints[0].nodeName", "DNS-1123 subdomain"),
 ])
@@ -84,6 +90,8 @@ def test_service_cidr_membership() -> None:
 
 @pytest.mark.parametrize("raw", [
     service(), service(ip="None"), service(ip="100.64.0.1"), service(ip="fd00::10"),
+    service(ip="172.31.255.1"), service(ip="192.168.0.10"),
+    endpoint_slice("web-1", "169.255.0.1", "27.0.0.1"),  # first bytes of special classes
     service(type="ExternalName", externalName="db.example.com.", ip=""),
     service(ports=[{"name": "http", "port": 80, "targetPort": "http-alt"}]),
     endpoint_slice("web-abc.x1"), endpoint_slice("web-1", hostname="pod-0", nodeName="node-1"),
@@ -91,6 +99,15 @@ def test_service_cidr_membership() -> None:
 def test_accepted(raw: dict[str, Any]) -> None:
     kind = "Service" if "spec" in raw else "EndpointSlice"
     validate_strict(decode(kind, raw))
+
+
+def test_cached_checks_keep_rejecting() -> None:
+    """The name checks are cached: a bad name is refused every time, in any field."""
+    for _ in range(2):
+        assert error("EndpointSlice", endpoint_slice("web-1", nodeName="Node_1")).startswith(
+            "field endpoints[0].nodeName: 'Node_1'")
+        assert error("Service", service(ports=[{"name": "Node_1", "port": 80}])).startswith(
+            "field spec.ports[0].name: 'Node_1'")
 
 
 def test_loopback_endpoints_only_on_request() -> None:
