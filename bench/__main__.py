@@ -206,8 +206,12 @@ def _run_contenders(lab: Lab, args: argparse.Namespace, results: dict[str, Any],
         if ks is not None:
             proxies.append(ks)
         both = f"{ld},{sub}"  # two-process contenders: both CPUs, shared with the load
-        starts = [("kubeshim-tproxy", lambda: cs.kubeshim_tproxy(lab, sub)),
-                  ("kubeshim-tproxy-w2", lambda: cs.kubeshim_tproxy(lab, both, 2)),
+        # Two kubeshim in tproxy mode would own one nftables table, route and capture port:
+        # they take turns (each runs only for its own samples).
+        tproxies: list[cs.Contender] = []
+        starts = [("kubeshim-tproxy", lambda: cs.kubeshim_tproxy(lab, sub, group=tproxies)),
+                  ("kubeshim-tproxy-w2",
+                   lambda: cs.kubeshim_tproxy(lab, both, 2, group=tproxies)),
                   ("kubeshim-interface", lambda: cs.kubeshim_interface(lab, sub)),
                   ("haproxy", lambda: cs.haproxy(lab, sub, splice=False)),
                   ("haproxy-t2", lambda: cs.haproxy(lab, both, splice=False, threads=2)),
@@ -229,11 +233,12 @@ def _run_contenders(lab: Lab, args: argparse.Namespace, results: dict[str, Any],
                 log(f"{name} did not start: {str(e).splitlines()[0]}")
         for c in proxies:
             results["contenders"][c.name] = {"note": c.note, "targets": c.targets,
-                                             "cpu": c.proc.cpu if c.proc else "kernel"}
+                                             "cpu": c.proc.cpu if c.proc else (c.cpu or "kernel")}
         log(f"proxy scenarios: {', '.join(c.name for c in proxies)}")
         proxy_scenarios(proxies, s, udp_q, results["samples"], results["errors"])
         tproxy = next((c for c in proxies if c.name == "kubeshim-tproxy"), None)
         if "profile" in args.only and tproxy is not None:
+            tproxy.activate()
             from .profile import profile_kubeshim
 
             log("profiling kubeshim --vip-mode tproxy under load (py-spy)")

@@ -12,6 +12,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,24 @@ class Contender:
     cpus: str | None = None
     load_cpus: str | None = None
     forwards: bool = True  # a DNS contender that forwards other names (authoritative: no)
+    # Contenders that cannot run side by side (two kubeshim in tproxy mode own the same
+    # nftables table, policy route and capture port): `start` brings this one up, and
+    # `activate()` stops the other members of `exclusive` first.
+    start: Callable[[], Proc] | None = None
+    exclusive: list[Contender] | None = None
+    stop: Callable[[Proc], None] | None = None
+    cpu: str | None = None  # where `start` pins it
+
+    def activate(self) -> None:
+        """Make this contender the one of its exclusive group that runs (a no-op otherwise)."""
+        if self.start is None or self.stop is None:
+            return
+        for other in self.exclusive or ():
+            if other is not self and other.proc is not None:
+                self.stop(other.proc)
+                other.proc = None
+        if self.proc is None or not self.proc.alive():
+            self.proc = self.start()
 
 
 # --- backends ----------------------------------------------------------------------------------
@@ -301,10 +320,12 @@ def kubeshim_interface(lab: Lab, cpu: str) -> Contender:
                      "--vip-mode interface, one process, proxy only (--no-dns)")
 
 
-def kubeshim_tproxy(lab: Lab, cpu: str, workers: int = 1) -> Contender:
+def kubeshim_tproxy(lab: Lab, cpu: str, workers: int = 1,
+                    group: list[Contender] | None = None) -> Contender:
     """kubeshim in its default root mode: the nftables TPROXY table hands the Service tuples to
     one transparent listener per protocol and family. Proxy only, its own ClusterIPs (outside
-    kube-proxy's service CIDR, so both tables can live in the namespace)."""
+    kube-proxy's service CIDR, so both tables can live in the namespace). Contenders sharing
+    `group` run one at a time: each is (re)started for its samples (Contender.activate)."""
     name = "kubeshim-tproxy" + (f"-w{workers}" if workers != 1 else "")
     manifests = lab.workdir / f"manifests-{name}"
     objects = data_plane_objects()
@@ -323,15 +344,25 @@ def kubeshim_tproxy(lab: Lab, cpu: str, workers: int = 1) -> Contender:
         "--healthz-bind-address", "", "--metrics-bind-address", "",
         "--log-level", "warning", "--workers", str(workers),
     ]
-    proc = lab.start(name, argv, cpu, cwd=REPO)
     targets = {svc: (ip.replace(*TPROXY_NET, 1), port)
                for svc, (ip, port, _, _) in DATA_SERVICES.items()}
-    wait_tcp(*targets["http"], proc=proc, timeout=30)
-    time.sleep(2.0)  # the workers join the listeners once they have the state
+
+    def start() -> Proc:
+        proc = lab.start(name, argv, cpu, cwd=REPO)
+        wait_tcp(*targets["http"], proc=proc, timeout=30)
+        time.sleep(2.0)  # the workers join the listeners once they have the state
+        return proc
+
     two = cpu if workers > 1 else None
-    return Contender(name, proc, targets,
-                     f"--vip-mode tproxy, {workers} worker process(es), proxy only (--no-dns)",
-                     cpus=two, load_cpus=two)
+    c = Contender(name, None, targets,
+                  f"--vip-mode tproxy, {workers} worker process(es), proxy only (--no-dns)",
+                  cpus=two, load_cpus=two, start=start, stop=lab.stop)
+    c.cpu = cpu
+    if group is not None:
+        c.exclusive = group
+        group.append(c)
+    c.activate()
+    return c
 
 
 def kubeshim_dns_only(lab: Lab, cpu: str, records: DNSRecords, workers: int) -> Contender:

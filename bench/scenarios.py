@@ -132,6 +132,7 @@ def proxy_scenarios(contenders: list[Contender], s: Settings, udp_queries: Path,
                     continue
                 key = f"{scenario}/{c.name}"
                 try:
+                    c.activate()
                     fig = _measure(c, lambda c=c, fn=fn: fn(c), c.cpus or s.subject_cpu,  # type: ignore[misc]
                                    c.load_cpus or s.load_cpu)
                 except BenchError as e:
