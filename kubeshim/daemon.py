@@ -40,6 +40,9 @@ from kubeshim.workers import ControlLink, WorkerPool, default_workers
 
 log = get_logger("daemon")
 
+# How soon the collect-and-freeze after the first sync looks again while bulk work runs.
+BULK_RECHECK = 0.05
+
 
 class Daemon:
     def __init__(self, opts: Options, reload: Callable[[], Options] | None = None,
@@ -374,6 +377,12 @@ def _changed(old: Options, new: Options) -> list[str]:
 
 
 def _collect_and_freeze() -> None:
+    if not gc.isenabled():
+        # Bulk work is under way (the proxy's first sync, paused at its transaction): a
+        # collection now would walk everything it built so far, on the way to serving. Its
+        # end freezes what it built; look again after it.
+        asyncio.get_running_loop().call_later(BULK_RECHECK, _collect_and_freeze)
+        return
     gc.collect()
     gc.freeze()
 
