@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -177,3 +178,35 @@ def test_client_ip_affinity_holds_across_processes(cluster: Cluster) -> None:
     time.sleep(2.5)  # timeoutSeconds: 2, counted from the last new connection
     second = c.curl(*[f"http://{STICKY}/"] * 12)
     assert len(set(second)) == 1 and second[0] != first[0], (first, second)
+
+
+def test_workers_sharing_one_cpu_start_after_the_first_sync(tmp_path: Path) -> None:
+    """Where the processes would share one CPU, the worker starts after the control process's
+    first sync (its start would hold that up) and then takes its share as usual."""
+    with Lab("wr1") as lab:
+        c = Cluster(lab, tmp_path / "manifests")
+        c.add_pod("pod-a")
+        lab.add_host("client")
+        c.bridge_without_netfilter()
+        # Two Services: a first sync of more than one is logged ("synced services").
+        c.put(service("web", VIP, HTTP), endpoint_slice("web", [endpoint(c.ip("pod-a"))],
+                                                        HTTP_EP),
+              service("other", STICKY, HTTP), endpoint_slice("other", [], HTTP_EP))
+        c.wait_pods()
+        mask = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {min(mask)})  # the daemon inherits a single CPU
+        try:
+            with c.running("--vip-mode", "tproxy", "--workers", "2", "--no-dns",
+                           "--hostname-override", "node-1", "--drain-timeout", "1",
+                           ready=lambda: c.status()["workers"]["serving"] == 2,
+                           what="both processes serving"):
+                os.sched_setaffinity(0, mask)
+                log = c.log.read_text()
+                assert "workers starting count=2 cpus=1" in log, log
+                assert log.index("synced services") < log.index("workers starting"), log
+                answers = c.curl(*[f"http://{VIP}/"] * 60)
+                assert answers == ["pod-a"] * 60, answers
+                c.wait(lambda: (workers(c)[0]["served"] or 0) > 0,
+                       "the worker's share of the connections reported", 5)
+        finally:
+            os.sched_setaffinity(0, mask)
