@@ -14,6 +14,15 @@ handed to the transparent listeners, and the verdicts kube-proxy gives in the ke
 - other ports of a ClusterIP are rejected ("cluster-ips-check");
 - LoadBalancer ingress IPs with ipMode Proxy are not captured (KEP-1860).
 
+Captured packets go to the transparent listeners by TPROXY, except those that arrived on a Linux
+bridge: with br_netfilter (net.bridge.bridge-nf-call-iptables=1, what kubeadm requires) the
+prerouting hook runs during the bridge pass (br_nf_pre_routing), where the socket TPROXY assigns is
+orphaned again by ip_rcv_core() and br_netfilter's ip_sabotage_in skips the second pass, so the
+packet would reach the socket lookup with no socket for its Service tuple. Those packets are marked
+and NATed instead (`redirect`, a DNAT to the bridge's own address, as kube-proxy's DNAT works
+there) to the redirect listeners on a port of their own, which the input hook lets reach only
+through that NAT.
+
 `capture_entries` turns a Service into `CaptureEntry`s; `Ruleset` renders the whole table (start)
 or the element changes between two sets of entries (a sync), always as one `nft -f -`
 transaction. Nothing here runs a process or touches a socket.
@@ -36,6 +45,8 @@ CAPTURE_MARK = 0x4B53
 ROUTE_TABLE = 0x4B53
 # SO_MARK of kubeshim's own outbound sockets: never captured again.
 BYPASS_MARK = 0x4B54
+# fwmark of captured packets that arrived on a Linux bridge: NATed to the redirect listeners.
+REDIRECT_MARK = 0x4B55
 
 
 class Verdict(StrEnum):
@@ -145,11 +156,16 @@ def capture_entries(
 
 @dataclass(frozen=True, slots=True)
 class ListenPorts:
-    """Where the transparent listeners are: loopback addresses and one port."""
+    """Where the transparent listeners are (loopback addresses and one port), and the port of
+    the redirect listeners (every address, the next port; reached only through the NAT)."""
 
     port: int
     ipv4: str = "127.0.0.1"
     ipv6: str = "::1"
+
+    @property
+    def redirect(self) -> int:
+        return self.port + 1
 
 
 @dataclass
@@ -232,6 +248,7 @@ class Ruleset:
 
     def _chains(self) -> list[str]:
         m, b, lp = f"0x{CAPTURE_MARK:x}", f"0x{BYPASS_MARK:x}", self.listen
+        r = f"0x{REDIRECT_MARK:x}"
         np4 = np6 = ""
         if self.nodeport_cidrs:
             v4 = [c for c in self.nodeport_cidrs if ip_family(c) == 4]
@@ -254,6 +271,9 @@ class Ruleset:
             "  reject with icmpx port-unreachable",
             "}",
             "chain capture-chain {",
+            # Arrived on a bridge: br_netfilter may be running this hook in the bridge pass,
+            # where TPROXY cannot deliver (the module's docstring); capture-redirect NATs it.
+            f'  meta iifkind "bridge" meta mark set {r} accept',
             f"  meta mark set {m}",
             f"  meta l4proto tcp tproxy ip to {lp.ipv4}:{lp.port} accept",
             f"  meta l4proto udp tproxy ip to {lp.ipv4}:{lp.port} accept",
@@ -282,6 +302,21 @@ class Ruleset:
             *(f"  {r}" for r in nodeports),
             "  ip daddr @cluster-ips4 goto reject-chain",
             "  ip6 daddr @cluster-ips6 goto reject-chain",
+            "}",
+            # After the verdicts (priority mangle), before routing: bridged captured packets
+            # to the redirect listeners; conntrack keeps the original destination and un-NATs
+            # the replies.
+            "chain capture-redirect {",
+            "  type nat hook prerouting priority dstnat; policy accept;",
+            f"  meta mark {r} meta l4proto {{ tcp, udp }} redirect to :{lp.redirect}",
+            "}",
+            # The redirect listeners listen on every address: only the redirect reaches them.
+            # (TPROXY'd packets, marked, may have that port too: a Service port or NodePort.)
+            "chain capture-input {",
+            "  type filter hook input priority filter; policy accept;",
+            f"  meta l4proto {{ tcp, udp }} th dport {lp.redirect} ct status dnat accept",
+            f"  meta l4proto {{ tcp, udp }} th dport {lp.redirect} meta mark != {m} "
+            "goto reject-chain",
             "}",
             "chain capture-prerouting {",
             "  type filter hook prerouting priority mangle; policy accept;",

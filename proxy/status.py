@@ -69,6 +69,7 @@ def status_document(proxier: Proxier) -> dict[str, Any]:
         "vipMode": proxier.config.vip_mode,
         "vipInterface": proxier.config.vip_interface if proxier.vips is not None else None,
         "capture": ({"table": "inet kubeshim", "port": proxier.capture.listen.port,
+                     "redirectPort": proxier.capture.listen.redirect,
                      "families": proxier.capture.families,
                      "transactions": proxier.capture.transactions,
                      "appliedWith": proxier.capture.nft.backend}

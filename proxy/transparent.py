@@ -4,8 +4,10 @@ The kernel hands every captured Service tuple to one IP_TRANSPARENT listener per
 family, bound to a loopback address on a port of kubeshim's own (`capture_port`), so no host
 program ever collides with a Service port and no Service address is a local address. The
 original destination is the accepted socket's own address (TCP) or IP_RECVORIGDSTADDR (UDP);
-`CaptureIndex` maps it to the port table. Listeners set SO_REUSEPORT, so several processes
-could share them.
+`CaptureIndex` maps it to the port table. Traffic that arrived on a bridge is NATed instead
+(proxy/capture.py) to the redirect listeners, on every address of the next port, which read the
+original destination from conntrack (proxy/conntrack.py). Listeners set SO_REUSEPORT, so several
+processes could share them.
 
 Outbound sockets carry SO_MARK `BYPASS_MARK`, so the table never captures kubeshim's own
 traffic. Where kube-proxy keeps the client's address (a local pod to a ClusterIP, external
@@ -48,6 +50,7 @@ from kubeshim.proxy.capture import (
     elements_of,
 )
 from kubeshim.proxy.config import ProxyConfig
+from kubeshim.proxy.conntrack import Conntrack, original_tcp_destination
 from kubeshim.proxy.metrics import UDP_SEND_FAILED
 from kubeshim.proxy.nft import Nft
 from kubeshim.proxy.table import PortTable
@@ -81,14 +84,19 @@ def _transparent(sock: socket.socket, family: int) -> None:
 
 
 def transparent_listener(kind: int, family: int, address: str, port: int,
-                         backlog: int) -> socket.socket:
+                         backlog: int, transparent: bool = True) -> socket.socket:
+    """A capture listener: IP_TRANSPARENT for TPROXY; a redirect listener has no need of it (and
+    must not match the table's `socket transparent` rule, which would let direct traffic in)."""
     if (inherited := handover.take(kind, address, port)) is not None:
         return inherited
     sock = socket.socket(family, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        _transparent(sock, family)
+        if family == socket.AF_INET6:  # "::" leaves IPv4 to its own socket
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if transparent:
+            _transparent(sock, family)
         if kind == socket.SOCK_DGRAM:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
@@ -267,12 +275,15 @@ def _unmatched_table() -> PortTable:
 
 
 class CaptureTcpFrontend(TcpFrontend):
-    """The protocol factory of a transparent TCP listener: the table comes per connection."""
+    """The protocol factory of a transparent (or, `redirected`, a redirect) TCP listener: the
+    table comes per connection."""
 
     def __init__(self, capture: Capture, config: ProxyConfig,
-                 connections: set[ClientSide], budget: Budget | None = None) -> None:
+                 connections: set[ClientSide], budget: Budget | None = None,
+                 redirected: bool = False) -> None:
         super().__init__(_unmatched_table(), False, config, connections, budget)
         self.capture = capture
+        self.redirected = redirected
 
     def __call__(self) -> ClientSide:
         return CapturedClientSide(self)
@@ -288,7 +299,10 @@ class CapturedClientSide(ClientSide):
     def connection_made(self, transport: Any) -> None:
         fe = self.fe
         assert isinstance(fe, CaptureTcpFrontend)
-        local = transport.get_extra_info("sockname")
+        if fe.redirected:
+            local = original_tcp_destination(transport.get_extra_info("socket"))
+        else:
+            local = transport.get_extra_info("sockname")
         target = fe.capture.index.lookup("TCP", local[0], local[1]) if local else None
         if target is None:
             self.transport = transport
@@ -308,7 +322,9 @@ class CapturedClientSide(ClientSide):
 class CapturedFlow(Flow):
     """One UDP client of one original destination: the shared flow lifecycle (proxy/udp.py)
     plus a socket that answers from the Service address (bound to it, connected to the client,
-    so the kernel hands it the client's next datagrams)."""
+    so the kernel hands it the client's next datagrams). A redirected flow's socket is bound to
+    the listener's address the NAT chose instead, and conntrack turns its replies back into the
+    Service address's."""
 
     __slots__ = ("down",)
 
@@ -339,6 +355,8 @@ class CapturedFlow(Flow):
 class CaptureUdp(FlowTable):
     """A transparent UDP listener: first datagrams of new flows arrive here."""
 
+    transparent = True  # a flow's socket binds the Service address
+
     def __init__(self, capture: Capture, sock: socket.socket, config: ProxyConfig,
                  budget: Budget | None = None) -> None:
         super().__init__(config, budget)
@@ -365,9 +383,14 @@ class CaptureUdp(FlowTable):
                     continue
             flow.to_endpoint(data)
 
+    def service(self, client: tuple[str, int], dst: tuple[str, int]) -> tuple[str, int] | None:
+        """The Service tuple a datagram that reached `dst` was sent to."""
+        return dst
+
     def _new_flow(self, key: tuple[Any, Any], client: tuple[str, int],
                   dst: tuple[str, int]) -> CapturedFlow | None:
-        target = self.capture.index.lookup("UDP", dst[0], dst[1])
+        service = self.service(client, dst)
+        target = self.capture.index.lookup("UDP", *service) if service else None
         if target is None:
             return None
         table = target.table
@@ -386,7 +409,8 @@ class CaptureUdp(FlowTable):
             down.setblocking(False)
             down.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             down.setsockopt(socket.SOL_SOCKET, SO_MARK, BYPASS_MARK)
-            _transparent(down, family)
+            if self.transparent:
+                _transparent(down, family)
             down.bind(dst)
             down.connect(client)
             up = self.capture.outbound(socket.SOCK_DGRAM, client[0], ep, target.external, table)
@@ -402,6 +426,16 @@ class CaptureUdp(FlowTable):
         self.drop_all()
         self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
+
+
+class RedirectUdp(CaptureUdp):
+    """A redirect listener for UDP: a new flow's Service tuple comes from conntrack, and its
+    socket binds the listener's own (local) address."""
+
+    transparent = False
+
+    def service(self, client: tuple[str, int], dst: tuple[str, int]) -> tuple[str, int] | None:
+        return self.capture.conntrack.original_destination(socket.IPPROTO_UDP, dst, client)
 
 
 # --- the capture layer -------------------------------------------------------------------------
@@ -428,6 +462,7 @@ class Capture:
         self.families: list[int] = []
         self.transactions = 0
         self.nft = Nft()
+        self.conntrack = Conntrack()
         self._steered = False
         self._rewrite = False  # the next flush writes the whole table
 
@@ -448,30 +483,33 @@ class Capture:
     async def open_listeners(self) -> None:
         """Join (or open) the transparent listeners' SO_REUSEPORT groups."""
         loop = asyncio.get_running_loop()
-        fe = CaptureTcpFrontend(self, self.config, self.connections, self.tcp_budget)
-        for family, address in ((socket.AF_INET, self.listen.ipv4),
-                                (socket.AF_INET6, self.listen.ipv6)):
+        lp, backlog = self.listen, self.config.listen_backlog
+        for family, address in ((socket.AF_INET, lp.ipv4), (socket.AF_INET6, lp.ipv6)):
+            # The TPROXY listeners on loopback, the redirect listeners on every address.
+            wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+            socks: list[socket.socket] = []
             try:
-                tcp = transparent_listener(socket.SOCK_STREAM, family, address,
-                                           self.listen.port, self.config.listen_backlog)
+                for host, port in ((address, lp.port), (wildcard, lp.redirect)):
+                    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                        socks.append(transparent_listener(kind, family, host, port, backlog,
+                                                          port == lp.port))
             except OSError as e:
+                for sock in socks:
+                    sock.close()
                 if family == socket.AF_INET6 and e.errno in (errno.EADDRNOTAVAIL,
                                                              errno.EAFNOSUPPORT):
                     log.info("no IPv6 capture", reason=e.strerror)
                     continue
-                raise CaptureError(f"cannot listen on {address} port {self.listen.port}: "
+                raise CaptureError(f"cannot listen on port {lp.port} or {lp.redirect}: "
                                    f"{e.strerror}") from None
-            self.servers.append(await loop.create_server(fe, sock=tcp,
-                                                         backlog=self.config.listen_backlog))
-            udp = transparent_listener(socket.SOCK_DGRAM, family, address, self.listen.port, 0)
-            self.udp.append(CaptureUdp(self, udp, self.config, self.udp_budget))
+            for (tcp, udp), redirected in ((socks[:2], False), (socks[2:], True)):
+                fe = CaptureTcpFrontend(self, self.config, self.connections, self.tcp_budget,
+                                        redirected)
+                self.servers.append(await loop.create_server(fe, sock=tcp, backlog=backlog))
+                flows = RedirectUdp if redirected else CaptureUdp
+                self.udp.append(flows(self, udp, self.config, self.udp_budget))
             self.families.append(6 if family == socket.AF_INET6 else 4)
-        if _bridge_calls_nftables():
-            log.warning("bridged traffic is not captured",
-                        reason="net.bridge.bridge-nf-call-iptables=1: br_netfilter runs the "
-                        "rules on bridge ports, where TPROXY cannot deliver; pods behind a "
-                        "bridge reach Services only through a routed hop")
-        log.info("capture ready", table=f"inet {TABLE}", port=self.listen.port,
+        log.info("capture ready", table=f"inet {TABLE}", port=lp.port, redirect_port=lp.redirect,
                  families=",".join(map(str, self.families)))
 
     def steer(self, by_client: bool, processes: int) -> None:
@@ -496,6 +534,7 @@ class Capture:
             udp.close()
         self.servers.clear()
         self.udp.clear()
+        self.conntrack.close()
 
     async def stop(self, netlink: Any) -> None:
         """Remove the table and the policy route (after the drain)."""
@@ -566,14 +605,6 @@ class Capture:
             sock.close()
             raise
         return sock
-
-
-def _bridge_calls_nftables() -> bool:
-    try:
-        with open("/proc/sys/net/bridge/bridge-nf-call-iptables") as f:
-            return f.read().strip() == "1"
-    except OSError:
-        return False
 
 
 def policy_routes(add: bool) -> None:

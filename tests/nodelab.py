@@ -82,12 +82,16 @@ class Cluster:
         for pod in self.pods.values():
             pod.wait_port("", 8080)
 
-    def bridge_without_netfilter(self) -> None:
-        """The node's bridge does not hand IP traffic to br_netfilter (this namespace's own
-        setting): tproxy mode's limit, docs/compatibility.md."""
-        self.lab.node.run(["sh", "-c", "! test -e /proc/sys/net/bridge/bridge-nf-call-iptables"
-                           " || sysctl -qw net.bridge.bridge-nf-call-iptables=0 "
-                           "net.bridge.bridge-nf-call-ip6tables=0"])
+    def bridge_with_netfilter(self) -> None:
+        """br_netfilter runs the node's IP rules on its bridge ports, as on clusters with a
+        bridge CNI (kubeadm requires it): the module is loaded if it is not, and the setting is
+        this namespace's own."""
+        if not os.path.exists("/proc/sys/net/bridge"):
+            subprocess.run(["modprobe", "br_netfilter"], check=True)
+        self.lab.node.run(["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1",
+                           "net.bridge.bridge-nf-call-ip6tables=1"])
+        out = self.lab.node.run(["sysctl", "-n", "net.bridge.bridge-nf-call-iptables"])
+        assert out.stdout.strip() == "1"
 
     # --- the manifest folder ---------------------------------------------------------------
 

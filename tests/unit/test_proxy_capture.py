@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from kubeshim.proxy.capture import (
     capture_entries,
     elements_of,
 )
+from kubeshim.proxy.conntrack import get_request, original_of
 from tests.objects import synced_state
 from tests.proxy_helpers import endpoint, endpoint_slice, service
 
@@ -187,6 +189,20 @@ def test_full_ruleset_replaces_the_table_and_hooks_what_it_must() -> None:
     # No IPv6 CIDR in --nodeport-addresses: no IPv6 NodePorts.
     assert "vmap @nodeports6" not in text
     assert "reject with tcp reset" in text
+    # Captured packets that arrived on a bridge are NATed to the redirect listeners (the next
+    # port), which only the NAT reaches.
+    assert 'meta iifkind "bridge" meta mark set 0x4b55 accept' in text
+    assert "meta mark 0x4b55 meta l4proto { tcp, udp } redirect to :15002" in text
+    assert text.index("th dport 15002 ct status dnat accept") < text.index(
+        "th dport 15002 meta mark != 0x4b53 goto reject-chain")
+
+
+def test_conntrack_answers_that_are_not_entries_give_no_destination() -> None:
+    request = get_request(7, 17, ("10.244.0.1", 15002), ("10.244.0.2", 40000))
+    assert struct.unpack_from("=IHHI", request) == (len(request), 0x101, 1, 7)
+    error = struct.pack("=IHHII", 36, 2, 0, 7, 0) + struct.pack("=i", -2) + request[:16]
+    for message in (b"", error, request[:20], request):  # no CTA_TUPLE_ORIG in a request
+        assert original_of(message) is None
 
 
 def test_dns_transparent_binds_come_before_any_service_verdict() -> None:
