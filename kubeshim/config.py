@@ -620,14 +620,8 @@ def parse_duration(value: Any) -> float:
 
 
 def default_vip_mode() -> VipMode:
-    """tproxy as root where nft is installed and bridged traffic reaches the capture rules (the
-    proxy falls back to interface mode when the kernel refuses the table); interface as root
-    otherwise; loopback without root. With br_netfilter's bridge-nf-call-iptables=1 the rules
-    run on bridge ports, where TPROXY cannot deliver (docs/compatibility.md)."""
+    """tproxy as root where nft is installed (the proxy falls back to interface mode when the
+    kernel refuses the table); interface as root otherwise; loopback without root."""
     if os.geteuid() != 0:
         return "loopback"
-    try:
-        bridged = Path("/proc/sys/net/bridge/bridge-nf-call-iptables").read_text().strip() == "1"
-    except OSError:
-        bridged = False
-    return "tproxy" if shutil.which("nft") and not bridged else "interface"
+    return "tproxy" if shutil.which("nft") else "interface"

@@ -56,9 +56,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         lab.add_outside("outside", CLIENT)
         lab.add_outside("neighbour", NEIGHBOUR)
         lab.node.run(["ip", "route", "add", "default", "via", CLIENT])
-        # br_netfilter would run the capture rules on the bridge port, where TPROXY cannot
-        # deliver.
-        c.bridge_without_netfilter()
+        # br_netfilter runs the capture rules in the bridge pass (bridged traffic is NATed to
+        # the redirect listeners), as on clusters with a bridge CNI.
+        c.bridge_with_netfilter()
         # Announced routes: the outside reaches the LoadBalancer range and the externalIP
         # through the node (the externalIP is on-link for the neighbour, which just asks ARP).
         lab.hosts["outside"].run(["ip", "route", "add", "192.168.77.0/24", "via", OUTSIDE_NODE_IP])

@@ -60,9 +60,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Netns]]
             service("web", "10.96.0.20"), endpoint_slice("web", [(pod.ip, None)])
         ]))
         node = lab.node
-        # This namespace's own bridge netfilter switch (per network namespace): with it on,
-        # the rules would see bridged frames, where TPROXY cannot deliver.
-        node.run(["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0"], check=False)
+        # br_netfilter on for the bridge (this namespace's own switch): TPROXY to the socket's
+        # own tuple still delivers, as the ordinary socket lookup finds that socket.
+        node.run(["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"], check=False)
         node.run(["nft", "-f", "-"], input=NFT)
         node.run(["ip", "rule", "add", "fwmark", "0x53", "lookup", "153"])
         node.run(["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "153"])

@@ -58,7 +58,7 @@ def cluster(request: pytest.FixtureRequest,
         c = Cluster(lab, tmp_path_factory.mktemp("manifests"))
         c.mode = mode
         if mode == "tproxy":
-            c.bridge_without_netfilter()
+            c.bridge_with_netfilter()
         for name in ("pod-a", "pod-b", "pod-c"):
             c.add_pod(name)
         lab.add_host("client")

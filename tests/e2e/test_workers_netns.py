@@ -60,7 +60,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         for name in ("pod-a", "pod-b"):
             c.add_pod(name)
         lab.add_host("client")
-        c.bridge_without_netfilter()
+        c.bridge_with_netfilter()
         c.put(service("web", VIP, HTTP),
               endpoint_slice("web", [endpoint(c.ip("pod-a")), endpoint(c.ip("pod-b"))], HTTP_EP))
         c.wait_pods()
