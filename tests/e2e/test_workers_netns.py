@@ -187,7 +187,7 @@ def test_workers_sharing_one_cpu_start_after_the_first_sync(tmp_path: Path) -> N
         c = Cluster(lab, tmp_path / "manifests")
         c.add_pod("pod-a")
         lab.add_host("client")
-        c.bridge_without_netfilter()
+        c.bridge_with_netfilter()
         # Two Services: a first sync of more than one is logged ("synced services").
         c.put(service("web", VIP, HTTP), endpoint_slice("web", [endpoint(c.ip("pod-a"))],
                                                         HTTP_EP),
