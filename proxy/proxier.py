@@ -300,8 +300,8 @@ class Proxier:
             if not ok:
                 failed += 1
                 self._retry_later(key)
-            else:
-                self.services.get(key, ServiceRuntime(key)).retries = 0
+            elif (rt := self.services.get(key)) is not None:
+                rt.retries = 0
             if self.capture is None:
                 self.metrics.network_programming.observe(time.monotonic() - pending.queued)
         if self.capture is not None:
@@ -369,7 +369,10 @@ class Proxier:
             desired = {}
         elif self.config.vip_mode == "interface" and self.config.dns_capture:
             desired, dns_vips = leave_to_dns(desired, self.config.dns_capture)
-        await self._apply_listeners(rt, desired, errors, dns_vips)
+        if desired or rt.listeners or rt.vips or dns_vips:
+            await self._apply_listeners(rt, desired, errors, dns_vips)
+        else:
+            rt.desired = {}  # nothing to open, close or claim (always so in tproxy mode)
         self._drop_ports(rt, port_names)
         self._record_errors(rt, errors)
         if info is None:
@@ -542,9 +545,14 @@ class Proxier:
             if not users:
                 del self._endpoint_users[ip]
         for ip in ips - rt.endpoint_ips:
-            self._endpoint_users.setdefault(ip, set()).add(key)
+            if (sharing := self._endpoint_users.get(ip)) is None:
+                self._endpoint_users[ip] = {key}
+            else:
+                sharing.add(key)
         rt.endpoint_ips = ips
-        for spi in info.ports if info is not None and proxied else ():
+        if not proxied or not any(ip in cap.index.addresses for ip in ips):
+            return
+        for spi in info.ports if info is not None else ():
             for ep in spi.endpoints:
                 if ep.ip in cap.index.addresses:
                     errors[f"endpoint {ep.address}"] = (
