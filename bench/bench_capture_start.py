@@ -7,8 +7,10 @@ As root, in a network namespace of its own (bench/lab.py): N ClusterIP Services 
 endpoints each from a manifest folder, plus one probe Service whose endpoint is a local
 backend. For each mode and worker count, kubeshim starts on that folder and the clock runs
 until an HTTP request through the probe's ClusterIP is answered (the probe is listed last, so
-it is among the last to be served). Prints seconds per run, and the CPU seconds kubeshim used
-until then (its processes, live and ended); all run in the same namespace one after the other.
+it is among the last to be served; a new probe connection starts every 20 ms). kubeshim runs
+on CPU 1 (its workers too), the backend on CPU 0. Prints seconds per run, the CPU seconds
+kubeshim used until then (its processes, live and ended) and its resident memory; all run in
+the same namespace one after the other.
 With --baseline, the kubeshim of another checkout runs too, alternating with this one in each
 round, so both see the same machine. --manifests keeps the generated folder there and reuses
 it on the next run with the same --services (writing it takes about a minute at 10k).
@@ -104,8 +106,9 @@ def write_folder(folder: Path, services: int) -> None:
 
 
 def first_connection(lab: Lab, tree: Path, folder: Path, mode: str, workers: int,
-                     name: str) -> tuple[float, float] | None:
-    """(seconds, CPU seconds) from the start of `tree`'s kubeshim to the probe's answer."""
+                     name: str) -> tuple[float, float, int] | None:
+    """(seconds, CPU seconds, resident bytes) from the start of `tree`'s kubeshim to the
+    probe's answer."""
     start = time.monotonic()
     proc = lab.start(name, [
         PYTHON, "-m", "kubeshim", "run", "--manifests", str(folder), "--vip-mode", mode,
@@ -121,7 +124,8 @@ def first_connection(lab: Lab, tree: Path, folder: Path, mode: str, workers: int
             if time.monotonic() - start > 120:
                 print(f"{name}: no answer within 120 s")
                 return None
-        return time.monotonic() - start, proc.cpu_seconds(ended_children=True)
+        return (time.monotonic() - start, proc.cpu_seconds(ended_children=True),
+                proc.rss_bytes())
     finally:
         probe.close()
         lab.stop(proc, timeout=30)
@@ -163,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                         # Its CPU time too: on a busy machine the wall time mostly measures
                         # the others.
                         print(f"round {r + 1} {name}: first connection {got[0]:.2f} s after "
-                              f"start, kubeshim CPU {got[1]:.2f} s (load average "
+                              f"start, kubeshim CPU {got[1]:.2f} s, RSS "
+                              f"{got[2] / 2**20:.0f} MiB (load average "
                               f"{os.getloadavg()[0]:.2f})", flush=True)
         lab.stop(backend)
     finally:
