@@ -304,10 +304,11 @@ def load_file(path: Path, data: bytes, service_cidrs: ServiceCIDRs | None = None
     default for the lab): nothing validated them before kubeshim reads them.
     """
     objects: dict[ObjectKey, KubeObject] = {}
+    where = str(path)
     for doc in parse_documents(path, data):
-        for kind, raw in _items(doc, str(path)):
+        for kind, raw in _items(doc, where):
             if kind not in KINDS:
-                log.debug("ignoring object of another kind", file=str(path), kind=kind)
+                log.debug("ignoring object of another kind", file=where, kind=kind)
                 continue
             try:
                 obj = decode(kind, raw)
@@ -315,20 +316,21 @@ def load_file(path: Path, data: bytes, service_cidrs: ServiceCIDRs | None = None
             except InvalidObject as e:
                 log.warning(
                     "skipping invalid object",
-                    file=str(path),
+                    file=where,
                     kind=kind,
                     object=e.name,
                     reason=e.reason,
                 )
                 continue
-            if (kind, obj.key) in objects:
+            key = (kind, obj.key)
+            if key in objects:
                 log.warning(
                     "object defined twice in one file, the later wins",
-                    file=str(path),
+                    file=where,
                     kind=kind,
                     object=str(obj.key),
                 )
-            objects[(kind, obj.key)] = obj
+            objects[key] = obj
     return objects
 
 
