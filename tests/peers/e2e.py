@@ -5,11 +5,12 @@ report is read; used by tests/e2e/test_conformance.py and by the broader sig-net
 
     python tests/peers/e2e.py run --proxy kube-proxy --out DIR   # the baseline
     python tests/peers/e2e.py run --proxy kubeshim --out DIR     # kubeshim from deploy/
+    ... run --nodes 2 ...                                        # on two nodes
     python tests/peers/e2e.py table BASELINE_DIR KUBESHIM_DIR    # the comparison, Markdown
 
-`run` starts a node (kube-proxy + CoreDNS, or kubeshim applied from deploy/ as README.md
-says), runs the selected [sig-network] tests, writes DIR/report.json, DIR/e2e.log and
-DIR/summary.json (states and seconds), and stops the node.
+`run` starts a node, or two (kube-proxy + CoreDNS, or kubeshim applied from deploy/ as
+README.md says), runs the selected [sig-network] tests, writes DIR/report.json, DIR/e2e.log and
+DIR/summary.json (states and seconds), and stops the nodes.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ if __package__ in (None, ""):  # run as a script: import the tests package from 
 
 from tests.peers.cluster import Peers  # noqa: E402
 
-# The broader run: [sig-network] tests that fit one node without a cloud provider. Left out:
-# conformance (its own test), tests that need the cluster to themselves or break it
-# ([Serial], [Disruptive]), long ones ([Slow]), features and providers this node lacks
+# The broader run: [sig-network] tests that fit one or two nodes without a cloud provider.
+# Left out: conformance (its own test), tests that need the cluster to themselves or break it
+# ([Serial], [Disruptive]), long ones ([Slow]), features and providers these nodes lack
 # ([Feature:*], [FeatureGate:*], [Provider:*], LoadBalancer), and API-only tests of objects
 # a service proxy does not read (NetworkPolicy, Ingress, Endpoints mirroring, the API
 # server's proxy subresource).
@@ -87,7 +88,8 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
-    cluster = Cluster(out / "node", proxy="none" if args.proxy == "kubeshim" else args.proxy)
+    cluster = Cluster(out / "node", proxy="none" if args.proxy == "kubeshim" else args.proxy,
+                      nodes=args.nodes)
     cluster.start()
     try:
         if args.proxy == "kubeshim":
@@ -100,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         left = cluster.stop()
     summary = {
-        "proxy": args.proxy, "focus": args.focus, "skip": args.skip,
+        "proxy": args.proxy, "nodes": args.nodes, "focus": args.focus, "skip": args.skip,
         "node_ready_seconds": round(ready, 1),
         "total_seconds": round(time.monotonic() - began, 1),
         "left_over": left,
@@ -147,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--focus", default=BROAD_FOCUS)
     run.add_argument("--skip", default=BROAD_SKIP)
     run.add_argument("--minutes", type=int, default=80, help="ginkgo's time limit")
+    run.add_argument("--nodes", type=int, choices=(1, 2), default=1)
     table = sub.add_parser("table", help="baseline vs kubeshim, as a Markdown table")
     table.add_argument("baseline")
     table.add_argument("kubeshim")

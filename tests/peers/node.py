@@ -1,31 +1,41 @@
-"""A real one-node Kubernetes cluster on this machine, no container engine and no registry.
+"""A real one- or two-node Kubernetes cluster on this machine, no container engine, no registry.
 
-Owns the node: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and
-containerd (Debian's, with runc and the CNI bridge plugin), all in one network and mount
-namespace of their own, and its teardown: processes, mounts, cgroups and kernel settings.
+Owns the nodes: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and
+containerd (Debian's, with runc and the CNI bridge plugin) in one network and mount namespace
+of their own; with two nodes, a second kubelet and containerd in another; and their teardown:
+processes, mounts, cgroups and kernel settings.
 
-    python tests/peers/node.py up [--proxy kubeshim|kube-proxy|none] [--workdir DIR]
+    python tests/peers/node.py up [--proxy kubeshim|kube-proxy|none] [--nodes 1|2] [--workdir DIR]
 
 prints a kubeconfig for 127.0.0.1 and serves until Ctrl-C/SIGTERM. With `--proxy kubeshim`
 (the default) kubeshim is installed as README.md tells users (`kubectl apply -k deploy/`,
-only the ConfigMap's API server address changed); `kube-proxy` runs kube-proxy (nftables) and
-CoreDNS instead, for comparison; `none` leaves the node without a Service proxy or DNS.
+only the ConfigMap's API server address changed) and runs on every node; `kube-proxy` runs
+kube-proxy (nftables) on every node and CoreDNS on node-1 instead, for comparison; `none`
+leaves the nodes without a Service proxy or DNS.
 
 Layout (cgroup v1 machines, 2 cores):
 - `up` (this process, in the root namespaces) keeps a socat bridge from 127.0.0.1:<port> to a
   Unix socket in the work dir, so kubectl outside reaches the API server inside;
-- `_inside` (under `unshare --net --mount`) runs the rest: the node's address is 192.168.130.10
-  on a veth; Pods get 10.244.0.0/24 on the CNI bridge cni0; the API server listens on the
-  namespace's loopback. Everything the kubelet, containerd and the CNI plugins mount stays in
-  that mount namespace and vanishes with it.
-- Images (tests/peers/images.py) are imported with `ctr images import`, so nothing is pulled.
+- `_inside` (under `unshare --net --mount`) runs node-1: its address is 192.168.130.10 on a
+  veth; Pods get 10.244.0.0/24 on the CNI bridge cni0; the API server listens on the
+  namespace's addresses (loopback, the veth, the bridge). Everything the kubelet, containerd
+  and the CNI plugins mount stays in that mount namespace and vanishes with it.
+- With `--nodes 2`, a second `_inside` runs node-2 in namespaces of its own (a sibling of
+  node-1's, work dir DIR/node-2): the veth's other end is its eth0 (192.168.130.11), its Pods
+  get 10.244.1.0/24, and each node routes the other's Pod CIDR through it. Its kubelet and
+  kube-proxy reach the API server at 192.168.130.10; nothing else can (the root namespace only
+  through the bridge). Its containerd has its own root, state and socket, and tmpfs mounts of
+  its own over /run/containerd and /var/lib/cni.
+- Images (tests/peers/images.py) are imported into each node's containerd with `ctr images
+  import`, so nothing is pulled.
 
-Teardown, also after a crash of the inside: every process left in the node's cgroups (the
-runtime's shims and containers included) is killed, the cgroups removed, and the kernel
-settings the kubelet changes (vm.overcommit_memory, kernel.panic, kernel.panic_on_oops) put
-back by the last node of this host to end (nodes of several checkouts may run at once; the
-settings from before the first are kept in /run/kubeshim-node/sysctls.json).
-`node.py down --workdir DIR` does the same for a run whose `up` was killed outright.
+Teardown, also after a crash of the insides: every process left in the cluster's cgroups (both
+nodes' runtime shims and containers included; node-2's cgroups are inside node-1's) is
+killed, the cgroups removed, and the kernel settings the kubelet changes (vm.overcommit_memory,
+kernel.panic, kernel.panic_on_oops) put back by the last node of this host to end (nodes of
+several checkouts may run at once; the settings from before the first are kept in
+/run/kubeshim-node/sysctls.json). `node.py down --workdir DIR` does the same for a run whose
+`up` was killed outright.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +79,24 @@ from tests.peers.cluster import (  # noqa: E402
 from tests.peers.coredns import CoreDNS  # noqa: E402
 from tests.peers.images import PAUSE_IMAGE, Builder  # noqa: E402
 
-NODE_NAME = "node-1"
-NODE_IP = "192.168.130.10"
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node's name, address on the link between the nodes, and Pod CIDR."""
+
+    name: str
+    ip: str
+    pod_cidr: str
+
+
+# node-1 runs the control plane too; node-2 joins it when asked for two nodes. The controller
+# manager allocates Pod CIDRs in the order nodes register, so node-2's kubelet starts only once
+# node-1 has registered (and got 10.244.0.0/24).
+NODES = (NodeSpec("node-1", "192.168.130.10", "10.244.0.0/24"),
+         NodeSpec("node-2", "192.168.130.11", "10.244.1.0/24"))
+NODE_NAME, NODE_IP, POD_CIDR = NODES[0].name, NODES[0].ip, NODES[0].pod_cidr
 NODE_GATEWAY = "192.168.130.1"
 CLUSTER_CIDR = "10.244.0.0/16"
-POD_CIDR = "10.244.0.0/24"
 CLUSTER_DNS = "10.96.0.10"
 KUBERNETES_SERVICE_IP = "10.96.0.1"
 # Kernel settings the kubelet sets at start (pkg/kubelet/cm/container_manager_linux.go,
@@ -271,7 +295,7 @@ class NodeControlPlane(ControlPlane):
         self.serving_sans = [NODE_IP, KUBERNETES_SERVICE_IP, "kubernetes", "kubernetes.default",
                              "kubernetes.default.svc.cluster.local"]
         self.tokens = {
-            "kubelet": (f"system:node:{NODE_NAME}", "system:nodes"),
+            **{f"kubelet-{n.name}": (f"system:node:{n.name}", "system:nodes") for n in NODES},
             "controller-manager": ("system:kube-controller-manager", ""),
             "scheduler": ("system:kube-scheduler", ""),
             # Bound to system:node-proxier by the API server's default RBAC.
@@ -300,8 +324,11 @@ class NodeControlPlane(ControlPlane):
         }
         return [replaced.get(a, a) for a in super()._apiserver_argv()]
 
-    def kubeconfig_for(self, role: str) -> Path:
-        return write_kubeconfig(self.workdir / f"{role}.kubeconfig", self.server, self.ca_file,
+    def kubeconfig_for(self, role: str, server: str | None = None,
+                       path: Path | None = None) -> Path:
+        """`role`'s kubeconfig (for `server`, the loopback address by default)."""
+        return write_kubeconfig(path or self.workdir / f"{role}.kubeconfig",
+                                server or self.server, self.ca_file,
                                 self.tokens[role][0], self.token[role])
 
 
@@ -326,17 +353,39 @@ def install_kubeshim(kubectl: Callable[..., Any], workdir: Path, host: str, port
 
 
 class Node:
-    """containerd, the control plane, the controllers and the kubelet, inside the namespaces."""
+    """One node's containerd and kubelet (node-1: with the control plane and the controllers),
+    inside its namespaces.
 
-    def __init__(self, workdir: Path, cgroup: str, proxy: str) -> None:
+    With two nodes, node-1 makes the veth link to node-2 (its peer end in node-2's network
+    namespace), waits until node-2 is Ready after giving it its kubeconfigs (`join.json` in
+    node-2's work dir says they are there), and only then installs the Service proxy."""
+
+    def __init__(self, workdir: Path, cgroup: str, proxy: str, spec: NodeSpec = NODES[0],
+                 nodes: int = 1, peer_pid: int = 0) -> None:
         self.workdir = workdir
         self.cgroup = cgroup
         self.proxy = proxy
+        self.spec = spec
+        self.nodes = nodes
+        self.peer_pid = peer_pid
+        self.first = spec == NODES[0]
         self.peers = Peers.find()
         self.k8s = self.peers.kube_proxy.parent
         self.procs: list[Process] = []
-        self.cp = NodeControlPlane(workdir / "control-plane", self.peers)
+        # node-2's work dir is inside node-1's: the control plane's (CA, kubeconfigs) is theirs.
+        cp_dir = (workdir if self.first else workdir.parent) / "control-plane"
+        self.cp = NodeControlPlane(cp_dir, self.peers)
         self.containerd_sock = workdir / "containerd" / "containerd.sock"
+
+    def steps(self) -> list[Callable[[], None]]:
+        if not self.first:
+            return [self.network, self.containerd, self.wait_join, self.kubelet,
+                    self.wait_node_ready, self.install_proxy]
+        steps = [self.network, self.containerd, self.control_plane, self.kubelet,
+                 self.wait_node_ready]
+        if self.nodes > 1:
+            steps.append(self.join_node_2)
+        return [*steps, self.install_proxy]
 
     def _sh(self, *argv: str) -> None:
         subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60)
@@ -347,13 +396,39 @@ class Node:
         proc.start()
         return proc
 
+    def _kubeconfig(self, role: str) -> Path:
+        """node-1's from its control plane; node-2's as node-1 wrote them for it."""
+        return self.cp.kubeconfig_for(role) if self.first else self.workdir / f"{role}.kubeconfig"
+
+    def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """As the admin on node-1, as this node's kubelet on node-2."""
+        kubeconfig = None if self.first else self._kubeconfig(f"kubelet-{self.spec.name}")
+        return self.cp.kubectl(*args, kubeconfig=kubeconfig, check=check)
+
     def network(self) -> None:
         self._sh("ip", "link", "set", "lo", "up")
-        self._sh("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "uplink0")
-        self._sh("ip", "addr", "add", f"{NODE_IP}/24", "dev", "eth0")
-        self._sh("ip", "link", "set", "uplink0", "up")
+        if self.nodes == 1:
+            self._sh("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "uplink0")
+            self._sh("ip", "link", "set", "uplink0", "up")
+        elif self.first:
+            # The link between the nodes: one veth, its other end eth0 in node-2's namespace.
+            self._sh("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+                     "netns", str(self.peer_pid))
+        else:
+            deadline = time.monotonic() + 60
+            while subprocess.run(["ip", "link", "show", "eth0"],
+                                 capture_output=True).returncode != 0:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("no link to node-1 (eth0) after 60s")
+                time.sleep(0.1)
+        self._sh("ip", "addr", "add", f"{self.spec.ip}/24", "dev", "eth0")
         self._sh("ip", "link", "set", "eth0", "up")
         self._sh("ip", "route", "add", "default", "via", NODE_GATEWAY, "dev", "eth0")
+        for other in NODES[:self.nodes]:
+            if other != self.spec:
+                # Pods of the other node through it (what a CNI's routes or overlay would do).
+                self._sh("ip", "route", "add", other.pod_cidr, "via", other.ip, "dev", "eth0",
+                         "onlink")
         # This namespace's own settings: forwarding, and 127.0.0.1 routable to Pods after
         # DNAT (hostPorts on hostIP 127.0.0.1), as kube-proxy's iptables mode sets on nodes.
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
@@ -372,7 +447,7 @@ class Node:
             "cniVersion": "0.4.0", "name": "node", "plugins": [
                 {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False,
                  "hairpinMode": True,
-                 "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_CIDR}]],
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": self.spec.pod_cidr}]],
                           "routes": [{"dst": "0.0.0.0/0"}]}},
                 {"type": "portmap", "capabilities": {"portMappings": True}},
             ]}, indent=1))
@@ -431,17 +506,39 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "--leader-elect=false", "--bind-address=127.0.0.1", "--secure-port=0",
         ])
 
+    def join_node_2(self) -> None:
+        """Give node-2 its kubeconfigs (the API server on node-1's address, which it listens
+        on), then wait until node-2 is Ready, so the proxy is installed on both."""
+        peer = NODES[1]
+        peer_dir = self.workdir / peer.name
+        server = f"https://{self.spec.ip}:{self.cp.port}"
+        for role in (f"kubelet-{peer.name}", "kube-proxy"):
+            self.cp.kubeconfig_for(role, server, peer_dir / f"{role}.kubeconfig")
+        (peer_dir / "join.json.tmp").write_text(json.dumps({"server": server}))
+        (peer_dir / "join.json.tmp").rename(peer_dir / "join.json")
+        wait_node_ready(self.kubectl, peer.name, self.procs, READY_TIMEOUT)
+
+    def wait_join(self) -> None:
+        """node-2: wait until node-1 is Ready and has written this node's kubeconfigs."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not (self.workdir / "join.json").exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node-1 gave no kubeconfigs after {READY_TIMEOUT:.0f}s")
+            time.sleep(0.2)
+
     def kubelet(self) -> None:
         d = self.workdir / "kubelet"
         d.mkdir(exist_ok=True)
+        # node-2's cgroupRoot is inside node-1's, so the cluster's one cgroup holds everything.
+        cgroup_root = f"/{self.cgroup}" if self.first else f"/{self.cgroup}/{self.spec.name}"
         config = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
             # This machine has cgroup v1, which kubelet 1.35+ refuses unless told.
             "failCgroupV1": False,
             "cgroupDriver": "cgroupfs",
-            "cgroupRoot": f"/{self.cgroup}",
-            "address": NODE_IP,
+            "cgroupRoot": cgroup_root,
+            "address": self.spec.ip,
             "readOnlyPort": 0,
             "healthzBindAddress": "127.0.0.1",
             "authentication": {
@@ -464,42 +561,38 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         (d / "config.yaml").write_text(json.dumps(config, indent=1))
         self._start("kubelet", [
             str(self.k8s / "kubelet"), f"--config={d / 'config.yaml'}",
-            f"--kubeconfig={self.cp.kubeconfig_for('kubelet')}", f"--root-dir={d}",
-            f"--hostname-override={NODE_NAME}", f"--node-ip={NODE_IP}", "--v=1",
+            f"--kubeconfig={self._kubeconfig(f'kubelet-{self.spec.name}')}",
+            f"--root-dir={d}", f"--hostname-override={self.spec.name}",
+            f"--node-ip={self.spec.ip}", "--v=1",
         ])
 
     def wait_node_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for proc in self.procs:
-                if not proc.running():
-                    raise RuntimeError(f"{proc.name} exited:\n{proc.log_tail()}")
-            got = self.cp.kubectl("get", "node", NODE_NAME, "-o", "json", check=False)
-            if got.returncode == 0:
-                conds = {c["type"]: c["status"] for c in json.loads(got.stdout)["status"].get(
-                    "conditions", [])}
-                # Pods are admitted only once the controller manager has made the
-                # namespace's default ServiceAccount.
-                if conds.get("Ready") == "True" and self.cp.kubectl(
-                        "get", "serviceaccount", "default", "-n", "default",
-                        check=False).returncode == 0:
-                    return
-            time.sleep(0.5)
-        raise RuntimeError(f"node {NODE_NAME} not Ready after {timeout:.0f}s:\n"
-                           + "\n".join(p.log_tail(8) for p in self.procs if p.name == "kubelet"))
+        # Pods are admitted only once the controller manager has made the namespace's
+        # default ServiceAccount (node-1 waits for it; node-2's kubelet may not read it).
+        wait_node_ready(self.kubectl, self.spec.name, self.procs, timeout,
+                        ["get", "serviceaccount", "default", "-n", "default"]
+                        if self.first else None)
+        node = json.loads(self.kubectl("get", "node", self.spec.name, "-o", "json").stdout)
+        if node["spec"].get("podCIDR") != self.spec.pod_cidr:
+            raise RuntimeError(f"{self.spec.name} got Pod CIDR {node['spec'].get('podCIDR')}, "
+                               f"its CNI bridge serves {self.spec.pod_cidr}")
 
     def install_proxy(self) -> None:
+        if self.proxy == "kube-proxy":
+            self._kube_proxy()
+        if not self.first:
+            return  # the DaemonSet, kube-dns and CoreDNS are the cluster's, installed once
         if self.proxy == "kubeshim":
-            install_kubeshim(self.cp.kubectl, self.workdir, "127.0.0.1", self.cp.port)
+            # The nodes reach the API server on node-1's loopback, or its address when two.
+            host = "127.0.0.1" if self.nodes == 1 else self.spec.ip
+            install_kubeshim(self.cp.kubectl, self.workdir, host, self.cp.port)
         elif self.proxy == "kube-proxy":
-            self._kube_proxy_and_coredns()
+            self._coredns()
 
-    def _kube_proxy_and_coredns(self) -> None:
-        """The baseline: kube-proxy (nftables) and CoreDNS as node processes, CoreDNS behind
-        the kube-dns Service through a hand-written EndpointSlice (it has no Pod)."""
+    def _kube_proxy(self) -> None:
         self._start("kube-proxy", [
-            str(self.peers.kube_proxy), f"--kubeconfig={self.cp.kubeconfig_for('kube-proxy')}",
-            "--proxy-mode=nftables", f"--hostname-override={NODE_NAME}",
+            str(self.peers.kube_proxy), f"--kubeconfig={self._kubeconfig('kube-proxy')}",
+            "--proxy-mode=nftables", f"--hostname-override={self.spec.name}",
             f"--cluster-cidr={CLUSTER_CIDR}",
             # Pods share one bridge and br_netfilter is not loaded: without SNAT a reply from
             # a backend to a client on the same bridge would skip the reverse NAT.
@@ -507,10 +600,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             # Leave the kernel's conntrack limits and timeouts as they are.
             "--conntrack-max-per-core=0", "--conntrack-tcp-timeout-established=0",
             "--conntrack-tcp-timeout-close-wait=0",
-            f"--healthz-bind-address={NODE_IP}:10256", "--metrics-bind-address=127.0.0.1:10249",
+            f"--healthz-bind-address={self.spec.ip}:10256",
+            "--metrics-bind-address=127.0.0.1:10249",
         ])
+
+    def _coredns(self) -> None:
+        """The baseline's DNS: CoreDNS as a node-1 process behind the kube-dns Service through
+        a hand-written EndpointSlice (it has no Pod)."""
         coredns = CoreDNS(self.peers.coredns, self.workdir, self.cp.admin_kubeconfig,
-                          f"{NODE_GATEWAY}:53", port=53, host=NODE_IP)
+                          f"{NODE_GATEWAY}:53", port=53, host=self.spec.ip)
         self.procs.append(coredns.process)
         coredns.start()
         ports = [{"name": "dns", "port": 53, "protocol": "UDP"},
@@ -526,7 +624,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                               "labels": {"kubernetes.io/service-name": "kube-dns",
                                          "endpointslice.kubernetes.io/managed-by": "node.py"}},
                  "addressType": "IPv4",
-                 "endpoints": [{"addresses": [NODE_IP], "nodeName": NODE_NAME,
+                 "endpoints": [{"addresses": [self.spec.ip], "nodeName": self.spec.name,
                                 "conditions": {"ready": True}}],
                  "ports": ports},
             ]}))
@@ -536,28 +634,56 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             proc.stop(timeout=10)
 
 
+def wait_node_ready(kubectl: Callable[..., subprocess.CompletedProcess[str]], name: str,
+                    procs: Sequence[Process], timeout: float,
+                    also: Sequence[str] | None = None) -> None:
+    """Until Node `name` is Ready (and `kubectl *also` succeeds); fails early when one of
+    `procs` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if not proc.running():
+                raise RuntimeError(f"{proc.name} exited:\n{proc.log_tail()}")
+        got = kubectl("get", "node", name, "-o", "json", check=False)
+        if got.returncode == 0:
+            conds = {c["type"]: c["status"] for c in json.loads(got.stdout)["status"].get(
+                "conditions", [])}
+            if conds.get("Ready") == "True" and (
+                    also is None or kubectl(*also, check=False).returncode == 0):
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"node {name} not Ready after {timeout:.0f}s:\n"
+                       + "\n".join(p.log_tail(8) for p in procs if p.name == "kubelet"))
+
+
 def _inside(args: argparse.Namespace) -> int:
-    """Runs in the node's namespaces; prints `ready` once the node is Ready, serves until
-    SIGTERM (or until its parent dies), then stops what it started."""
+    """Runs in one node's namespaces; prints `ready` once the node is Ready (node-1: and the
+    proxy installed), serves until SIGTERM (or until its parent dies), then stops what it
+    started. A SIGTERM while starting ends the start at once."""
     workdir = Path(args.workdir)
     stop = False
+    started = False
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stop
         stop = True
+        if not started:
+            raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    node = Node(workdir, args.cgroup, args.proxy)
+    node = Node(workdir, args.cgroup, args.proxy, NODES[args.node - 1], args.nodes,
+                args.peer_pid)
     try:
         timings: dict[str, float] = {}
-        for step in (node.network, node.containerd, node.control_plane, node.kubelet,
-                     node.wait_node_ready, node.install_proxy):
+        for step in node.steps():
             began = time.monotonic()
             step()
             timings[step.__name__] = round(time.monotonic() - began, 1)
-        (workdir / "inside.json").write_text(json.dumps({
-            "apiserver_port": node.cp.port, "timings": timings}))
+        if node.first:
+            (workdir / "inside.json").write_text(json.dumps({
+                "apiserver_port": node.cp.port, "timings": timings}))
+        started = True
         print("ready", json.dumps(timings), flush=True)
         while not stop:
             if not all(p.running() for p in node.procs):
@@ -574,21 +700,30 @@ def _inside(args: argparse.Namespace) -> int:
 
 
 class Cluster:
-    """One node started through `unshare`, reachable on 127.0.0.1; see the module docstring."""
+    """One node, or two, each started through `unshare`; the API server reachable on 127.0.0.1.
+    See the module docstring."""
 
-    def __init__(self, workdir: Path, proxy: str = "kubeshim") -> None:
+    def __init__(self, workdir: Path, proxy: str = "kubeshim", nodes: int = 1) -> None:
+        if not 1 <= nodes <= len(NODES):
+            raise ValueError(f"nodes must be 1 to {len(NODES)}, not {nodes}")
         self.workdir = workdir
         self.proxy = proxy
+        self.specs = NODES[:nodes]
         self.cgroup = f"kubeshim-node-{os.getpid()}-{secrets.token_hex(3)}"
         self.port = free_port()
         self.server = f"https://127.0.0.1:{self.port}"
         self.kubeconfig = workdir / "kubeconfig"
         self.peers = Peers.find()
+        # node-1's inside process (the control plane's), and every node's by name.
         self.inside: subprocess.Popen[str] | None = None
+        self.insides: dict[str, subprocess.Popen[str]] = {}
         self.bridge: Process | None = None
         self.timings: dict[str, float] = {}
         self.sysctls: dict[str, str] = {}
         self.node_apiserver = ("127.0.0.1", 0)
+
+    def node_workdir(self, spec: NodeSpec) -> Path:
+        return self.workdir if spec == NODES[0] else self.workdir / spec.name
 
     def start(self, timeout: float = READY_TIMEOUT) -> None:
         self.peers.require()
@@ -612,24 +747,17 @@ class Cluster:
                 "socat", f"TCP-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork",
                 f"UNIX-CONNECT:{sock}"], self.workdir / "bridge.log")
             self.bridge.start()
-            with open(self.workdir / "inside.log", "ab") as log:
-                self.inside = subprocess.Popen(
-                    ["unshare", "--net", "--mount", "--propagation", "private", "--",
-                     sys.executable, str(Path(__file__).resolve()), "_inside",
-                     f"--workdir={self.workdir}", f"--cgroup={self.cgroup}",
-                     f"--proxy={self.proxy}"],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True,
-                    preexec_fn=self._prepare_inside,
-                )
-            assert self.inside.stdout is not None
-            line = _readline(self.inside.stdout, timeout)
-            if not line.startswith("ready"):
-                raise RuntimeError(f"the node did not start:\n{_tail(self.workdir / 'inside.log')}")
-            self.timings = json.loads(line.split(" ", 1)[1])
+            # node-2 first: node-1 puts the other end of its link into node-2's namespace.
+            for spec in reversed(self.specs):
+                self.insides[spec.name] = self._start_inside(spec)
+            self.inside = self.insides[NODE_NAME]
+            self.timings = self._wait_ready(timeout)
             inside = json.loads((self.workdir / "inside.json").read_text())
-            # How the node (and kubeshim on it, host network) reaches the API server.
-            self.node_apiserver = ("127.0.0.1", int(inside["apiserver_port"]))
-            self._inner_bridge(self.node_apiserver[1])
+            # How the nodes (and kubeshim on them, host network) reach the API server: node-1's
+            # loopback, or its address when another node must reach it too.
+            self.node_apiserver = ("127.0.0.1" if len(self.specs) == 1 else NODE_IP,
+                                   int(inside["apiserver_port"]))
+            self._inner_bridge(int(inside["apiserver_port"]))
             admin = json.loads((self.workdir / "control-plane" / "admin.kubeconfig").read_text())
             admin["clusters"][0]["cluster"]["server"] = self.server
             self.kubeconfig.write_text(json.dumps(admin, indent=2))
@@ -639,11 +767,62 @@ class Cluster:
             self.stop()
             raise
 
-    def _prepare_inside(self) -> None:
-        from tests.peers.cluster import _die_with_parent
+    def _start_inside(self, spec: NodeSpec) -> subprocess.Popen[str]:
+        """`_inside` for one node in new network and mount namespaces, in its own cgroup."""
+        first = spec == NODES[0]
+        workdir = self.node_workdir(spec)
+        workdir.mkdir(parents=True, exist_ok=True)
+        group = self.cgroup if first else f"{self.cgroup}/{spec.name}"
+        if not first:
+            make_cgroups(group)
+        argv = ["unshare", "--net", "--mount", "--propagation", "private", "--",
+                sys.executable, str(Path(__file__).resolve()), "_inside",
+                f"--workdir={workdir}", f"--cgroup={self.cgroup}", f"--proxy={self.proxy}",
+                f"--node={NODES.index(spec) + 1}", f"--nodes={len(self.specs)}"]
+        if first and len(self.specs) > 1:
+            peer = self.insides[NODES[1].name].pid
+            # unshare(2) runs after the fork: wait until node-2 has its own network
+            # namespace, or node-1 would put the link's other end into this one.
+            deadline = time.monotonic() + 10
+            while _netns(peer) == _netns(os.getpid()):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("node-2 has no network namespace of its own after 10s")
+                time.sleep(0.01)
+            argv.append(f"--peer-pid={peer}")
 
-        _die_with_parent()
-        join_cgroups(self.cgroup, os.getpid())
+        def prepare() -> None:
+            from tests.peers.cluster import _die_with_parent
+
+            _die_with_parent()
+            join_cgroups(group, os.getpid())
+
+        with open(workdir / "inside.log", "ab") as log:
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=log, text=True, preexec_fn=prepare)
+
+    def _wait_ready(self, timeout: float) -> dict[str, float]:
+        """Until every node's inside says `ready`; fails with a node's log once it exits."""
+        import select
+
+        timings: dict[str, float] = {}
+        pending = dict(self.insides)
+        deadline = time.monotonic() + timeout
+        while pending:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{', '.join(pending)} not ready after {timeout:.0f}s")
+            streams = {p.stdout: name for name, p in pending.items() if p.stdout is not None}
+            readable, _, _ = select.select(list(streams), [], [], 1.0)
+            for stream in readable:
+                name = streams[stream]
+                line = str(stream.readline())
+                if not line.startswith("ready"):
+                    log = self.node_workdir(NODES[[n.name for n in NODES].index(name)])
+                    raise RuntimeError(f"{name} did not start:\n{_tail(log / 'inside.log')}")
+                steps = json.loads(line.split(" ", 1)[1])
+                prefix = "" if name == NODE_NAME else f"{name}."
+                timings.update({f"{prefix}{k}": v for k, v in steps.items()})
+                del pending[name]
+        return timings
 
     def _inner_bridge(self, apiserver_port: int) -> None:
         """socat inside the namespace: the Unix socket to the API server on its loopback."""
@@ -667,15 +846,24 @@ class Cluster:
                                f"{result.stderr.strip()}")
         return result
 
+    def on_node(self, name: str, *argv: str,
+                timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Run `argv` in node `name`'s network namespace (as its host network)."""
+        pid = self.insides[name].pid
+        return subprocess.run(["nsenter", f"--target={pid}", "--net", "--", *argv],
+                              capture_output=True, text=True, timeout=timeout)
+
     def stop(self) -> list[str]:
-        """Stop the node and undo what it changed on the host; returns what was left over."""
-        if self.inside is not None and self.inside.poll() is None:
-            self.inside.send_signal(signal.SIGTERM)
+        """Stop the nodes and undo what they changed on the host; returns what was left over."""
+        running = [p for p in self.insides.values() if p.poll() is None]
+        for inside in running:
+            inside.send_signal(signal.SIGTERM)
+        for inside in running:
             try:
-                self.inside.wait(60)
+                inside.wait(60)
             except subprocess.TimeoutExpired:
-                self.inside.kill()
-                self.inside.wait()
+                inside.kill()
+                inside.wait()
         for proc in (getattr(self, "inner_bridge", None), self.bridge):
             if proc is not None:
                 proc.stop()
@@ -690,6 +878,10 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _netns(pid: int) -> int:
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
 
 
 def teardown(cgroup: str, sysctls: dict[str, str]) -> list[str]:
@@ -711,17 +903,6 @@ def teardown_from_state(workdir: Path) -> list[str]:
     return left
 
 
-def _readline(stream: Any, timeout: float) -> str:
-    import select
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([stream], [], [], 1.0)
-        if ready:
-            return str(stream.readline())
-    return ""
-
-
 def _tail(path: Path, lines: int = 40) -> str:
     with contextlib.suppress(OSError):
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -729,10 +910,11 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 
 @contextlib.contextmanager
-def cluster(workdir: Path | None = None, proxy: str = "kubeshim") -> Iterator[Cluster]:
+def cluster(workdir: Path | None = None, proxy: str = "kubeshim",
+            nodes: int = 1) -> Iterator[Cluster]:
     owned = workdir is None
     directory = workdir or Path(tempfile.mkdtemp(prefix=f"kubeshim-node-{os.getpid()}-"))
-    c = Cluster(directory, proxy)
+    c = Cluster(directory, proxy, nodes)
     try:
         c.start()
         yield c
@@ -752,17 +934,21 @@ def _up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     workdir = Path(args.workdir) if args.workdir else None
-    with cluster(workdir, args.proxy) as c:
+    with cluster(workdir, args.proxy, args.nodes) as c:
         print(f"kubeconfig  {c.kubeconfig}")
         print(f"server      {c.server}")
-        print(f"node        {NODE_NAME} ({NODE_IP}), Pods {POD_CIDR}, proxy: {args.proxy}")
+        for spec in c.specs:
+            print(f"node        {spec.name} ({spec.ip}), Pods {spec.pod_cidr}, "
+                  f"pid {c.insides[spec.name].pid} (nsenter --target PID --net), "
+                  f"logs {c.node_workdir(spec)}/*.log")
+        print(f"proxy       {args.proxy}")
         print(f"ready in    {c.timings}")
-        print(f"logs        {c.workdir}/*.log")
         print(f"export KUBECONFIG={c.kubeconfig}")
         print("serving until Ctrl-C / SIGTERM", flush=True)
         while not stop:
-            if c.inside is None or c.inside.poll() is not None:
-                print("the node exited; see the logs", file=sys.stderr)
+            exited = [name for name, p in c.insides.items() if p.poll() is not None]
+            if exited:
+                print(f"{exited[0]} exited; see its inside.log", file=sys.stderr)
                 return 1
             time.sleep(0.5)
     return 0
@@ -772,15 +958,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start a one-node cluster and serve until interrupted")
+    up = sub.add_parser("up", help="start a one- or two-node cluster, serve until interrupted")
     up.add_argument("--workdir", help="keep data, logs and kubeconfigs here")
     up.add_argument("--proxy", choices=("kubeshim", "kube-proxy", "none"), default="kubeshim")
+    up.add_argument("--nodes", type=int, choices=(1, 2), default=1,
+                    help="node-2 joins node-1 (which runs the control plane) when 2")
     down = sub.add_parser("down", help="clean up after an `up` that was killed")
     down.add_argument("--workdir", required=True)
     inside = sub.add_parser("_inside")
     inside.add_argument("--workdir", required=True)
     inside.add_argument("--cgroup", required=True)
     inside.add_argument("--proxy", required=True)
+    inside.add_argument("--node", type=int, default=1)
+    inside.add_argument("--nodes", type=int, default=1)
+    inside.add_argument("--peer-pid", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "_inside":
         return _inside(args)
