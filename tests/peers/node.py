@@ -411,7 +411,10 @@ class Node:
             self._sh("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "uplink0")
             self._sh("ip", "link", "set", "uplink0", "up")
         elif self.first:
-            # The link between the nodes: one veth, its other end eth0 in node-2's namespace.
+            # The link between the nodes: one veth, its other end eth0 in node-2's namespace
+            # (never the host's: `up` waits until node-2 has a namespace of its own).
+            if _netns(self.peer_pid) == _netns(os.getppid()):  # `up`, in the host's
+                raise RuntimeError(f"node-2 (pid {self.peer_pid}) is in the host's namespace")
             self._sh("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
                      "netns", str(self.peer_pid))
         else:
@@ -775,6 +778,7 @@ class Cluster:
         group = self.cgroup if first else f"{self.cgroup}/{spec.name}"
         if not first:
             make_cgroups(group)
+            (workdir / "join.json").unlink(missing_ok=True)  # node-1 writes it when Ready
         argv = ["unshare", "--net", "--mount", "--propagation", "private", "--",
                 sys.executable, str(Path(__file__).resolve()), "_inside",
                 f"--workdir={workdir}", f"--cgroup={self.cgroup}", f"--proxy={self.proxy}",
