@@ -1,16 +1,16 @@
 """Time from start to the first proxied connection with many Services, per root VIP mode.
 
     python -m bench.bench_capture_start [--services 10000] [--modes tproxy,interface]
-        [--workers 1,2] [--baseline OTHER_CHECKOUT] [--rounds N] [--manifests DIR]
+        [--workers 1,2] [--cpus 1] [--baseline OTHER_CHECKOUT] [--rounds N] [--manifests DIR]
 
 As root, in a network namespace of its own (bench/lab.py): N ClusterIP Services with 10
 endpoints each from a manifest folder, plus one probe Service whose endpoint is a local
 backend. For each mode and worker count, kubeshim starts on that folder and the clock runs
 until an HTTP request through the probe's ClusterIP is answered (the probe is listed last, so
 it is among the last to be served; a new probe connection starts every 20 ms). kubeshim runs
-on CPU 1 (its workers too), the backend on CPU 0. Prints seconds per run, the CPU seconds
-kubeshim used until then (its processes, live and ended) and its resident memory; all run in
-the same namespace one after the other.
+on the CPUs of --cpus (a taskset list; default CPU 1, its workers too), the backend on CPU 0.
+Prints seconds per run, the CPU seconds kubeshim used until then (its processes, live and
+ended) and its resident memory; all run in the same namespace one after the other.
 With --baseline, the kubeshim of another checkout runs too, alternating with this one in each
 round, so both see the same machine. --manifests keeps the generated folder there and reuses
 it on the next run with the same --services (writing it takes about a minute at 10k).
@@ -106,7 +106,7 @@ def write_folder(folder: Path, services: int) -> None:
 
 
 def first_connection(lab: Lab, tree: Path, folder: Path, mode: str, workers: int,
-                     name: str) -> tuple[float, float, int] | None:
+                     name: str, cpus: str = "1") -> tuple[float, float, int] | None:
     """(seconds, CPU seconds, resident bytes) from the start of `tree`'s kubeshim to the
     probe's answer."""
     start = time.monotonic()
@@ -114,7 +114,7 @@ def first_connection(lab: Lab, tree: Path, folder: Path, mode: str, workers: int
         PYTHON, "-m", "kubeshim", "run", "--manifests", str(folder), "--vip-mode", mode,
         "--workers", str(workers), "--no-dns", "--hostname-override", "bench-node",
         "--healthz-bind-address", "", "--metrics-bind-address", "", "--log-level", "info"],
-        "1", cwd=tree, env={"PYTHONPATH": str(tree)})
+        cpus, cwd=tree, env={"PYTHONPATH": str(tree)})
     probe = Prober(PROBE_IP, 80)
     try:
         while not probe.answered():
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--services", type=int, default=10000)
     p.add_argument("--modes", default="tproxy,interface")
     p.add_argument("--workers", default="1", help="worker counts to run, e.g. 1,2")
+    p.add_argument("--cpus", default="1", help="the CPUs kubeshim may use (taskset list)")
     p.add_argument("--baseline", type=Path, metavar="CHECKOUT",
                    help="another checkout of kubeshim to run alternately, e.g. /work/main")
     p.add_argument("--rounds", type=int, default=1)
@@ -154,14 +155,16 @@ def main(argv: list[str] | None = None) -> int:
                                         str(BACKEND_PORT)], "0", cwd=work)
         while not answered(POD_IP, BACKEND_PORT):
             time.sleep(0.05)
-        print(f"{args.services} Services, {args.services * 10} endpoints; load average "
+        print(f"{args.services} Services, {args.services * 10} endpoints, kubeshim on CPUs "
+              f"{args.cpus}; load average "
               f"{os.getloadavg()[0]:.2f}", flush=True)
         for r in range(args.rounds):
             for mode in args.modes.split(","):
                 for workers in (int(w) for w in args.workers.split(",")):
                     for label, tree in trees.items():
                         name = f"{label}-{mode}-w{workers}"
-                        got = first_connection(lab, tree, folder, mode, workers, f"{name}-{r}")
+                        got = first_connection(lab, tree, folder, mode, workers, f"{name}-{r}",
+                                               args.cpus)
                         if got is None:
                             return 1
                         # Its CPU time too: on a busy machine the wall time mostly measures

@@ -25,7 +25,9 @@ would find them, and turning edits into ClusterState events:
 - work off the event loop: walking, reading and parsing run on a thread; only the resulting
   events are applied on the loop, so a slow disk or a huge file never stalls serving. The one
   exception is the common edit of a few small files (INLINE_FILES of INLINE_BYTES), read on
-  the loop in well under a millisecond, which spares the thread hop.
+  the loop in well under a millisecond, which spares the thread hop. A first read of a large
+  folder (PARALLEL_BYTES), where two or more CPUs may be used, shares the files with a forked
+  child process; if it fails, this process reads its files too.
 - errors are never deletions: an object that fails validation is reported (file, object, field)
   once per change of its file and skipped. A file that cannot be read or parsed (a YAML error,
   an editor's half-written save, too many open files, too large, not a regular file) keeps its
@@ -43,17 +45,19 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import yaml_rs
 
 from kubeshim.cluster.bulk import gc_paused
 from kubeshim.cluster.log import get_logger
+from kubeshim.cluster.model import KINDS as MODEL_KINDS
 from kubeshim.cluster.model import InvalidObject, KubeObject, NamespacedName, decode
 from kubeshim.cluster.state import ClusterState, EventType, Kind, WatchEvent
 from kubeshim.cluster.validation import ServiceCIDRs, validate_strict
@@ -84,6 +88,14 @@ _DOCUMENT_START = re.compile(r"\n---(?=[ \t\r\n]|$)")
 ObjectKey = tuple[str, NamespacedName]  # (kind, namespace/name)
 Signature = tuple[int, int, int]  # (mtime_ns, size, inode)
 DirId = tuple[int, int]  # (st_dev, st_ino)
+
+
+class Logger(Protocol):
+    """Where reading a file reports what it skipped: the log, or a record of it."""
+
+    def warning(self, event: str, **fields: Any) -> None: ...
+
+    def debug(self, event: str, **fields: Any) -> None: ...
 
 
 class ParseError(Exception):
@@ -278,10 +290,11 @@ def _yaml_documents(text: str) -> list[Any]:
     return docs
 
 
-def _items(doc: Any, where: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+def _items(doc: Any, where: str, logger: Logger) -> Iterator[tuple[str, Mapping[str, Any]]]:
     """(kind, object) pairs of one document, unpacking lists."""
     if not isinstance(doc, Mapping):
-        log.warning("skipping document that is not an object", file=where, type=type(doc).__name__)
+        logger.warning("skipping document that is not an object", file=where,
+                       type=type(doc).__name__)
         return
     kind = doc.get("kind")
     if kind in LIST_ITEM_KIND:
@@ -290,14 +303,16 @@ def _items(doc: Any, where: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
             if isinstance(item, Mapping):
                 yield item.get("kind") or default or "", item
             else:
-                log.warning("skipping list item that is not an object", file=where)
+                logger.warning("skipping list item that is not an object", file=where)
         return
     yield kind or "", doc
 
 
 def load_file(path: Path, data: bytes, service_cidrs: ServiceCIDRs | None = None,
-              loopback_endpoints: bool = True) -> dict[ObjectKey, KubeObject]:
-    """The valid Services and EndpointSlices in one file; invalid objects are reported.
+              loopback_endpoints: bool = True, logger: Logger = log
+              ) -> dict[ObjectKey, KubeObject]:
+    """The valid Services and EndpointSlices in one file; invalid objects are reported (to
+    `logger`).
 
     Objects from files get the API server's own validation (names, address classes, the
     service CIDRs when known; see cluster/validation.py, loopback endpoints allowed by
@@ -306,15 +321,15 @@ def load_file(path: Path, data: bytes, service_cidrs: ServiceCIDRs | None = None
     objects: dict[ObjectKey, KubeObject] = {}
     where = str(path)
     for doc in parse_documents(path, data):
-        for kind, raw in _items(doc, where):
+        for kind, raw in _items(doc, where, logger):
             if kind not in KINDS:
-                log.debug("ignoring object of another kind", file=where, kind=kind)
+                logger.debug("ignoring object of another kind", file=where, kind=kind)
                 continue
             try:
                 obj = decode(kind, raw)
                 validate_strict(obj, service_cidrs, loopback_endpoints)
             except InvalidObject as e:
-                log.warning(
+                logger.warning(
                     "skipping invalid object",
                     file=where,
                     kind=kind,
@@ -324,7 +339,7 @@ def load_file(path: Path, data: bytes, service_cidrs: ServiceCIDRs | None = None
                 continue
             key = (kind, obj.key)
             if key in objects:
-                log.warning(
+                logger.warning(
                     "object defined twice in one file, the later wins",
                     file=where,
                     kind=kind,
@@ -332,6 +347,138 @@ def load_file(path: Path, data: bytes, service_cidrs: ServiceCIDRs | None = None
                 )
             objects[key] = obj
     return objects
+
+
+# What became of one file: "loaded" (with its objects), "parse-failed" (the signature of the
+# version that does not parse), "unreadable" (not a regular file, too large), or "os-error"
+# (worth another look); the reason for all but the first.
+Outcome = tuple[str, Signature, str, dict[ObjectKey, KubeObject]]
+_NO_SIGNATURE: Signature = (0, 0, 0)
+
+
+def read_one(path: Path, limit: int, service_cidrs: ServiceCIDRs | None,
+             logger: Logger = log) -> Outcome:
+    """Read, parse and validate one file."""
+    signature = _NO_SIGNATURE
+    try:
+        data, signature = read_file(path, limit)
+        return "loaded", signature, "", load_file(path, data, service_cidrs, logger=logger)
+    except ParseError as e:
+        return "parse-failed", signature, str(e), {}
+    except Unreadable as e:
+        return "unreadable", signature, str(e), {}
+    except OSError as e:
+        return "os-error", signature, _os_reason(e), {}
+
+
+# --- reading in two processes -----------------------------------------------------------------
+#
+# YAML parsing holds the interpreter lock, so threads cannot share it. A first read of a large
+# folder, where this process may use two or more CPUs, gives about half of the files (by size)
+# to a forked child: it reads, parses and validates them as this process would, and hands back
+# its outcomes in msgpack (each object encoded by msgspec with its own type), with what it would
+# have logged. A child that fails in any way (killed, an error, a short result) costs nothing
+# but time: this process then reads its files itself.
+
+# A full read of at least this many bytes, in two or more files, is shared with a child.
+PARALLEL_BYTES = 4 * 1024 * 1024
+# The child's outcomes: (path, status, signature, reason, [(kind, object)], [(level, event,
+# fields)]).
+_Wire = list[tuple[str, str, Signature, str, list[tuple[str, msgspec.Raw]],
+                   list[tuple[str, str, dict[str, Any]]]]]
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODERS = {kind: msgspec.msgpack.Decoder(cls) for kind, cls in MODEL_KINDS.items()}
+
+
+class _Recorder:
+    """What reading a file would log, for the process that takes its outcome."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict[str, Any]]] = []
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.lines.append(("warning", event, fields))
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self.lines.append(("debug", event, fields))
+
+
+def split_by_size(paths: list[tuple[Path, int]]) -> tuple[list[Path], list[Path]]:
+    """Two groups of about equal bytes (largest first, each to the lighter group)."""
+    groups: tuple[list[Path], list[Path]] = ([], [])
+    sizes = [0, 0]
+    for path, size in sorted(paths, key=lambda p: -p[1]):
+        lighter = 0 if sizes[0] <= sizes[1] else 1
+        groups[lighter].append(path)
+        sizes[lighter] += size
+    return groups
+
+
+def _child(paths: list[Path], limit: int, service_cidrs: ServiceCIDRs | None, fd: int) -> None:
+    """In the forked child: the outcomes of `paths` into `fd`, then exit (never returns)."""
+    code = 70
+    try:
+        # Signals are the parent's to handle: the child just ends (uvloop's handlers would
+        # report them through the parent's own wakeup pipe).
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        wire: list[Any] = []
+        for path in paths:
+            recorder = _Recorder()
+            status, signature, reason, objects = read_one(path, limit, service_cidrs, recorder)
+            wire.append((str(path), status, signature, reason,
+                         [(kind, msgspec.Raw(_ENCODER.encode(obj)))
+                          for (kind, _), obj in objects.items()], recorder.lines))
+        with open(fd, "wb", closefd=False) as out:
+            out.write(_ENCODER.encode(wire))
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _decode(data: bytes) -> dict[Path, Outcome]:
+    outcomes: dict[Path, Outcome] = {}
+    for path, status, signature, reason, objects, lines in msgspec.msgpack.decode(
+            data, type=_Wire):
+        for level, event, fields in lines:
+            getattr(log, level)(event, **fields)
+        decoded: dict[ObjectKey, KubeObject] = {}
+        for kind, raw in objects:
+            obj = _DECODERS[kind].decode(raw)
+            decoded[(kind, obj.key)] = obj
+        outcomes[Path(path)] = (status, signature, reason, decoded)
+    return outcomes
+
+
+def read_parallel(paths: list[Path], limit: int, service_cidrs: ServiceCIDRs | None,
+                  child_paths: list[Path]) -> dict[Path, Outcome]:
+    """The outcomes of `paths`, `child_paths` of them read by a forked child meanwhile."""
+    mine = [p for p in paths if p not in set(child_paths)]
+    fd = os.memfd_create("kubeshim-manifests", os.MFD_CLOEXEC)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _child(child_paths, limit, service_cidrs, fd)
+        outcomes = {path: read_one(path, limit, service_cidrs) for path in mine}
+        _, status = os.waitpid(pid, 0)
+        problem = "" if status == 0 else (
+            f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+            else f"exit code {os.waitstatus_to_exitcode(status)}")
+        if not problem:
+            try:
+                theirs = _decode(os.pread(fd, os.fstat(fd).st_size, 0))
+                if set(theirs) != set(child_paths):
+                    problem = "an incomplete result"
+            except Exception as e:  # its output is this program's: a bug, not bad input
+                problem = f"an unreadable result ({e!r})"
+        if problem:
+            log.warning("manifest reading process failed; reading its files here",
+                        reason=problem, files=len(child_paths))
+            theirs = {path: read_one(path, limit, service_cidrs) for path in child_paths}
+        outcomes.update(theirs)
+        return {path: outcomes[path] for path in paths}
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -355,13 +502,16 @@ class ManifestSource:
 
     def __init__(self, path: Path, state: ClusterState, *, poll_interval: float = 0.5,
                  max_file_bytes: int = MAX_FILE_BYTES, use_inotify: bool = True,
-                 service_cidrs: ServiceCIDRs | None = None) -> None:
+                 service_cidrs: ServiceCIDRs | None = None,
+                 parallel_bytes: int = PARALLEL_BYTES) -> None:
         self.path = Path(path)
         self.state = state
         self.poll_interval = poll_interval
         self.max_file_bytes = max_file_bytes
         self.use_inotify = use_inotify
         self.service_cidrs = service_cidrs
+        self.parallel_bytes = parallel_bytes
+        self.parallel_reads = 0  # full reads shared with a child process
         self._files: dict[Path, _File] = {}
         # Every file's objects by key: the winner is the last path in sorted order.
         self._defs: dict[ObjectKey, dict[Path, KubeObject]] = {}
@@ -471,20 +621,28 @@ class ManifestSource:
                     candidates[path] = _signature(st)
                 else:
                     result.problems[path] = f"{_file_type(st.st_mode)}, not a regular file; skipped"
-        for path, signature in candidates.items():
-            known = self._files.get(path)
-            if known is not None and known.signature == signature:
-                continue
-            try:
-                data, signature = read_file(path, self.max_file_bytes)
-                result.loaded[path] = _File(signature, load_file(path, data, self.service_cidrs))
-            except ParseError as e:
-                result.problems[path] = f"cannot parse: {e}"
+        todo = [(path, signature) for path, signature in candidates.items()
+                if (known := self._files.get(path)) is None or known.signature != signature]
+        to_read = [path for path, _ in todo]
+        if (full and len(todo) > 1 and sum(sig[1] for _, sig in todo) >= self.parallel_bytes
+                and len(os.sched_getaffinity(0)) > 1):
+            self.parallel_reads += 1
+            child_paths, _ = split_by_size([(path, sig[1]) for path, sig in todo])
+            outcomes = read_parallel(to_read, self.max_file_bytes, self.service_cidrs,
+                                     child_paths)
+        else:
+            outcomes = {path: read_one(path, self.max_file_bytes, self.service_cidrs)
+                        for path in to_read}
+        for path, (status, signature, reason, objects) in outcomes.items():
+            if status == "loaded":
+                result.loaded[path] = _File(signature, objects)
+            elif status == "parse-failed":
+                result.problems[path] = f"cannot parse: {reason}"
                 result.parse_failed[path] = signature
-            except Unreadable as e:
-                result.problems[path] = str(e)
-            except OSError as e:
-                result.problems[path] = f"cannot read: {_os_reason(e)}"
+            elif status == "unreadable":
+                result.problems[path] = reason
+            else:
+                result.problems[path] = f"cannot read: {reason}"
                 result.retry.add(path)
         return result
 

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kubeshim.cluster.model import NamespacedName
+from kubeshim.cluster.sources import manifests
 from kubeshim.cluster.sources.manifests import ManifestSource, load_file
 from kubeshim.cluster.state import ClusterState, ServiceChange
 
@@ -267,3 +270,70 @@ async def test_large_valid_file_is_parsed_off_the_loop(tmp_path: Path, harness) 
     h = harness()
     await h.wait(lambda: len(h.state.services) == 300, timeout=120)
     assert h.max_stall < parse_seconds / 2, (h.max_stall, parse_seconds)
+
+
+def shared_folder(folder: Path) -> None:
+    """Four files for a first read shared with a child process. The child gets c.yaml (the
+    largest), which does not parse after many valid documents, and d.yaml (the smallest, added
+    to the lighter share), which holds an invalid object."""
+    folder.mkdir(exist_ok=True)
+    for name, count in (("a", 50), ("b", 30), ("c", 60)):
+        write(folder / f"{name}.yaml", "---\n".join(
+            manifest(f"{name}{i}", f"10.96.{ord(name)}.{i + 1}") for i in range(count)))
+    with open(folder / "c.yaml", "a") as f:
+        f.write("---\nkind: [Service\n")
+    write(folder / "d.yaml", manifest("d0", "10.96.4.1") + "---\n"
+          + manifest("d1", "10.96.4.2", ep="0.0.0.0"))
+    child, _ = manifests.split_by_size([(p, p.stat().st_size) for p in folder.glob("*.yaml")])
+    assert sorted(p.name for p in child) == ["c.yaml", "d.yaml"]
+
+
+def read_folder(folder: Path, parallel: bool) -> tuple[ManifestSource, ClusterState]:
+    state = ClusterState()
+    source = ManifestSource(folder, state, use_inotify=False,
+                            parallel_bytes=0 if parallel else 1 << 60)
+    source.load_once()
+    return source, state
+
+
+async def test_a_first_read_shared_with_a_child_process_reports_as_one(
+        tmp_path: Path, harness, caplog: pytest.LogCaptureFixture) -> None:
+    # The daemon's way: the first read on a thread of the running loop forks the child.
+    shared_folder(tmp_path)
+    h = harness(parallel_bytes=0)
+    await h.wait(lambda: "manifests loaded" in log_text(caplog))
+    assert h.source.parallel_reads == 1
+    shared = log_text(caplog)
+    caplog.clear()
+    _, alone = read_folder(tmp_path, parallel=False)
+    # The same state as one process reads, and the same reports, each naming its file.
+    assert h.state.services == alone.services
+    assert len(alone.services) == 50 + 30 + 2  # c.yaml does not parse; d1 has no endpoints
+    for text in (shared, log_text(caplog)):
+        assert f"skipping invalid object file={tmp_path / 'd.yaml'}" in text
+        assert f"manifest skipped; keeping its previous objects file={tmp_path / 'c.yaml'}" \
+            f" reason=cannot parse" in text
+    assert h.withdrawn == []
+
+
+def test_a_reading_child_that_dies_costs_only_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    shared_folder(tmp_path)
+    parent = os.getpid()
+    real = manifests.read_one
+
+    def killed_in_child(*args: Any, **kwargs: Any) -> manifests.Outcome:
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)  # the child dies mid-read
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(manifests, "read_one", killed_in_child)
+    source, state = read_folder(tmp_path, parallel=True)
+    assert source.parallel_reads == 1
+    assert ("manifest reading process failed; reading its files here reason=killed by "
+            "signal 9") in log_text(caplog)
+    monkeypatch.undo()
+    _, alone = read_folder(tmp_path, parallel=False)
+    assert state.services == alone.services and len(state.services) == 82
+    assert f"file={tmp_path / 'c.yaml'} reason=cannot parse" in log_text(caplog)
