@@ -49,6 +49,7 @@ from kubeshim.proxy.tcp import ClientSide, TcpFrontend, listen_socket
 from kubeshim.proxy.transparent import Capture, CaptureError, Target
 from kubeshim.proxy.udp import UdpFrontend, bind_socket
 from kubeshim.proxy.vip import (
+    AddressWatch,
     InterfaceVips,
     LoopbackMapper,
     NetlinkWorker,
@@ -106,6 +107,9 @@ class Proxier:
         self._sync_task: asyncio.Task[None] | None = None
         self._retry_handles: dict[NamespacedName, asyncio.TimerHandle] = {}
         self._housekeeping: asyncio.TimerHandle | None = None
+        self._addresses: AddressWatch | None = None
+        self._addresses_read: asyncio.Task[None] | None = None
+        self._addresses_stale = False
         self._reported: set[tuple[ServicePortName, str]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -151,6 +155,8 @@ class Proxier:
             self.capture.sources.node_addresses = self._local_ips
             self.capture.sources.links = [
                 ipaddress.ip_network(n) for n in await self._netlink.call(local_networks, exclude)]
+            # A CNI bridge gets its address when the first Pod starts, after kubeshim did.
+            self._addresses = AddressWatch(self._loop, self._addresses_changed)
         log.info("proxy starting", vip_mode=cfg.vip_mode, node=cfg.node_name or "-",
                  nodeport_addresses=",".join(self.node_ips) or "-", balance=cfg.balance,
                  max_connections=self.tcp_budget.limit,
@@ -167,6 +173,29 @@ class Proxier:
         self._schedule()
         self._housekeeping = self._loop.call_later(HOUSEKEEPING_PERIOD, self._housekeep)
 
+    def _addresses_changed(self) -> None:
+        self._addresses_stale = True
+        if self._addresses_read is None and self._loop is not None:
+            self._addresses_read = self._loop.create_task(self._read_addresses())
+
+    async def _read_addresses(self) -> None:
+        """The node's addresses and on-link networks again, for the capture's client-address
+        decisions (SourcePolicy: a client and an endpoint on one link get the node's address)."""
+        try:
+            while self._addresses_stale and self.capture is not None:
+                self._addresses_stale = False
+                await asyncio.sleep(0.05)  # one read for a burst of changes
+                ips = {ip for ip, _ in await self._netlink.call(local_addresses, "")}
+                nets = await self._netlink.call(local_networks, "")
+                self._local_ips.clear()  # shared with the port tables and the capture
+                self._local_ips.update(ips)
+                self.capture.sources.links = [ipaddress.ip_network(n) for n in nets]
+                log.info("node addresses changed", addresses=len(ips), networks=",".join(nets))
+        except Exception as e:  # noqa: BLE001 - the next change reads them again
+            log.warning("cannot read the node's addresses", reason=str(e))
+        finally:
+            self._addresses_read = None
+
     async def stop(self, drain_timeout: float, keep_addresses: bool = False,
                    before_cleanup: asyncio.Event | None = None) -> None:
         """Stop accepting, let open connections finish until the deadline, then remove VIPs
@@ -180,6 +209,10 @@ class Proxier:
             handle.cancel()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        if self._addresses is not None:
+            self._addresses.close()
+        if self._addresses_read is not None:
+            self._addresses_read.cancel()
         for rt in self.services.values():
             for listener in rt.listeners.values():
                 listener.close()

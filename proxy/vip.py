@@ -205,6 +205,42 @@ def local_addresses(exclude_ifname: str = "") -> list[tuple[str, str]]:
     return out
 
 
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV6_IFADDR = 0x100
+
+
+class AddressWatch:
+    """Calls `changed` on the event loop when an address of this host comes or goes (rtnetlink's
+    address multicast groups; the messages are not parsed: the caller reads the addresses
+    again)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, changed: Callable[[], None]) -> None:
+        self._loop = loop
+        self._changed = changed
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
+                                   socket.NETLINK_ROUTE)
+        try:
+            self._sock.bind((0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+        except BaseException:
+            self._sock.close()
+            raise
+        loop.add_reader(self._sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            while self._sock.recv(65536):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            pass  # ENOBUFS: messages were lost, which a full read covers anyway
+        self._changed()
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+
 def local_networks(exclude_ifname: str = "") -> list[str]:
     """The on-link networks of this host's addresses (wider than /32 and /128)."""
     out: set[str] = set()

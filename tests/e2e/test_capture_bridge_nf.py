@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.netns import NODE_IP, Lab
-from tests.nodelab import Cluster, serve_dns
+from tests.netns import NODE_IP, OUTSIDE_NODE_IP, Lab
+from tests.nodelab import BACKEND, Cluster, serve_dns
 from tests.proxy_helpers import endpoint, endpoint_slice, service
 
 pytestmark = pytest.mark.e2e
@@ -29,6 +29,7 @@ HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
 HTTP_EP = [{"name": "http", "port": 8080, "protocol": "TCP"}]
 DNS = [{"name": "dns", "port": 53, "protocol": "UDP"}]
 ROUTED_POD = "10.244.1.5"
+LATE_CIDR = "192.168.50.0/24"  # a second bridge's Pods, whose bridge appears after the start
 FW_LB_IP = "192.168.77.30"
 KUBE_DNS = "10.96.0.100"
 REDIRECT_PORT = 10266  # --capture-port's default + 1
@@ -50,7 +51,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         # A host program on a NodePort: the capture wins over it.
         lab.node.popen(["socat", "TCP-LISTEN:30080,fork,reuseaddr", "SYSTEM:echo host"])
         # No --vip-mode: the default as root, with br_netfilter on.
-        with c.running("--hostname-override", NODE, "--cluster-cidr", "10.244.0.0/16",
+        with c.running("--hostname-override", NODE, "--cluster-cidr",
+                       f"10.244.0.0/16,{LATE_CIDR}",
                        "--dns-transparent-bind", f"{KUBE_DNS}:53", "--upstream", "127.0.0.1:9",
                        "--drain-timeout", "1",
                        ready=lambda: len(c.status()["services"]) == SERVICES):
@@ -170,3 +172,21 @@ def test_redirect_listeners_reached_only_through_the_redirect(cluster: Cluster) 
         assert out.returncode == 7, (where.name, out.returncode)  # refused
         out = where.run([sys.executable, "-c", UDP_PROBE, address, str(REDIRECT_PORT)])
         assert out.stdout.strip() == "ConnectionRefusedError", where.name
+
+
+def test_a_bridge_that_appears_after_the_start(cluster: Cluster) -> None:
+    """A CNI bridge gets its address when the first Pod starts, after kubeshim did: a client and
+    an endpoint behind it still get the node's address (on that bridge) towards each other."""
+    lab = cluster.lab
+    late = lab.add_outside("late-pod", "192.168.50.2")  # creates the ext0 bridge now
+    client = lab.add_outside("late-client", "192.168.50.3")
+    late.popen([sys.executable, str(BACKEND), "late-pod"])
+    late.wait_port("", 8080)
+    cluster.put(service("late", "10.96.0.43", HTTP),
+                endpoint_slice("late", [endpoint(late.ip, node=NODE)], HTTP_EP))
+    cluster.wait(lambda: any(s["name"] == "default/late" and s["ports"][0]["endpoints"]
+                             for s in cluster.status()["services"]), "the late Service")
+    for _ in range(4):  # each process of the node, whichever accepts
+        out = client.run(["curl", "-sS", "--max-time", "3", "http://10.96.0.43/peer"],
+                         check=False)
+        assert out.stdout.strip() == OUTSIDE_NODE_IP, out.stderr
