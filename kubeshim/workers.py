@@ -212,7 +212,7 @@ class WorkerPool:
         only with every Service of the first full state in its index.
 
         Nothing goes out between the first full state and this process's first sync of it:
-        that sync (which polls for the synced state) would otherwise wait for the pickling,
+        that sync (which polls for the synced state) would otherwise wait for the encoding,
         and, on a busy CPU, for the worker's own sync of what it received, before any
         connection is served. Workers join the listeners only once synced, so the control
         process serves alone until then either way."""

@@ -453,21 +453,29 @@ def _decode(data: bytes) -> dict[Path, Outcome]:
 def read_parallel(paths: list[Path], limit: int, service_cidrs: ServiceCIDRs | None,
                   child_paths: list[Path]) -> dict[Path, Outcome]:
     """The outcomes of `paths`, `child_paths` of them read by a forked child meanwhile."""
-    mine = [p for p in paths if p not in set(child_paths)]
+    in_child = set(child_paths)
     fd = os.memfd_create("kubeshim-manifests", os.MFD_CLOEXEC)
     try:
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            log.warning("cannot start a manifest reading process; reading its files here",
+                        reason=_os_reason(e), files=len(child_paths))
+            return {path: read_one(path, limit, service_cidrs) for path in paths}
         if pid == 0:
             _child(child_paths, limit, service_cidrs, fd)
-        outcomes = {path: read_one(path, limit, service_cidrs) for path in mine}
-        _, status = os.waitpid(pid, 0)
+        try:
+            outcomes = {path: read_one(path, limit, service_cidrs) for path in paths
+                        if path not in in_child}
+        finally:
+            _, status = os.waitpid(pid, 0)
         problem = "" if status == 0 else (
             f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
             else f"exit code {os.waitstatus_to_exitcode(status)}")
         if not problem:
             try:
                 theirs = _decode(os.pread(fd, os.fstat(fd).st_size, 0))
-                if set(theirs) != set(child_paths):
+                if set(theirs) != in_child:
                     problem = "an incomplete result"
             except Exception as e:  # its output is this program's: a bug, not bad input
                 problem = f"an unreadable result ({e!r})"

@@ -337,3 +337,18 @@ def test_a_reading_child_that_dies_costs_only_time(
     _, alone = read_folder(tmp_path, parallel=False)
     assert state.services == alone.services and len(state.services) == 82
     assert f"file={tmp_path / 'c.yaml'} reason=cannot parse" in log_text(caplog)
+
+
+def test_no_process_to_share_the_read_with_reads_here(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # fork failing (EAGAIN under a process limit) cannot be had on demand as root: a stand-in.
+    def no_fork() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    shared_folder(tmp_path)
+    monkeypatch.setattr(os, "fork", no_fork)
+    source, state = read_folder(tmp_path, parallel=True)
+    assert source.parallel_reads == 1
+    assert "cannot start a manifest reading process; reading its files here" in log_text(caplog)
+    assert len(state.services) == 82
