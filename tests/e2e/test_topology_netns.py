@@ -88,16 +88,25 @@ def lab4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab4]:
         c.put(node("zone-a"))
         c.wait_pods()
         c.pods["pod-a"].wait_port("", 7000)
-        with c.running("--hostname-override", NODE, "--no-dns",
+        # One worker: the spreads below count on one round-robin cursor (each worker process
+        # keeps its own, docs/operations.md).
+        with c.running("--hostname-override", NODE, "--no-dns", "--workers", "1",
                        "--tcp-idle-timeout", f"{IDLE_TIMEOUT}s", "--drain-timeout", "1",
                        ready=lambda: c.full_status()["synced"], what="the proxy to start"):
             yield c
 
 
+def serving(port: dict[str, Any]) -> list[str]:
+    """Where a port of `kubeshim status` takes traffic: its listeners (interface mode) or its
+    captured tuples (tproxy mode)."""
+    return port.get("listeners") or [e["address"] for e in port.get("capture", [])
+                                     if e["verdict"] == "captured"]
+
+
 def served(c: Lab4, name: str, topology: str | None) -> Callable[[], bool]:
     def check() -> bool:
         port = c.port_status(name)
-        return bool(port.get("listeners")) and port.get("topology") == topology
+        return bool(serving(port)) and port.get("topology") == topology
     return check
 
 
@@ -174,7 +183,7 @@ def test_external_policy_local_on_a_cluster_ip_service_with_external_ips(lab4: L
     lab4.put(service("extlocal", "10.96.1.7", externalIPs=[EXTERNAL_IP],
                      externalTrafficPolicy="Local"),
              slice_("extlocal", [lab4.endpoint(p) for p in ("pod-a", "pod-b", "pod-c")]))
-    lab4.wait(lambda: len(lab4.port_status("extlocal")["listeners"]) == 2, "extlocal listeners")
+    lab4.wait(lambda: len(serving(lab4.port_status("extlocal"))) == 2, "extlocal served")
     # External traffic stays on this node's endpoint; cluster traffic uses every endpoint.
     assert set(lab4.spread(f"http://{EXTERNAL_IP}/", 9)) == {"pod-a"}
     assert set(lab4.spread("http://10.96.1.7/", 9)) == {"pod-a", "pod-b", "pod-c"}
@@ -193,7 +202,7 @@ def test_idle_connections_close_only_after_the_idle_timeout(lab4: Lab4) -> None:
     lab4.put(service("echo", "10.96.1.8", echo),
              slice_("echo", [lab4.endpoint("pod-a")],
                     [{"name": "echo", "port": 7000, "protocol": "TCP"}]))
-    lab4.wait(lambda: bool(lab4.port_status("echo")["listeners"]), "echo served")
+    lab4.wait(lambda: bool(serving(lab4.port_status("echo"))), "echo served")
     kept = LiveConnection(lab4.client, "10.96.1.8:7000")
     dropped = LiveConnection(lab4.client, "10.96.1.8:7000")
     try:
