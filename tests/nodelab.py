@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,12 @@ from tests.daemon import ROOT
 from tests.netns import Lab, Netns, wait_until
 
 METRICS = "127.0.0.1:10249"  # the metrics address inside the node namespace
+NODE = "node-1"  # --hostname-override: endpoints of this node are local
+OTHER = "node-2"
+HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
+HTTP_EP = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+DNS = [{"name": "dns", "port": 53, "protocol": "UDP"}]
+ROUTED_POD = "10.244.1.5"  # add_pod(..., routed=True): its own /32, the way Calico attaches one
 BACKEND = ROOT / "tests/e2e/proxy_backend.py"  # answers its pod's name on :8080
 
 
@@ -184,6 +191,14 @@ class Cluster:
         out = self.client.run(["curl", "-sS", "--max-time", "5", "-H", "Connection: close",
                                *extra, *urls])
         return out.stdout.split()
+
+    def timed_curl(self, ns: str, url: str, timeout: float = 3) -> tuple[int, str, float]:
+        """(curl exit code, body, seconds) of one request from `ns` ("node" or a host)."""
+        where = self.lab.node if ns == "node" else self.lab.hosts[ns]
+        start = time.monotonic()
+        out = where.run(["curl", "-sS", "--max-time", str(timeout), "-H", "Connection: close",
+                         url], check=False)
+        return out.returncode, out.stdout.strip(), time.monotonic() - start
 
     def spread(self, url: str, count: int) -> collections.Counter[str]:
         """`count` connections to `url`, one request each: which pod answered how often."""

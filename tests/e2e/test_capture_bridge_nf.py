@@ -11,24 +11,27 @@ the endpoint sees, and that the redirect listeners are reached only through the 
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.netns import NODE_IP, OUTSIDE_NODE_IP, Lab
-from tests.nodelab import BACKEND, Cluster, serve_dns
+from tests.nodelab import (
+    BACKEND,
+    DNS,
+    HTTP,
+    HTTP_EP,
+    NODE,
+    OTHER,
+    ROUTED_POD,
+    Cluster,
+    serve_dns,
+)
 from tests.proxy_helpers import endpoint, endpoint_slice, service
 
 pytestmark = pytest.mark.e2e
 
-NODE = "node-1"
-OTHER = "node-2"
-HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
-HTTP_EP = [{"name": "http", "port": 8080, "protocol": "TCP"}]
-DNS = [{"name": "dns", "port": 53, "protocol": "UDP"}]
-ROUTED_POD = "10.244.1.5"
 LATE_CIDR = "192.168.50.0/24"  # a second bridge's Pods, whose bridge appears after the start
 FW_LB_IP = "192.168.77.30"
 KUBE_DNS = "10.96.0.100"
@@ -87,14 +90,6 @@ def build_manifests(c: Cluster) -> None:
     )
 
 
-def curl(c: Cluster, ns: str, url: str, timeout: float = 3) -> tuple[int, str, float]:
-    """(curl exit code, body, seconds) from the host `ns`."""
-    start = time.monotonic()
-    out = c.lab.hosts[ns].run(["curl", "-sS", "--max-time", str(timeout), "-H",
-                               "Connection: close", url], check=False)
-    return out.returncode, out.stdout.strip(), time.monotonic() - start
-
-
 UDP_PROBE = (
     "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)\n"
     "s.connect((sys.argv[1], int(sys.argv[2]))); s.send(b'x')\n"
@@ -114,7 +109,7 @@ def test_default_mode_is_tproxy_with_bridge_netfilter_on(cluster: Cluster) -> No
 def test_pod_to_cluster_ip_tcp(cluster: Cluster) -> None:
     assert set(cluster.spread("http://10.96.0.10/", 8)) == {"pod-a", "pod-b"}
     # A NodePort on the bridge's address, over a host program on the same port.
-    assert {curl(cluster, "client", f"http://{NODE_IP}:30080/")[1]
+    assert {cluster.timed_curl("client", f"http://{NODE_IP}:30080/")[1]
             for _ in range(4)} == {"pod-a", "pod-b"}
 
 
@@ -138,7 +133,7 @@ def test_kube_dns_cluster_ip_answered_by_the_dns_server(cluster: Cluster) -> Non
 
 def test_no_endpoints_and_other_ports_refused_at_once(cluster: Cluster) -> None:
     for url in ("http://10.96.0.15/", "http://10.96.0.10:2222/"):
-        code, _, took = curl(cluster, "client", url)
+        code, _, took = cluster.timed_curl("client", url)
         assert code == 7 and took < 1.0, (url, code)  # the SYN got a reset
     for address, port in (("10.96.0.15", "53"), ("10.96.0.53", "54")):
         out = cluster.client.run([sys.executable, "-c", UDP_PROBE, address, port])
@@ -146,21 +141,21 @@ def test_no_endpoints_and_other_ports_refused_at_once(cluster: Cluster) -> None:
 
 
 def test_local_policy_drops_and_source_ranges_filter(cluster: Cluster) -> None:
-    code, _, took = curl(cluster, "client", "http://10.96.0.20/", timeout=2)
+    code, _, took = cluster.timed_curl("client", "http://10.96.0.20/", timeout=2)
     assert code == 28 and took >= 1.9  # dropped: the client times out
-    code, _, _ = curl(cluster, "client", f"http://{FW_LB_IP}/", timeout=2)
+    code, _, _ = cluster.timed_curl("client", f"http://{FW_LB_IP}/", timeout=2)
     assert code == 28  # the bridged pod is outside the ranges
-    assert curl(cluster, "pod-r", f"http://{FW_LB_IP}/")[1] == "pod-a"
+    assert cluster.timed_curl("pod-r", f"http://{FW_LB_IP}/")[1] == "pod-a"
 
 
 def test_endpoint_sees_what_is_documented(cluster: Cluster) -> None:
     client, routed = cluster.client.ip, ROUTED_POD
     # Client and endpoint on the node's bridge: they would talk past kubeshim, so the node's
     # address.
-    assert curl(cluster, "client", "http://10.96.0.41/peer")[1] == NODE_IP
+    assert cluster.timed_curl("client", "http://10.96.0.41/peer")[1] == NODE_IP
     # A bridged pod to a routed endpoint, and a routed pod to a bridged endpoint: their own.
-    assert curl(cluster, "client", "http://10.96.0.42/peer")[1] == client
-    assert curl(cluster, "pod-r", "http://10.96.0.41/peer")[1] == routed
+    assert cluster.timed_curl("client", "http://10.96.0.42/peer")[1] == client
+    assert cluster.timed_curl("pod-r", "http://10.96.0.41/peer")[1] == routed
 
 
 def test_redirect_listeners_reached_only_through_the_redirect(cluster: Cluster) -> None:

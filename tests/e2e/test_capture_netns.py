@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import socket
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,17 +20,21 @@ import pytest
 
 from tests.daemon import ROOT
 from tests.netns import NODE_IP, OUTSIDE_NODE_IP, Lab
-from tests.nodelab import METRICS, Cluster, serve_dns
+from tests.nodelab import (
+    DNS,
+    HTTP,
+    HTTP_EP,
+    METRICS,
+    NODE,
+    OTHER,
+    ROUTED_POD,
+    Cluster,
+    serve_dns,
+)
 from tests.proxy_helpers import endpoint, endpoint_slice, service
 
 pytestmark = pytest.mark.e2e
 
-NODE = "node-1"
-OTHER = "node-2"
-HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
-HTTP_EP = [{"name": "http", "port": 8080, "protocol": "TCP"}]
-DNS = [{"name": "dns", "port": 53, "protocol": "UDP"}]
-ROUTED_POD = "10.244.1.5"
 CLIENT = "192.168.50.2"
 NEIGHBOUR = "192.168.50.3"
 EXTERNAL_IP = "192.168.50.7"  # on the outside segment, like an L2-announced address
@@ -116,15 +119,6 @@ def build_manifests(c: Cluster) -> None:
     )
 
 
-def curl(c: Cluster, ns: str, url: str, timeout: float = 3) -> tuple[int, str, float]:
-    """(curl exit code, body, seconds) from the namespace `ns` ("node" or a host)."""
-    where = c.lab.node if ns == "node" else c.lab.hosts[ns]
-    start = time.monotonic()
-    out = where.run(["curl", "-sS", "--max-time", str(timeout), "-H", "Connection: close", url],
-                    check=False)
-    return out.returncode, out.stdout.strip(), time.monotonic() - start
-
-
 def capture_of(c: Cluster, service_name: str) -> dict[str, str]:
     for s in c.status()["services"]:
         if s["name"] == f"default/{service_name}":
@@ -137,7 +131,7 @@ def test_service_tuples_reach_endpoints_from_pods_outside_and_the_node(cluster: 
                     ("outside", f"http://{EXTERNAL_IP}/"),
                     ("outside", f"http://{OUTSIDE_NODE_IP}:30080/"),
                     ("node", "http://10.96.0.10/"), ("node", f"http://{NODE_IP}:30080/")):
-        answers = {curl(cluster, ns, url)[1] for _ in range(4)}
+        answers = {cluster.timed_curl(ns, url)[1] for _ in range(4)}
         assert answers == {"pod-a", "pod-b"}, (ns, url, answers)
 
 
@@ -152,14 +146,14 @@ def test_host_program_on_a_service_port_is_not_reachable_through_service_address
         cluster: Cluster) -> None:
     # Other ports of a ClusterIP are rejected at once, as kube-proxy's cluster-ips-check does;
     # an externalIP or LB IP is just not an address of the node.
-    code, body, took = curl(cluster, "client", "http://10.96.0.10:2222/")
+    code, body, took = cluster.timed_curl("client", "http://10.96.0.10:2222/")
     assert code == 7 and took < 1.0, (code, body)
-    code, body, _ = curl(cluster, "outside", f"http://{EXTERNAL_IP}:2222/", timeout=2)
+    code, body, _ = cluster.timed_curl("outside", f"http://{EXTERNAL_IP}:2222/", timeout=2)
     assert code != 0 and "host" not in body
-    code, body, _ = curl(cluster, "outside", f"http://{LB_IP}:2222/", timeout=2)
+    code, body, _ = cluster.timed_curl("outside", f"http://{LB_IP}:2222/", timeout=2)
     assert code != 0 and "host" not in body
     # The Service port itself goes to the endpoint, never to the host program on it ...
-    assert curl(cluster, "client", "http://10.96.0.60:2222/")[1] == "pod-a"
+    assert cluster.timed_curl("client", "http://10.96.0.60:2222/")[1] == "pod-a"
     # ... which still works on the node's own address (it could bind 0.0.0.0:2222 at all).
     out = cluster.client.run(["socat", "-T2", "-", f"TCP:{NODE_IP}:2222"], input="")
     assert out.stdout.strip() == "host"
@@ -198,7 +192,7 @@ def test_no_arp_reply_for_service_addresses(cluster: Cluster) -> None:
 
 
 def test_no_endpoints_refused_at_once_tcp_and_udp(cluster: Cluster) -> None:
-    code, _, took = curl(cluster, "client", "http://10.96.0.15/")
+    code, _, took = cluster.timed_curl("client", "http://10.96.0.15/")
     assert code == 7 and took < 1.0  # connect() refused: the SYN got a reset
     probe = (
         "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)\n"
@@ -215,12 +209,12 @@ def test_verdict_flips_as_a_port_gains_and_loses_its_endpoints(cluster: Cluster)
     cluster.put(service("flip", "10.96.0.16", HTTP), endpoint_slice("flip", pod_a, HTTP_EP))
     cluster.wait(lambda: capture_of(cluster, "flip") == {"10.96.0.16:80/TCP": "captured"},
                  "the flip service")
-    assert curl(cluster, "client", "http://10.96.0.16/")[1] == "pod-a"
+    assert cluster.timed_curl("client", "http://10.96.0.16/")[1] == "pod-a"
     for endpoints, verdict in (([], "rejected"), (pod_a, "captured"), ([], "rejected")):
         cluster.put(endpoint_slice("flip", endpoints, HTTP_EP))
         cluster.wait(lambda v=verdict: capture_of(cluster, "flip")  # type: ignore[misc]
                      == {"10.96.0.16:80/TCP": v}, f"the verdict {verdict}")
-        code, body, took = curl(cluster, "client", "http://10.96.0.16/")
+        code, body, took = cluster.timed_curl("client", "http://10.96.0.16/")
         assert (code, body) == ((7, "") if verdict == "rejected" else (0, "pod-a")), (code, body)
         assert took < 1.0
     # The element changes went through libnftables in-process (pip-nftables is a dependency).
@@ -256,29 +250,29 @@ def test_transactions_apply_whole_or_not_at_all(cluster: Cluster, how: str) -> N
 
 def test_local_policy_without_local_endpoint_drops_outside_but_serves_node_and_pods(
         cluster: Cluster) -> None:
-    code, _, took = curl(cluster, "outside", f"http://{LOCAL_LB_IP}/", timeout=2)
+    code, _, took = cluster.timed_curl("outside", f"http://{LOCAL_LB_IP}/", timeout=2)
     assert code == 28 and took >= 1.9  # dropped: the client times out
-    code, _, _ = curl(cluster, "outside", f"http://{OUTSIDE_NODE_IP}:30090/", timeout=2)
+    code, _, _ = cluster.timed_curl("outside", f"http://{OUTSIDE_NODE_IP}:30090/", timeout=2)
     assert code == 28
     # kube-proxy short-circuits the node's own and its pods' traffic to cluster endpoints.
-    assert curl(cluster, "node", f"http://{LOCAL_LB_IP}/")[1] == "pod-b"
-    assert curl(cluster, "client", f"http://{LOCAL_LB_IP}/")[1] == "pod-b"
+    assert cluster.timed_curl("node", f"http://{LOCAL_LB_IP}/")[1] == "pod-b"
+    assert cluster.timed_curl("client", f"http://{LOCAL_LB_IP}/")[1] == "pod-b"
     assert capture_of(cluster, "local-lb")[f"{LOCAL_LB_IP}:80/TCP"] == "local-only"
 
 
 def test_load_balancer_source_ranges(cluster: Cluster) -> None:
-    code, _, _ = curl(cluster, "outside", f"http://{FW_LB_IP}/", timeout=2)
+    code, _, _ = cluster.timed_curl("outside", f"http://{FW_LB_IP}/", timeout=2)
     assert code == 28  # 192.168.50.2 is outside the ranges: dropped
     neighbour = cluster.lab.hosts["neighbour"]
     neighbour.run(["ip", "route", "add", "192.168.77.0/24", "via", OUTSIDE_NODE_IP])
     out = neighbour.run(["curl", "-sS", "--max-time", "3", f"http://{FW_LB_IP}/"])
     assert out.stdout.strip() == "pod-a"
     # The ranges are for the LoadBalancer IP; the ClusterIP is not filtered.
-    assert curl(cluster, "client", "http://10.96.0.30/")[1] == "pod-a"
+    assert cluster.timed_curl("client", "http://10.96.0.30/")[1] == "pod-a"
 
 
 def test_ip_mode_proxy_is_not_captured(cluster: Cluster) -> None:
-    code, body, _ = curl(cluster, "outside", f"http://{PROXY_LB_IP}/", timeout=2)
+    code, body, _ = cluster.timed_curl("outside", f"http://{PROXY_LB_IP}/", timeout=2)
     assert code != 0 and body == ""
     assert capture_of(cluster, "web")[f"{PROXY_LB_IP}:80/TCP"] == "not-captured"
     rules = cluster.lab.node.run(["nft", "list", "table", "inet", "kubeshim"]).stdout
@@ -289,26 +283,26 @@ def test_node_port_on_an_address_added_after_start_and_over_a_host_socket(
         cluster: Cluster) -> None:
     # socat listens on 0.0.0.0:30080 in the node namespace since before kubeshim started.
     cluster.lab.node.run(["ip", "addr", "add", "192.168.50.77/24", "dev", "ext0"])
-    assert {curl(cluster, "outside", "http://192.168.50.77:30080/")[1]
+    assert {cluster.timed_curl("outside", "http://192.168.50.77:30080/")[1]
             for _ in range(4)} == {"pod-a", "pod-b"}
 
 
 def test_endpoint_sees_the_client_address_where_kube_proxy_keeps_it(cluster: Cluster) -> None:
     # A pod of this node to a ClusterIP: the pod's own address.
-    assert curl(cluster, "client", "http://10.96.0.40/peer")[1] == cluster.client.ip
+    assert cluster.timed_curl("client", "http://10.96.0.40/peer")[1] == cluster.client.ip
     # External traffic under externalTrafficPolicy Local: the client's own address.
-    assert curl(cluster, "outside", f"http://{SRC_LB_IP}/peer")[1] == CLIENT
+    assert cluster.timed_curl("outside", f"http://{SRC_LB_IP}/peer")[1] == CLIENT
     # Where kube-proxy masquerades, the node's address: the node itself, and external
     # traffic under policy Cluster.
-    assert curl(cluster, "node", "http://10.96.0.40/peer")[1] != CLIENT
-    assert curl(cluster, "outside", f"http://{LB_IP}/peer")[1] == NODE_IP
+    assert cluster.timed_curl("node", "http://10.96.0.40/peer")[1] != CLIENT
+    assert cluster.timed_curl("outside", f"http://{LB_IP}/peer")[1] == NODE_IP
 
 
 def test_endpoint_that_is_a_service_address_is_refused_with_a_status_error(
         cluster: Cluster) -> None:
     errors = [s["errors"] for s in cluster.status()["services"] if s["name"] == "default/loop"]
     assert errors and any("10.96.0.10 is a Service address" in e for e in errors[0]), errors
-    code, _, took = curl(cluster, "client", "http://10.96.0.70/")
+    code, _, took = cluster.timed_curl("client", "http://10.96.0.70/")
     assert code in (7, 52, 56) and took < 2.0
 
 
@@ -317,7 +311,7 @@ def test_new_service_captured_and_state_shown(cluster: Cluster) -> None:
                 endpoint_slice("new", [endpoint(cluster.ip("pod-b"), node=NODE)], HTTP_EP))
     cluster.wait(lambda: capture_of(cluster, "new") == {"10.96.0.90:80/TCP": "captured"},
                  "the new service")
-    assert curl(cluster, "client", "http://10.96.0.90/")[1] == "pod-b"
+    assert cluster.timed_curl("client", "http://10.96.0.90/")[1] == "pod-b"
     out = cluster.lab.node.run([sys.executable, "-m", "kubeshim", "status",
                                 "--address", METRICS], cwd=ROOT).stdout
     assert "captured" in out and "10.96.0.90:80/TCP" in out, out
@@ -331,5 +325,5 @@ def test_shutdown_removes_the_table_and_the_policy_route(cluster: Cluster) -> No
     # Gone with it: nothing answers on the ClusterIP any more.
     with socket.socket() as _:
         pass
-    code, _, _ = curl(cluster, "client", "http://10.96.0.10/", timeout=1)
+    code, _, _ = cluster.timed_curl("client", "http://10.96.0.10/", timeout=1)
     assert code != 0
