@@ -4,8 +4,9 @@
 # (in a chroot over a debootstrapped Debian base, no container engine). Installs the Debian
 # packages the daemon and the lab clients use, then the kubeshim Python package.
 set -eu
-# python3: the daemon; iproute2: the lab client routes the Service CIDR; curl, dig: clients.
-PACKAGES="python3 python3-pip iproute2 curl dnsutils ca-certificates"
+# python3: the daemon; nftables: the tproxy capture table (nft, libnftables1); iproute2: its
+# policy route, and the lab client routes the Service CIDR; curl, dig: clients.
+PACKAGES="python3 python3-pip nftables iproute2 curl dnsutils ca-certificates"
 missing=""
 for pkg in $PACKAGES; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"

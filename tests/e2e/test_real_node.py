@@ -177,6 +177,12 @@ def test_dns_and_a_service_from_the_endpointslice_controller(
     assert managers == {"endpointslice-controller.k8s.io"}
     assert ready == _ready_pod_ips(node) and len(ready) == 2
 
+    if node.proxy == "none":
+        # The DaemonSet captures in tproxy mode, though the Pods sit behind the CNI bridge
+        # with br_netfilter on (the node namespace's default), and never fell back.
+        logs = node.kubectl("logs", "-n", "kube-system", "ds/kubeshim").stdout
+        assert "proxy starting vip_mode=tproxy" in logs and "interface mode" not in logs, logs
+
     # The Pod's resolver is the cluster DNS Service, answered by kubeshim.
     assert f"nameserver {CLUSTER_DNS}" in _exec(node, "client", "cat", "/etc/resolv.conf")
     assert _exec(node, "client", "dig", "+short", SERVICE_FQDN).split() == [cluster_ip]

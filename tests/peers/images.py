@@ -43,7 +43,7 @@ DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 # What the base holds: kubeshim's recipe packages, and the clients e2e tests run in agnhost pods.
 BASE_PACKAGES = (
-    "python3", "python3-pip", "iproute2", "curl", "dnsutils", "ca-certificates",
+    "python3", "python3-pip", "nftables", "iproute2", "curl", "dnsutils", "ca-certificates",
     "netcat-openbsd", "procps", "socat", "wget",
 )
 KUBESHIM_IMAGE = "kubeshim:0.1.0"
