@@ -211,13 +211,11 @@ def test_external_traffic_policy_local(cluster: Cluster) -> None:
                       lambda r: r == (0, "server-1"))
     assert got == (0, "server-1")
     # Through node-2, which has none: not served and not forwarded to node-1 (node-2 knows the
-    # Service: its health check answered 503 above). kube-proxy drops the packets, so curl
-    # times out (28); kubeshim's DaemonSet runs in interface mode, where the NodePort's socket
-    # accepts and resets the connection at once, which curl reports as refused (7) or reset
-    # (56) depending on when the RST arrives (docs/compatibility.md).
+    # Service: its health check answered 503 above). kube-proxy drops the packets, and so does
+    # kubeshim's DaemonSet (tproxy mode, the kernel's verdict): curl times out (28).
     served = _requests_served(c, "server-1")
     code, body = _curl_on_node(c, NODE_1.name, f"http://{NODE_2.ip}:{port}/hostname")
-    assert body == "" and code in ((28,) if c.proxy == "kube-proxy" else (7, 56)), (code, body)
+    assert (code, body) == (28, ""), (code, body)
     assert _requests_served(c, "server-1") == served
     # The same NodePort with policy Cluster is served through node-2: the drop is the policy's.
     cluster_port = _service_field(c, "nodeport-1", "{.spec.ports[0].nodePort}")

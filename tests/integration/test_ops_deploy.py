@@ -105,7 +105,7 @@ def test_the_daemon_accepts_its_arguments_and_configuration(
     argv = [a.replace(config_arg, str(config)) for a in argv]
     opts = options_from_args(build_parser().parse_args(argv))
     assert (opts.proxy.node_name, opts.in_cluster, opts.proxy.vip_mode) == (
-        "node-1", True, "interface")
+        "node-1", True, "tproxy")
     # DNS on the kube-dns ClusterIP only: no bind on a node address or on all addresses.
     assert opts.dns.binds == opts.dns.transparent_binds == [("10.96.0.10", 53)]
     assert opts.healthz_bind_address.endswith(":10256")
