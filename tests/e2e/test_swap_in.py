@@ -115,9 +115,10 @@ def swap(request: pytest.FixtureRequest, control_plane: ControlPlane,
     mode: str = request.param
     tmp = tmp_path_factory.mktemp("swap")
     with Lab(tag="sw" + mode[0]) as lab:
-        if mode == "tproxy":  # a bridge that does not hand IP traffic to br_netfilter
-            lab.node.run(["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0",
-                          "net.bridge.bridge-nf-call-ip6tables=0"])
+        # br_netfilter on for the node's bridge (this namespace's own setting), as on clusters
+        # with a bridge CNI: kube-proxy's DNAT and kubeshim's bridge redirect both work there.
+        lab.node.run(["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1",
+                      "net.bridge.bridge-nf-call-ip6tables=1"])
         pods = {}
         for name in ("pod-a", "pod-b"):
             pod = lab.add_host(name)
