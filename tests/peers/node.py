@@ -603,8 +603,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             # Leave the kernel's conntrack limits and timeouts as they are.
             "--conntrack-max-per-core=0", "--conntrack-tcp-timeout-established=0",
             "--conntrack-tcp-timeout-close-wait=0",
-            f"--healthz-bind-address={self.spec.ip}:10256",
-            "--metrics-bind-address=127.0.0.1:10249",
+            # kube-proxy's defaults, as deploy/configmap.yaml sets them for kubeshim (e2e's
+            # `should check kube-proxy urls` asks localhost:10256 from a hostNetwork Pod).
+            "--healthz-bind-address=0.0.0.0:10256", "--metrics-bind-address=127.0.0.1:10249",
         ])
 
     def _coredns(self) -> None:
