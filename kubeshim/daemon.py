@@ -101,6 +101,10 @@ class Daemon:
             address_map = self.proxier.served_address
         return DNSServer(self.state, config, address_map=address_map)
 
+    def _proxy_mode(self) -> str:
+        """The capture mode the proxy runs in (after any fallback), "" without a proxy."""
+        return self.proxier.config.vip_mode if self.proxier is not None else ""
+
     def status(self) -> dict[str, Any]:
         """What the daemon serves, for `kubeshim status` (GET /status on the metrics address)."""
         out: dict[str, Any] = {
@@ -176,7 +180,7 @@ class Daemon:
             # A worker's control process serves these.
             from kubeshim.config import parse_host_port
 
-            healthz_app, metrics_app = build_apps(self.health, self.status)
+            healthz_app, metrics_app = build_apps(self.health, self.status, self._proxy_mode)
             for app, address, what in ((healthz_app, healthz_address, "healthz"),
                                        (metrics_app, o.metrics_bind_address, "metrics")):
                 if address:

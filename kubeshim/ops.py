@@ -10,8 +10,9 @@ ToBeDeletedByClusterAutoscaler or being deleted); /livez ignores the node. Each 
 counted in kubeproxy_proxy_healthz_total / kubeproxy_proxy_livez_total by code.
 
 The metrics address serves prometheus_client's default registry (process metrics included; the
-proxy and DNS server register their collectors there), kubeshim's /status JSON, and a plain
-/healthz like kube-proxy's metrics server.
+proxy and DNS server register their collectors there), kubeshim's /status JSON, and, like
+kube-proxy's metrics server (cmd/kube-proxy/app/server.go, serveMetrics), a plain /healthz and
+/proxyMode: the mode's name as text (kubeshim's capture mode: tproxy, interface or loopback).
 """
 
 from __future__ import annotations
@@ -132,10 +133,18 @@ async def _ok(_: web.Request) -> web.Response:
 
 
 def build_apps(
-    health: Health, status: Callable[[], dict[str, Any]]
+    health: Health, status: Callable[[], dict[str, Any]],
+    proxy_mode: Callable[[], str] = lambda: "",
 ) -> tuple[web.Application, web.Application]:
-    """The healthz app (healthz bind address) and the metrics app (metrics bind address)."""
+    """The healthz app (healthz bind address) and the metrics app (metrics bind address).
+    `proxy_mode` names the mode the proxy runs in, "" while there is none (404)."""
     from aiohttp import web
+
+    async def proxy_mode_handler(_: web.Request) -> web.Response:
+        mode = proxy_mode()
+        if not mode:
+            raise web.HTTPNotFound(text="no service proxy")
+        return web.Response(text=mode, headers={"X-Content-Type-Options": "nosniff"})
 
     healthz = web.Application()
     healthz.router.add_get("/healthz", health_handler(health, livez=False))
@@ -148,6 +157,7 @@ def build_apps(
     metrics.router.add_get("/metrics", _metrics)
     metrics.router.add_get("/status", status_handler)
     metrics.router.add_get("/healthz", _ok)
+    metrics.router.add_get("/proxyMode", proxy_mode_handler)
     return healthz, metrics
 
 

@@ -156,6 +156,25 @@ async def test_metrics_address_serves_status_and_plain_healthz(endpoints: Any) -
     assert (await curl(metrics + "/healthz"))[2] == "ok"
 
 
+async def test_metrics_address_names_the_proxy_mode() -> None:
+    """/proxyMode as kube-proxy's metrics server serves it (e2e: `should check kube-proxy
+    urls`): the mode as plain text, the one the proxy runs in now; 404 without a proxy."""
+    mode = ""
+    _, app = build_apps(Health(timeout=1, probe=DataPlane().probe), dict, lambda: mode)
+    port = free_port()
+    runner = await serve(app, "127.0.0.1", port, "metrics")
+    assert runner is not None
+    try:
+        assert (await curl(f"http://127.0.0.1:{port}/proxyMode"))[0] == 404
+        mode = "interface"  # e.g. tproxy fell back once the proxier started
+        status, headers, body = await curl(f"http://127.0.0.1:{port}/proxyMode")
+        assert (status, body) == (200, "interface")
+        assert headers["content-type"] == "text/plain; charset=utf-8"
+        assert headers["x-content-type-options"] == "nosniff"
+    finally:
+        await runner.cleanup()
+
+
 async def test_a_port_in_use_is_reported_not_fatal() -> None:
     from aiohttp import web
 
