@@ -33,6 +33,7 @@ from tests.peers.node import (
     CLUSTER_DNS,
     Cluster,
     install_kubeshim,
+    processes_in_netns,
     read_sysctls,
     sysctl_holders,
 )
@@ -234,17 +235,6 @@ def _pids_in(cgroup: str) -> set[int]:
     return {int(p) for f in root.rglob("cgroup.procs") for p in f.read_text().split()}
 
 
-def _processes_in_netns(inode: int) -> list[int]:
-    found = []
-    for ns in Path("/proc").glob("[0-9]*/ns/net"):
-        try:
-            if ns.stat().st_ino == inode:
-                found.append(int(ns.parts[2]))
-        except OSError:
-            continue
-    return found
-
-
 def test_teardown_after_the_node_is_killed(workload: Cluster) -> None:
     """Last in the module: SIGKILL the node's inside process, which leaves the runtime's shims
     and the containers running; stop() must still leave the host as it was."""
@@ -259,4 +249,4 @@ def test_teardown_after_the_node_is_killed(workload: Cluster) -> None:
     assert not any(Path(h, node.cgroup).exists() for h in Path("/sys/fs/cgroup").iterdir())
     assert not [pid for pid in orphans if Path(f"/proc/{pid}/cmdline").exists()
                 and Path(f"/proc/{pid}/cmdline").read_bytes()]
-    assert _processes_in_netns(netns) == []
+    assert processes_in_netns(netns) == []

@@ -34,7 +34,14 @@ import pytest
 from tests.netns import require_root
 from tests.peers.cluster import Peers, PeersMissing
 from tests.peers.images import AGNHOST_IMAGE, KUBESHIM_IMAGE
-from tests.peers.node import CLUSTER_DNS, NODES, Cluster, read_sysctls, sysctl_holders
+from tests.peers.node import (
+    CLUSTER_DNS,
+    NODES,
+    Cluster,
+    processes_in_netns,
+    read_sysctls,
+    sysctl_holders,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.peers, pytest.mark.timeout(900)]
 
@@ -240,17 +247,6 @@ def test_cluster_dns_from_a_pod_on_node_2(cluster: Cluster) -> None:
     assert "status: NXDOMAIN" in got
 
 
-def _processes_in_netns(inode: int) -> list[int]:
-    found = []
-    for ns in Path("/proc").glob("[0-9]*/ns/net"):
-        try:
-            if ns.stat().st_ino == inode:
-                found.append(int(ns.parts[2]))
-        except OSError:
-            continue
-    return found
-
-
 def test_teardown_after_both_nodes_are_killed(cluster: Cluster) -> None:
     """Last in the module: SIGKILL both nodes' inside processes, which leaves the runtimes'
     shims and the containers of both nodes running; stop() must still leave the host as it
@@ -261,8 +257,8 @@ def test_teardown_after_both_nodes_are_killed(cluster: Cluster) -> None:
         inside.kill()
         inside.wait(30)
     for spec in NODES:
-        assert _processes_in_netns(netns[spec.name]), f"nothing left on {spec.name} to clean"
+        assert processes_in_netns(netns[spec.name]), f"nothing left on {spec.name} to clean"
     assert c.stop() == []
     assert not any(Path(h, c.cgroup).exists() for h in Path("/sys/fs/cgroup").iterdir())
     for spec in NODES:
-        assert _processes_in_netns(netns[spec.name]) == [], spec.name
+        assert processes_in_netns(netns[spec.name]) == [], spec.name

@@ -889,6 +889,18 @@ def _netns(pid: int) -> int:
     return os.stat(f"/proc/{pid}/ns/net").st_ino
 
 
+def processes_in_netns(inode: int) -> list[int]:
+    """The pids of the processes in the network namespace `inode` (none once a node is gone)."""
+    found = []
+    for ns in Path("/proc").glob("[0-9]*/ns/net"):
+        try:
+            if ns.stat().st_ino == inode:
+                found.append(int(ns.parts[2]))
+        except OSError:
+            continue
+    return found
+
+
 def teardown(cgroup: str, sysctls: dict[str, str]) -> list[str]:
     """Kill what is left in the node's cgroups, remove them, restore the kernel settings."""
     left = remove_cgroups(cgroup)
