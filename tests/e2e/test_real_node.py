@@ -16,8 +16,6 @@ Every test runs twice: with kubeshim, and with kube-proxy (nftables) + CoreDNS a
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,8 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns import require_root
-from tests.peers.cluster import Peers, PeersMissing
+from tests.peers.fixtures import require_node_prerequisites
 from tests.peers.images import AGNHOST_IMAGE, KUBESHIM_IMAGE
 from tests.peers.node import (
     CLUSTER_DNS,
@@ -44,24 +41,11 @@ SERVICE = "web"
 SERVICE_FQDN = f"{SERVICE}.default.svc.cluster.local"
 
 
-def _missing(message: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module", params=["kubeshim", "kube-proxy"])
 def node(request: pytest.FixtureRequest,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A one-node cluster; with kubeshim the tests install it themselves, from deploy/."""
-    require_root()
-    try:
-        Peers.find().require()
-    except PeersMissing as err:
-        _missing(str(err))
-    for tool in ("containerd", "runc", "ctr", "debootstrap", "socat"):
-        if shutil.which(tool) is None:
-            _missing(f"{tool} is not installed (scripts/setup.sh installs it)")
+    require_node_prerequisites()
     proxy = "none" if request.param == "kubeshim" else request.param
     cluster = Cluster(tmp_path_factory.mktemp("node"), proxy=proxy)
     cluster.start()

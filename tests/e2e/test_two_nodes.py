@@ -21,8 +21,6 @@ image: curl, dig, getent) per node, and:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -31,8 +29,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.netns import require_root
-from tests.peers.cluster import Peers, PeersMissing
+from tests.peers.fixtures import require_node_prerequisites
 from tests.peers.images import AGNHOST_IMAGE, KUBESHIM_IMAGE
 from tests.peers.node import (
     CLUSTER_DNS,
@@ -49,24 +46,11 @@ NODE_1, NODE_2 = NODES
 T = TypeVar("T")
 
 
-def _missing(message: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module", params=["kubeshim", "kube-proxy"])
 def cluster(request: pytest.FixtureRequest,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Two nodes with kubeshim from deploy/ (or kube-proxy + CoreDNS), the Pods and Services."""
-    require_root()
-    try:
-        Peers.find().require()
-    except PeersMissing as err:
-        _missing(str(err))
-    for tool in ("containerd", "runc", "ctr", "debootstrap", "socat", "nsenter", "curl"):
-        if shutil.which(tool) is None:
-            _missing(f"{tool} is not installed (scripts/setup.sh installs it)")
+    require_node_prerequisites()
     c = Cluster(tmp_path_factory.mktemp("two-nodes"), proxy=request.param, nodes=2)
     c.start()
     try:

@@ -15,6 +15,7 @@ from typing import NoReturn
 
 import pytest
 
+from tests.netns import require_root
 from tests.peers.cluster import ControlPlane, Peers, PeersMissing
 
 
@@ -30,6 +31,19 @@ def require_peers(peers: Peers, *names: str) -> None:
         peers.require(*names)
     except PeersMissing as err:
         peers_missing(str(err))
+
+
+NODE_TOOLS = ("containerd", "runc", "ctr", "debootstrap", "socat", "nsenter", "curl")
+
+
+def require_node_prerequisites() -> None:
+    """Root, every peer binary and the node's Debian tools (tests/peers/node.py), or skip (fail
+    under CI)."""
+    require_root()
+    require_peers(Peers.find())
+    for tool in NODE_TOOLS:
+        if shutil.which(tool) is None:
+            peers_missing(f"{tool} is not installed (scripts/setup.sh installs it)")
 
 
 @pytest.fixture(scope="session")
