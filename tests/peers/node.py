@@ -89,9 +89,8 @@ class NodeSpec:
     pod_cidr: str
 
 
-# node-1 runs the control plane too; node-2 joins it when asked for two nodes. The controller
-# manager allocates Pod CIDRs in the order nodes register, so node-2's kubelet starts only once
-# node-1 has registered (and got 10.244.0.0/24).
+# node-1 runs the control plane too; node-2 joins it when asked for two nodes, once node-1 is
+# Ready. node-1 gives each Node the Pod CIDR its bridge serves (assign_pod_cidr).
 NODES = (NodeSpec("node-1", "192.168.130.10", "10.244.0.0/24"),
          NodeSpec("node-2", "192.168.130.11", "10.244.1.0/24"))
 NODE_NAME, NODE_IP, POD_CIDR = NODES[0].name, NODES[0].ip, NODES[0].pod_cidr
@@ -500,7 +499,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "--use-service-account-credentials=true",
             f"--service-account-private-key-file={cp.workdir / 'sa.key'}",
             f"--root-ca-file={cp.ca_file}",
-            f"--cluster-cidr={CLUSTER_CIDR}", "--allocate-node-cidrs=true",
+            # Pod CIDRs are assigned by node-1 (assign_pod_cidr), each the one its node's CNI
+            # bridge serves: the range allocator hands them out in registration order and, on
+            # a quick re-sync, now and then skips one (node-2 got 10.244.2.0/24).
+            f"--cluster-cidr={CLUSTER_CIDR}", "--allocate-node-cidrs=false",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
         ])
         self._start("kube-scheduler", [
@@ -519,6 +521,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             self.cp.kubeconfig_for(role, server, peer_dir / f"{role}.kubeconfig")
         (peer_dir / "join.json.tmp").write_text(json.dumps({"server": server}))
         (peer_dir / "join.json.tmp").rename(peer_dir / "join.json")
+        assign_pod_cidr(self.kubectl, peer, self.procs, READY_TIMEOUT)
         wait_node_ready(self.kubectl, peer.name, self.procs, READY_TIMEOUT)
 
     def wait_join(self) -> None:
@@ -570,14 +573,22 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         ])
 
     def wait_node_ready(self, timeout: float = 120.0) -> None:
+        if self.first:
+            assign_pod_cidr(self.kubectl, self.spec, self.procs, timeout)
         # Pods are admitted only once the controller manager has made the namespace's
         # default ServiceAccount (node-1 waits for it; node-2's kubelet may not read it).
         wait_node_ready(self.kubectl, self.spec.name, self.procs, timeout,
                         ["get", "serviceaccount", "default", "-n", "default"]
                         if self.first else None)
-        node = json.loads(self.kubectl("get", "node", self.spec.name, "-o", "json").stdout)
-        if node["spec"].get("podCIDR") != self.spec.pod_cidr:
-            raise RuntimeError(f"{self.spec.name} got Pod CIDR {node['spec'].get('podCIDR')}, "
+        deadline = time.monotonic() + timeout
+        while True:  # node-2: node-1 assigns the CIDR once this node has registered
+            node = json.loads(self.kubectl("get", "node", self.spec.name, "-o", "json").stdout)
+            got = node["spec"].get("podCIDR")
+            if got is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if got != self.spec.pod_cidr:
+            raise RuntimeError(f"{self.spec.name} got Pod CIDR {got}, "
                                f"its CNI bridge serves {self.spec.pod_cidr}")
 
     def install_proxy(self) -> None:
@@ -636,6 +647,30 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop(timeout=10)
+
+
+def assign_pod_cidr(kubectl: Callable[..., subprocess.CompletedProcess[str]], spec: NodeSpec,
+                    procs: Sequence[Process], timeout: float) -> None:
+    """Once Node `spec.name` has registered, set its Pod CIDR to the one its bridge serves (as
+    the admin; spec.podCIDR can be set once). Fails if it holds another one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if not proc.running():
+                raise RuntimeError(f"{proc.name} exited:\n{proc.log_tail()}")
+        got = kubectl("get", "node", spec.name, "-o", "json", check=False)
+        if got.returncode == 0:
+            cidr = json.loads(got.stdout)["spec"].get("podCIDR")
+            if cidr is None:
+                kubectl("patch", "node", spec.name, "--type=merge", "-p", json.dumps(
+                    {"spec": {"podCIDR": spec.pod_cidr, "podCIDRs": [spec.pod_cidr]}}))
+                return
+            if cidr != spec.pod_cidr:
+                raise RuntimeError(f"{spec.name} has Pod CIDR {cidr}, its bridge serves "
+                                   f"{spec.pod_cidr}")
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{spec.name} did not register within {timeout:.0f}s")
 
 
 def wait_node_ready(kubectl: Callable[..., subprocess.CompletedProcess[str]], name: str,
